@@ -1,0 +1,11 @@
+//! Ballast's update machinery: the payload metadata produced by the image
+//! build, the kernel command line that names a slot, systemd-boot entries with
+//! boot counting, and (see the other modules) signed manifests and the
+//! verified, power-loss-safe install into the inactive slot.
+//!
+//! The core logic has no async runtime and does all I/O through small traits
+//! so every step runs on plain files in tests.
+
+pub mod bootentry;
+pub mod cmdline;
+pub mod payload;
