@@ -1,0 +1,5 @@
+//! Command-line front ends of the `ballast` binary. Each submodule parses
+//! its own subcommands and calls into the libraries.
+
+pub mod repo;
+pub mod update;
