@@ -1,0 +1,238 @@
+//! The local HTTP API: `/healthz`, `/status` and `POST /v1/reboot`, on a
+//! Unix socket always and on TCP only when configured. It never exposes
+//! secrets: `/status` is built from an explicit, secret-free struct.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+
+use crate::power::Action;
+
+pub const SOCKET_PATH: &str = "/run/ballast/api.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("listening on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `/status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: String,
+    pub arch: String,
+    pub slot: String,
+    pub boot_id: String,
+    /// Why the node's configuration was not applied, if it was not.
+    pub config_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    status: Status,
+    power: mpsc::Sender<Action>,
+}
+
+/// Starts the listeners; requests for a reboot arrive on `power`.
+pub async fn serve(
+    status: Status,
+    tcp: Option<SocketAddr>,
+    power: mpsc::Sender<Action>,
+) -> Result<(), ApiError> {
+    let shared = Arc::new(Shared { status, power });
+    let socket = Path::new(SOCKET_PATH);
+    let unix = bind_unix(socket).map_err(|source| ApiError::Listen {
+        addr: SOCKET_PATH.into(),
+        source,
+    })?;
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Ok((stream, _)) = unix.accept().await {
+                spawn_connection(TokioIo::new(stream), s.clone());
+            }
+        }
+    });
+    if let Some(addr) = tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ApiError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tracing::info!(%addr, "API listening on TCP");
+        tokio::spawn(async move {
+            loop {
+                if let Ok((stream, _)) = listener.accept().await {
+                    spawn_connection(TokioIo::new(stream), shared.clone());
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    // Root only: the API can reboot the node.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn spawn_connection<I>(io: I, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| handle(req, shared.clone()));
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await
+        {
+            tracing::debug!(error = %e, "API connection ended");
+        }
+    });
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/status") => match serde_json::to_vec_pretty(&shared.status) {
+            Ok(body) => json(StatusCode::OK, body),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        },
+        (&Method::POST, "/v1/reboot") => match shared.power.try_send(Action::Reboot) {
+            Ok(()) => text(StatusCode::ACCEPTED, "rebooting\n"),
+            Err(_) => text(StatusCode::CONFLICT, "a shutdown is already under way\n"),
+        },
+        (_, "/healthz" | "/status" | "/v1/reboot") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(response)
+}
+
+fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn json(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Client side for the CLI: one request over the Unix socket.
+pub async fn request(
+    socket: PathBuf,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, String), String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            version: "1.0.0".into(),
+            arch: "x86_64".into(),
+            slot: "a".into(),
+            boot_id: "b".into(),
+            config_error: None,
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn endpoints_answer_over_a_real_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = bind_unix(&path).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            status: status(),
+            power: tx,
+        });
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                spawn_connection(TokioIo::new(s), shared.clone());
+            }
+        });
+        let (code, body) = request(path.clone(), Method::GET, "/healthz")
+            .await
+            .unwrap();
+        assert_eq!((code, body.as_str()), (StatusCode::OK, "ok\n"));
+        let (code, body) = request(path.clone(), Method::GET, "/status").await.unwrap();
+        assert_eq!(code, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["version"], "1.0.0");
+        let (code, _) = request(path.clone(), Method::GET, "/v1/reboot")
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
+        let (code, _) = request(path.clone(), Method::POST, "/v1/reboot")
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::ACCEPTED);
+        assert_eq!(rx.recv().await, Some(Action::Reboot));
+        let (code, _) = request(path, Method::GET, "/nope").await.unwrap();
+        assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,227 @@
+//! PID 1 in the slot: finishes the mounts, renders `/etc`, applies the
+//! node's configuration, serves the API, reaps zombies, and turns signals
+//! and API requests into an orderly shutdown. It never returns.
+//!
+//! Signals (busybox init's convention): SIGTERM and SIGINT (Ctrl-Alt-Del)
+//! reboot, SIGUSR2 powers off, SIGUSR1 halts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::bootinfo::{BootInfo, BOOT_INFO_PATH};
+use crate::config::Config;
+use crate::power::Action;
+use crate::{api, console, mounts};
+
+/// Factory defaults copied into the `/etc` tmpfs every boot.
+const FACTORY_ETC: &str = "/usr/share/factory/etc";
+/// Modules PID 1 loads from the slot (missing ones are skipped).
+const RUNTIME_MODULES: &[&str] = &["virtio_net", "i6300esb"];
+/// How long services get between SIGTERM and SIGKILL at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub fn run() -> ! {
+    std::panic::set_hook(Box::new(|info| {
+        console::emit("panic", &[("reason", Value::from(info.to_string()))]);
+        std::thread::sleep(Duration::from_secs(5));
+        crate::power::reboot_now(Action::Reboot);
+    }));
+    // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reset.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
+
+    let action = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(main_loop()),
+        Err(e) => {
+            console::emit(
+                "boot-failed",
+                &[("reason", Value::from(format!("starting the runtime: {e}")))],
+            );
+            Action::Reboot
+        }
+    };
+    shutdown(action)
+}
+
+async fn main_loop() -> Action {
+    if let Err((target, e)) = mounts::mount_system_filesystems() {
+        tracing::error!(target, error = %e, "mount failed");
+    }
+    crate::reopen_console();
+    render_etc();
+    let info = match BootInfo::read(Path::new(BOOT_INFO_PATH)) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            tracing::error!(error = %e, "no boot information from early boot");
+            None
+        }
+    };
+    if let Some(info) = &info {
+        mount_esp(info);
+    }
+    let dir = crate::modules::running_kernel_dir();
+    for m in RUNTIME_MODULES {
+        if let Err(e) = crate::modules::load(&dir, &[m]) {
+            tracing::debug!(module = m, error = %crate::error_chain(&e), "module not loaded");
+        }
+    }
+
+    let (config, config_error) = load_config();
+    if let Some(name) = &config.hostname {
+        if let Err(e) = nix::unistd::sethostname(name) {
+            tracing::warn!(error = %e, "hostname not set");
+        }
+        let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+    }
+    if let Err(e) = crate::net::configure(&config.network).await {
+        tracing::error!(error = %crate::error_chain(&e), "network configuration failed");
+    }
+
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let status = api::Status {
+        version: info.as_ref().map(|i| i.version.clone()).unwrap_or_default(),
+        arch: ballast_updater::payload::Arch::native().to_string(),
+        slot: info
+            .as_ref()
+            .map(|i| i.slot.to_string())
+            .unwrap_or_default(),
+        boot_id: boot_id.clone(),
+        config_error,
+    };
+    let (power_tx, mut power_rx) = mpsc::channel(1);
+    if let Err(e) = api::serve(status.clone(), config.api.listen, power_tx).await {
+        tracing::error!(error = %crate::error_chain(&e), "API not served");
+    }
+
+    console::emit(
+        "ready",
+        &[
+            ("version", Value::from(status.version)),
+            ("arch", Value::from(status.arch)),
+            ("slot", Value::from(status.slot)),
+            ("boot_id", Value::from(boot_id)),
+        ],
+    );
+
+    wait_for_shutdown(&mut power_rx).await
+}
+
+/// Reaps children until a signal or the API asks for a shutdown.
+async fn wait_for_shutdown(power: &mut mpsc::Receiver<Action>) -> Action {
+    let (Ok(mut chld), Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut usr2)) = (
+        signal(SignalKind::child()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::error!("cannot install signal handlers; rebooting");
+        return Action::Reboot;
+    };
+    loop {
+        tokio::select! {
+            _ = chld.recv() => reap_zombies(),
+            _ = term.recv() => return Action::Reboot,
+            _ = int.recv() => return Action::Reboot,
+            _ = usr1.recv() => return Action::Halt,
+            _ = usr2.recv() => return Action::Poweroff,
+            Some(action) = power.recv() => return action,
+        }
+    }
+}
+
+fn reap_zombies() {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(status) => tracing::debug!(?status, "reaped"),
+        }
+    }
+}
+
+/// Stops everything, syncs, unmounts and resets. Never returns.
+fn shutdown(action: Action) -> ! {
+    console::emit("shutdown", &[("action", Value::from(action.to_string()))]);
+    // PID 1 is exempt from kill(-1): this reaches every other process.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + STOP_GRACE;
+    while std::time::Instant::now() < deadline {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::ECHILD) => break,
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(50)),
+            _ => {}
+        }
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    reap_zombies();
+    nix::unistd::sync();
+    mounts::unmount_for_shutdown();
+    crate::power::reboot_now(action)
+}
+
+/// Copies the factory `/etc` into the tmpfs so every boot starts the same.
+fn render_etc() {
+    if let Err(e) = copy_tree(Path::new(FACTORY_ETC), Path::new("/etc")) {
+        tracing::warn!(error = %e, "factory /etc not copied");
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            let _ = std::fs::remove_file(&target);
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_esp(info: &BootInfo) {
+    use nix::mount::{mount, MsFlags};
+    let _ = std::fs::create_dir_all("/efi");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if let Err(e) = mount(
+        Some(&info.esp.device),
+        "/efi",
+        Some("vfat"),
+        flags,
+        Some("umask=0077,shortname=mixed"),
+    ) {
+        tracing::error!(device = %info.esp.device.display(), error = %e, "ESP not mounted");
+    }
+}
+
+/// The node's configuration and, if user-data was bad, why it was ignored.
+fn load_config() -> (Config, Option<String>) {
+    let Some((text, path)) = crate::config::find_user_data() else {
+        return (Config::default(), None);
+    };
+    match Config::parse(&text, &path) {
+        Ok(c) => (c, None),
+        Err(e) => {
+            let reason = crate::error_chain(&e);
+            console::emit("config-error", &[("reason", Value::from(reason.clone()))]);
+            (Config::default(), Some(reason))
+        }
+    }
+}
