@@ -1,2 +1,20 @@
 //! VM test harness for Ballast images: QEMU command lines for both
-//! architectures, serial capture parsed into console events, scenarios.
+//! architectures ([`vm`]), serial capture parsed into console events
+//! ([`events`]), disk overlays and GPT reading ([`disk`]), the busybox
+//! boot-time floor ([`floor`]), the built image under test ([`image`]), a
+//! tiny HTTP client for the agent's API ([`http`]) and the scenarios
+//! `cargo xtask vm-test` runs ([`scenarios`]).
+//!
+//! Nothing here runs under a plain `cargo test` except the pure parts'
+//! unit tests: booting VMs takes minutes under TCG.
+
+pub mod disk;
+pub mod events;
+pub mod floor;
+pub mod http;
+pub mod image;
+pub mod scenarios;
+pub mod vm;
+
+pub use events::Event;
+pub use vm::{Accel, Boot, Console, GuestFwd, Vm, VmBuilder, VmError};

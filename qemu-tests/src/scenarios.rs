@@ -1,0 +1,290 @@
+//! The VM scenarios `cargo xtask vm-test` runs against a built image:
+//! `boot` (boot to ready, fields match the payload), `reboot` (an
+//! agent-initiated reboot through the API comes back ready with a new boot
+//! id) and `verity` (one flipped byte in USR-A's data is refused by
+//! dm-verity and never booted). Each is a plain function over a
+//! [`Context`]; the runner and reporting live in xtask.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ballast_updater::payload::Arch;
+
+use crate::disk::{self, DiskError};
+use crate::events::Event;
+use crate::http::{self, HttpError};
+use crate::image::BuiltImage;
+use crate::vm::{Accel, Vm, VmBuilder, VmError};
+
+/// Errors of a scenario. Check failures are [`VmError::Check`] so they
+/// carry the console tail and keep the serial log.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("preparing a disk")]
+    Disk(#[from] DiskError),
+    #[error("talking to the agent's API")]
+    Http(#[from] HttpError),
+    #[error("creating a scratch directory")]
+    Scratch(#[source] std::io::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What every scenario gets.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub arch: Arch,
+    pub image: BuiltImage,
+    pub accel: Accel,
+    /// Where serial logs of failed VMs are kept.
+    pub log_dir: PathBuf,
+    /// Keep serial logs of passing VMs too.
+    pub keep_logs: bool,
+    /// Longest wait for one boot to reach `ready` (firmware included).
+    pub boot_timeout: Duration,
+}
+
+impl Context {
+    /// A VM builder with the context's accelerator and log settings, the
+    /// image's disk attached through an overlay.
+    pub fn vm(&self, name: &str) -> VmBuilder {
+        VmBuilder::new(name, self.arch)
+            .accel(self.accel)
+            .log_dir(&self.log_dir)
+            .keep_log(self.keep_logs)
+            .disk(&self.image.disk)
+    }
+}
+
+/// One named scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&Context) -> Result<(), ScenarioError>,
+}
+
+/// Every scenario, in the order `vm-test` runs them.
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: "boot",
+        about: "UEFI boot to ready; version/arch/slot match the payload",
+        run: boot,
+    },
+    Scenario {
+        name: "reboot",
+        about: "POST /v1/reboot: shutdown event, then ready again with a new boot_id",
+        run: reboot,
+    },
+    Scenario {
+        name: "verity",
+        about: "one flipped byte in USR-A data: boot-failed from dm-verity, never ready",
+        run: verity,
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    ALL.iter().find(|s| s.name == name)
+}
+
+/// User-data of the reboot scenario: API on all addresses, static address
+/// for QEMU's user network.
+pub const REBOOT_USER_DATA: &str = "[api]\nlisten = \"0.0.0.0:9465\"\n\
+[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n";
+
+/// Waits for `ready`, failing at once on `boot-failed`, then checks that
+/// the event describes the image's USR-A version.
+fn wait_ready(vm: &mut Vm, ctx: &Context) -> Result<Event, ScenarioError> {
+    let ev = vm.wait_for_any(&["ready", "boot-failed"], ctx.boot_timeout)?;
+    if ev.name == "boot-failed" {
+        return Err(vm.fail(format!("boot failed: {}", ev.json())).into());
+    }
+    let meta = &ctx.image.meta;
+    let version = meta.version.to_string();
+    let expect = [
+        ("version", version.as_str()),
+        ("arch", meta.arch.as_str()),
+        ("slot", "a"),
+    ];
+    for (key, want) in expect {
+        if ev.str_field(key) != Some(want) {
+            return Err(vm
+                .fail(format!(
+                    "ready event has {key} {:?}, expected {want:?}: {}",
+                    ev.str_field(key),
+                    ev.json()
+                ))
+                .into());
+        }
+    }
+    if ev.str_field("boot_id").is_none_or(str::is_empty) || ev.ms().is_none() {
+        return Err(vm
+            .fail(format!("ready event lacks boot_id or ms: {}", ev.json()))
+            .into());
+    }
+    vm.progress(&format!(
+        "ready: {} ms since kernel start, {:.1} s since QEMU start",
+        ev.ms().unwrap_or(0),
+        ev.host_elapsed.unwrap_or_default().as_secs_f64()
+    ));
+    Ok(ev)
+}
+
+/// `boot`: the image boots through firmware and systemd-boot to `ready`.
+pub fn boot(ctx: &Context) -> Result<(), ScenarioError> {
+    let size = disk::file_size(&ctx.image.disk)?;
+    // A disk larger than the image, as a cloud volume would be: STATE grows.
+    let mut vm = ctx.vm("boot").disk_size(size + (1 << 30)).spawn()?;
+    wait_ready(&mut vm, ctx)?;
+    Ok(())
+}
+
+/// `reboot`: the agent's API reboots the node and it comes back.
+pub fn reboot(ctx: &Context) -> Result<(), ScenarioError> {
+    let mut vm = ctx
+        .vm("reboot")
+        .forward_api()
+        .user_data(REBOOT_USER_DATA.as_bytes())
+        .spawn()?;
+    let port = vm
+        .api_port()
+        .ok_or_else(|| ScenarioError::Setup("no API port forwarded".into()))?;
+    let first = wait_ready(&mut vm, ctx)?;
+
+    let t = Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match http::request(port, "GET", "/healthz", None, t) {
+            Ok(r) if r.status == 200 => break,
+            Ok(r) if Instant::now() >= deadline => {
+                return Err(vm
+                    .fail(format!("GET /healthz answered {}: {}", r.status, r.body))
+                    .into());
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(vm.fail(format!("GET /healthz never answered: {e}")).into());
+            }
+            _ => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+    vm.progress("GET /healthz: 200");
+    let status = http::request(port, "GET", "/status", None, t)?;
+    if status.status != 200 || serde_json::from_str::<serde_json::Value>(&status.body).is_err() {
+        return Err(vm
+            .fail(format!(
+                "GET /status answered {} {:?}, expected 200 with JSON",
+                status.status, status.body
+            ))
+            .into());
+    }
+    vm.progress(&format!("GET /status: 200 {}", status.body.trim()));
+    let r = http::request(port, "POST", "/v1/reboot", Some(""), t)?;
+    if r.status != 202 {
+        return Err(vm
+            .fail(format!(
+                "POST /v1/reboot answered {} {:?}, expected 202",
+                r.status, r.body
+            ))
+            .into());
+    }
+    vm.progress("POST /v1/reboot: 202");
+
+    let down = vm.wait_for_event("shutdown", Duration::from_secs(60))?;
+    if let Some(action) = down.str_field("action") {
+        if action != "reboot" {
+            return Err(vm
+                .fail(format!(
+                    "shutdown event has action {action:?}, expected \"reboot\""
+                ))
+                .into());
+        }
+    }
+    let second = wait_ready(&mut vm, ctx)?;
+    if first.str_field("boot_id") == second.str_field("boot_id") {
+        return Err(vm
+            .fail(format!(
+                "boot_id did not change across the reboot: {}",
+                second.json()
+            ))
+            .into());
+    }
+    Ok(())
+}
+
+/// Words a dm-verity refusal's reason is expected to contain (lowercase).
+const VERITY_WORDS: &[&str] = &["verity", "corrupt", "i/o", "input/output"];
+
+/// `verity`: a flipped byte in USR-A's filesystem is refused.
+pub fn verity(ctx: &Context) -> Result<(), ScenarioError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("ballast-verity-")
+        .tempdir()
+        .map_err(ScenarioError::Scratch)?;
+    let copy = scratch.path().join("disk.raw");
+    disk::sparse_copy(&ctx.image.disk, &copy)?;
+    let v = &ctx.image.meta.verity;
+    let data_bytes = v.data_blocks * u64::from(v.data_block_size);
+    // A byte inside a block in the middle of the verified filesystem.
+    let rel = (v.data_blocks / 2) * u64::from(v.data_block_size) + 1234;
+    if rel >= data_bytes || rel >= ctx.image.usr_a.size() {
+        return Err(ScenarioError::Setup(format!(
+            "USR-A is too small to corrupt: {} data blocks, partition {} bytes",
+            v.data_blocks,
+            ctx.image.usr_a.size()
+        )));
+    }
+    let offset = ctx.image.usr_a.offset() + rel;
+    let (old, new) = disk::flip_byte(&copy, offset)?;
+    eprintln!(
+        "  [verity {}] flipped byte at disk offset {offset} (USR-A + {rel}, data block {}): {old:#04x} -> {new:#04x}",
+        ctx.arch,
+        rel / u64::from(v.data_block_size)
+    );
+
+    let mut vm = VmBuilder::new("verity", ctx.arch)
+        .accel(ctx.accel)
+        .log_dir(&ctx.log_dir)
+        .keep_log(ctx.keep_logs)
+        .disk(&copy)
+        .spawn()?;
+    let ev = vm.wait_for_any(&["boot-failed", "ready"], ctx.boot_timeout)?;
+    if ev.name == "ready" {
+        return Err(vm
+            .fail(format!("a corrupted USR-A booted to ready: {}", ev.json()))
+            .into());
+    }
+    let reason = ev.str_field("reason").unwrap_or("").to_lowercase();
+    if !VERITY_WORDS.iter().any(|w| reason.contains(w)) {
+        return Err(vm
+            .fail(format!(
+                "boot-failed reason does not name verity/corruption/I/O: {}",
+                ev.json()
+            ))
+            .into());
+    }
+    // The agent reboots after 10 s and would fail again; stop here.
+    vm.kill();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_names_are_unique_and_found() {
+        for s in ALL {
+            assert_eq!(find(s.name).map(|f| f.name), Some(s.name));
+        }
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn reboot_user_data_is_the_documented_toml() {
+        assert!(REBOOT_USER_DATA
+            .starts_with("[api]\nlisten = \"0.0.0.0:9465\"\n[network.interfaces.eth0]\n"));
+        assert!(REBOOT_USER_DATA.ends_with("gateway = \"10.0.2.2\"\n"));
+    }
+}
