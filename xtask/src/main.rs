@@ -5,6 +5,7 @@
 mod bench;
 mod ci;
 mod deps;
+mod fuzz;
 mod image;
 mod run;
 mod vm_test;
@@ -34,6 +35,8 @@ enum Task {
     VmTest(vm_test::VmTestArgs),
     /// Run a benchmark and record it in BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Build and briefly run the fuzz targets.
+    Fuzz(fuzz::FuzzArgs),
     /// The whole test suite, as CI runs it.
     Ci(ci::CiArgs),
 }
@@ -46,6 +49,7 @@ fn main() {
         Task::Run(args) => run::run(args),
         Task::VmTest(args) => vm_test::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Ci(args) => ci::run(args),
     };
     if let Err(err) = result {

@@ -1,0 +1,74 @@
+//! `cargo xtask fuzz`: builds every cargo-fuzz target under updater/fuzz
+//! and runs each for a short, bounded time. Only stable Rust exists on
+//! these machines, so cargo-fuzz runs with RUSTC_BOOTSTRAP=1 (it needs the
+//! `-Z sanitizer` flags of a nightly compiler).
+
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+
+#[derive(Debug, clap::Args)]
+pub struct FuzzArgs {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u32,
+}
+
+pub fn run(args: FuzzArgs) -> Result<()> {
+    let dir = crate::workspace_root().join("updater");
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        println!("fuzz: installing cargo-fuzz (cargo install cargo-fuzz --locked)");
+        let ok = Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .status()?
+            .success();
+        ensure!(ok, "cargo install cargo-fuzz failed");
+    }
+    let list = Command::new("cargo")
+        .args(["fuzz", "list"])
+        .current_dir(&dir)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .output()
+        .context("cargo fuzz list")?;
+    ensure!(
+        list.status.success(),
+        "cargo fuzz list failed: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(
+        !targets.is_empty(),
+        "no fuzz targets found in {}",
+        dir.display()
+    );
+    for t in &targets {
+        println!("fuzz: {t} for {} s", args.seconds);
+        let ok = Command::new("cargo")
+            .args([
+                "fuzz",
+                "run",
+                t,
+                "--",
+                &format!("-max_total_time={}", args.seconds),
+            ])
+            .current_dir(&dir)
+            .env("RUSTC_BOOTSTRAP", "1")
+            .status()
+            .with_context(|| format!("running fuzz target {t}"))?
+            .success();
+        ensure!(
+            ok,
+            "fuzz target {t} failed (see its crash artifact under updater/fuzz/artifacts)"
+        );
+    }
+    println!("fuzz: {} targets ran without a crash", targets.len());
+    Ok(())
+}
