@@ -18,7 +18,7 @@ pub const ENTRIES_DIR: &str = "loader/entries";
 /// Prefix of every entry file Ballast owns.
 pub const ENTRY_PREFIX: &str = "ballast-";
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BootEntryError {
     #[error("{0:?} is not a Ballast boot entry name (ballast-X.Y.Z[+LEFT[-DONE]].conf)")]
     Name(String),

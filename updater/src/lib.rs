@@ -7,5 +7,16 @@
 //! so every step runs on plain files in tests.
 
 pub mod bootentry;
+pub mod bootmodel;
 pub mod cmdline;
+pub mod control;
+pub mod esp;
+pub mod fetch;
+pub mod http;
+pub mod install;
+pub mod keys;
+pub mod manifest;
 pub mod payload;
+pub mod repo;
+pub mod state;
+pub mod storage;

@@ -1,0 +1,119 @@
+//! [`Fetch`] over HTTP(S) with reqwest's blocking client (rustls), kept out
+//! of the core so the install logic never sees an async runtime.
+
+use std::io::Read;
+use std::time::Duration;
+
+use crate::fetch::{check_relative, Fetch, FetchError};
+
+/// A repository at an `http://` or `https://` base URL.
+#[derive(Debug, Clone)]
+pub struct HttpFetch {
+    base: String,
+    client: reqwest::blocking::Client,
+}
+
+impl HttpFetch {
+    pub fn new(base: &str) -> Result<Self, FetchError> {
+        let client = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            // A read that stalls this long is a dropped connection: resume.
+            .timeout(None)
+            .build()
+            .map_err(|e| FetchError::Http {
+                url: base.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let base = if base.ends_with('/') {
+            base.to_owned()
+        } else {
+            format!("{base}/")
+        };
+        Ok(HttpFetch { base, client })
+    }
+
+    fn url(&self, path: &str) -> Result<String, FetchError> {
+        check_relative(path)?;
+        Ok(format!("{}{path}", self.base))
+    }
+
+    fn request(
+        &self,
+        url: &str,
+        offset: u64,
+    ) -> Result<Option<reqwest::blocking::Response>, FetchError> {
+        let mut req = self.client.get(url);
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let resp = req.send().map_err(|e| FetchError::Http {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        match status {
+            404 => Ok(None),
+            200 | 206 => Ok(Some(resp)),
+            _ => Err(FetchError::Status {
+                url: url.to_owned(),
+                status,
+            }),
+        }
+    }
+}
+
+impl Fetch for HttpFetch {
+    fn get(&self, path: &str, max: usize) -> Result<Option<Vec<u8>>, FetchError> {
+        let url = self.url(path)?;
+        let Some(resp) = self.request(&url, 0)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        resp.take(max as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| FetchError::Http {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        if bytes.len() > max {
+            return Err(FetchError::TooLarge { url, max });
+        }
+        Ok(Some(bytes))
+    }
+
+    fn open(&self, path: &str, offset: u64) -> Result<Box<dyn Read + Send>, FetchError> {
+        let url = self.url(path)?;
+        let resp = self
+            .request(&url, offset)?
+            .ok_or_else(|| FetchError::Status {
+                url: url.clone(),
+                status: 404,
+            })?;
+        if offset > 0 && resp.status().as_u16() == 200 {
+            // The server ignored the range: skip what we already have.
+            let mut resp = resp;
+            std::io::copy(&mut (&mut resp).take(offset), &mut std::io::sink()).map_err(|e| {
+                FetchError::Http {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            return Ok(Box::new(resp));
+        }
+        Ok(Box::new(resp))
+    }
+
+    fn describe(&self) -> String {
+        self.base.clone()
+    }
+}
+
+/// A [`Fetch`] for a repository location: an http(s) URL, a `file://`
+/// URL, or a directory path.
+pub fn for_location(location: &str) -> Result<Box<dyn Fetch>, FetchError> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Ok(Box::new(HttpFetch::new(location)?));
+    }
+    let path = location.strip_prefix("file://").unwrap_or(location);
+    Ok(Box::new(crate::fetch::DirFetch { root: path.into() }))
+}

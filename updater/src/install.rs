@@ -1,0 +1,824 @@
+//! `check` and `apply`: fetch and verify the manifest, choose the release,
+//! and install it into the inactive slot in the order of design.md §3,
+//! each step durable before the next:
+//!
+//! 1. remove every Ballast entry but the running one (those pointing at the
+//!    inactive slot first of all) and unreferenced kernel directories; fsync;
+//! 2. stream `usr.img` into the inactive slot, hashing while writing
+//!    (reading, hashing and writing overlap in three threads over a small
+//!    fixed pool of buffers), resuming with HTTP Range; fsync; read back and
+//!    hash again;
+//! 3. write kernel and initrd under `ballast/<ver>/`; fsync;
+//! 4. write `ballast-<ver>+3.conf` under a temporary name, fsync, rename,
+//!    fsync the directory: the commit point.
+//!
+//! Every refusal is decided before step 1 and changes nothing. The
+//! lifecycle is the explicit [`InstallPhase`] machine.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::bootentry::{BootEntry, EntryName, ENTRIES_DIR};
+use crate::cmdline::{BootParams, Slot};
+use crate::esp::{list_entries, running_entry, NodeLayout};
+use crate::fetch::{Fetch, FetchError, ResumingReader};
+use crate::keys::TrustedKeys;
+use crate::manifest::{
+    self, ManifestError, NodeFacts, Release, Selection, VerifiedManifest, MANIFEST_FILE,
+    MAX_MANIFEST_BYTES, SIGNATURES_FILE,
+};
+use crate::payload::{Arch, Artifact, PayloadMetadata, Version, INITRD, KERNEL, USR_IMAGE};
+use crate::state::{Event, StateDir, StateError};
+use crate::storage::{Storage, StorageError, WriteTarget};
+
+/// Boots a new version gets before systemd-boot falls back.
+pub const INITIAL_TRIES: u32 = 3;
+/// Size of each buffer in the copy pipeline.
+pub const COPY_BUFFER_BYTES: usize = 1 << 20;
+/// Buffers in flight between reader, hasher and writer: the copy's whole
+/// memory budget is this times [`COPY_BUFFER_BYTES`].
+pub const COPY_BUFFERS: usize = 6;
+/// Re-requests in a row without progress before a download fails.
+pub const MAX_RESUMES: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the repository at {repo} has no {MANIFEST_FILE}")]
+    NoManifest { repo: String },
+    #[error("the running version {version} (entry {entry}) is not blessed yet; run `ballast update mark-good` once it is healthy")]
+    NotBlessed { version: Version, entry: String },
+    #[error("no boot entry on the ESP boots the running version {version} from slot {slot}")]
+    RunningEntryMissing { version: Version, slot: Slot },
+    #[error(
+        "release {version}: usr.img is {size} bytes but slot {slot} ({path}) holds only {capacity}"
+    )]
+    PayloadTooLarge {
+        version: Version,
+        slot: Slot,
+        path: PathBuf,
+        size: u64,
+        capacity: u64,
+    },
+    #[error("release {version}: downloading {artifact}")]
+    Download {
+        version: Version,
+        artifact: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "release {version}: {artifact} is larger than the {expected} bytes the manifest signs"
+    )]
+    ArtifactTooLarge {
+        version: Version,
+        artifact: &'static str,
+        expected: u64,
+    },
+    #[error("release {version}: {artifact} has sha256 {actual}, the manifest signs {expected}")]
+    ArtifactHash {
+        version: Version,
+        artifact: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("release {version}: {path} read back with sha256 {actual}, {expected} was written")]
+    ReadBack {
+        version: Version,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("install phase {from:?} cannot be followed by {to:?}")]
+    Phase {
+        from: InstallPhase,
+        to: InstallPhase,
+    },
+    #[error("a copy thread panicked while installing {artifact}")]
+    CopyThread { artifact: &'static str },
+}
+
+/// The install lifecycle; each phase is durable when it is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstallPhase {
+    /// Manifest verified, release chosen, every refusal checked.
+    Preflighted,
+    /// Step 1 done: only the running entry is left.
+    InactiveEntriesRemoved,
+    /// Step 2a: usr.img in the slot, hashed while written, fsynced.
+    SlotWritten,
+    /// Step 2b: the slot read back and hashed again.
+    SlotVerified,
+    /// Step 3: kernel and initrd under `ballast/<ver>/`, fsynced.
+    KernelWritten,
+    /// Step 4: the entry renamed into place; the commit point.
+    Committed,
+}
+
+impl InstallPhase {
+    fn next(self) -> Option<InstallPhase> {
+        use InstallPhase::*;
+        Some(match self {
+            Preflighted => InactiveEntriesRemoved,
+            InactiveEntriesRemoved => SlotWritten,
+            SlotWritten => SlotVerified,
+            SlotVerified => KernelWritten,
+            KernelWritten => Committed,
+            Committed => return None,
+        })
+    }
+}
+
+/// Progress of an install, for a terminal or a log.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub phase: InstallPhase,
+    pub artifact: &'static str,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// The node as the install sees it.
+pub struct Node<'a> {
+    pub storage: &'a dyn Storage,
+    pub layout: &'a NodeLayout,
+    pub arch: Arch,
+    pub variant: String,
+    pub now: SystemTime,
+}
+
+impl std::fmt::Debug for Node<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("layout", &self.layout)
+            .field("arch", &self.arch)
+            .field("variant", &self.variant)
+            .finish()
+    }
+}
+
+/// Where updates come from and whom to believe.
+pub struct Source<'a> {
+    pub fetch: &'a dyn Fetch,
+    pub trust: &'a TrustedKeys,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("repo", &self.fetch.describe())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Install this version instead of the newest applicable one.
+    pub version: Option<Version>,
+    pub allow_downgrade: bool,
+}
+
+/// What `check` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub repo: String,
+    pub sequence: u64,
+    pub expires: String,
+    pub signed_by: Vec<String>,
+    pub running: Version,
+    /// `install`, `up-to-date` or `waiting`.
+    pub decision: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
+    pub reason: String,
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub check: CheckReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installed: Option<Installed>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    pub version: Version,
+    pub slot: Slot,
+    pub entry: String,
+    pub bytes: u64,
+    pub resumes: u32,
+}
+
+/// Fetches `manifest.json` and its signatures and verifies them.
+pub fn fetch_manifest(
+    node: &Node<'_>,
+    source: &Source<'_>,
+) -> Result<VerifiedManifest, InstallError> {
+    let bytes = source
+        .fetch
+        .get(MANIFEST_FILE, MAX_MANIFEST_BYTES)?
+        .ok_or_else(|| InstallError::NoManifest {
+            repo: source.fetch.describe(),
+        })?;
+    let sigs = source.fetch.get(SIGNATURES_FILE, MAX_MANIFEST_BYTES)?;
+    let state = StateDir::new(node.storage, &node.layout.state_dir);
+    Ok(manifest::verify(
+        &bytes,
+        sigs.as_deref(),
+        source.trust,
+        node.now,
+        state.highest_sequence()?,
+    )?)
+}
+
+fn decide(
+    node: &Node<'_>,
+    source: &Source<'_>,
+    options: &ApplyOptions,
+) -> Result<(VerifiedManifest, CheckReport, Option<Release>), InstallError> {
+    let verified = fetch_manifest(node, source)?;
+    let state = StateDir::new(node.storage, &node.layout.state_dir);
+    let running = node.layout.running.version;
+    let has_waves = verified
+        .manifest
+        .releases
+        .iter()
+        .any(|r| !r.waves.is_empty());
+    let facts = NodeFacts {
+        arch: node.arch,
+        variant: node.variant.clone(),
+        running,
+        bucket: if has_waves { state.bucket()? } else { 0 },
+        rejected: state.rejected()?,
+    };
+    let selection = manifest::select(
+        &verified.manifest,
+        &facts,
+        options.version,
+        options.allow_downgrade,
+        node.now,
+    )?;
+    let m = &verified.manifest;
+    let mut report = CheckReport {
+        repo: source.fetch.describe(),
+        sequence: m.sequence,
+        expires: m.expires.clone(),
+        signed_by: verified.signed_by.clone(),
+        running,
+        decision: "up-to-date",
+        version: None,
+        reason: String::new(),
+    };
+    let release = match selection {
+        Selection::Install(r) => {
+            report.decision = "install";
+            report.version = Some(r.version());
+            report.reason = format!(
+                "release {} for {} {} is the newest applicable (running {running})",
+                r.version(),
+                node.arch,
+                node.variant
+            );
+            Some(*r)
+        }
+        Selection::UpToDate { running } => {
+            report.reason = format!("no release newer than the running {running} applies");
+            None
+        }
+        Selection::Waiting { version } => {
+            report.decision = "waiting";
+            report.version = Some(version);
+            report.reason = format!(
+                "release {version} exists but this node's rollout wave (bucket {}) has not started",
+                facts.bucket
+            );
+            None
+        }
+    };
+    Ok((verified, report, release))
+}
+
+/// `ballast update check`: verify and decide, recording the manifest's
+/// sequence number as seen.
+pub fn check(
+    node: &Node<'_>,
+    source: &Source<'_>,
+    options: &ApplyOptions,
+) -> Result<CheckReport, InstallError> {
+    let (verified, report, _) = decide(node, source, options)?;
+    StateDir::new(node.storage, &node.layout.state_dir)
+        .raise_sequence(verified.manifest.sequence)?;
+    Ok(report)
+}
+
+/// `ballast update apply`: check, then install the chosen release.
+pub fn apply(
+    node: &Node<'_>,
+    source: &Source<'_>,
+    options: &ApplyOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ApplyReport, InstallError> {
+    let (verified, check, release) = decide(node, source, options)?;
+    let Some(release) = release else {
+        StateDir::new(node.storage, &node.layout.state_dir)
+            .raise_sequence(verified.manifest.sequence)?;
+        return Ok(ApplyReport {
+            check,
+            installed: None,
+        });
+    };
+    let mut install = Install::preflight(node, source, &release)?;
+    StateDir::new(node.storage, &node.layout.state_dir)
+        .raise_sequence(verified.manifest.sequence)?;
+    let installed = install.run(progress)?;
+    Ok(ApplyReport {
+        check,
+        installed: Some(installed),
+    })
+}
+
+/// One install in progress.
+pub struct Install<'a> {
+    node: &'a Node<'a>,
+    source: &'a Source<'a>,
+    meta: &'a PayloadMetadata,
+    target: Slot,
+    phase: InstallPhase,
+    resumes: std::cell::Cell<u32>,
+}
+
+impl std::fmt::Debug for Install<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Install")
+            .field("version", &self.meta.version)
+            .field("target", &self.target)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+fn artifact<'m>(
+    meta: &'m PayloadMetadata,
+    name: &'static str,
+) -> Result<&'m Artifact, InstallError> {
+    meta.artifact(name).ok_or_else(|| {
+        InstallError::Manifest(ManifestError::Release {
+            version: meta.version,
+            source: crate::payload::PayloadError::MissingArtifact(name),
+        })
+    })
+}
+
+impl<'a> Install<'a> {
+    /// Every refusal that does not need the payload's bytes in place;
+    /// changes nothing.
+    pub fn preflight(
+        node: &'a Node<'a>,
+        source: &'a Source<'a>,
+        release: &'a Release,
+    ) -> Result<Self, InstallError> {
+        let layout = node.layout;
+        let meta = &release.payload;
+        let running = &layout.running;
+        let entries = list_entries(node.storage, &layout.esp)?;
+        let current =
+            running_entry(&entries, running).ok_or(InstallError::RunningEntryMissing {
+                version: running.version,
+                slot: running.slot,
+            })?;
+        if current.name.counter.is_some() {
+            return Err(InstallError::NotBlessed {
+                version: running.version,
+                entry: current.file_name.clone(),
+            });
+        }
+        let target = running.slot.other();
+        let slot = layout.slot(target);
+        let usr = artifact(meta, USR_IMAGE)?;
+        let capacity = node.storage.size(&slot.path)?;
+        if usr.size > capacity {
+            return Err(InstallError::PayloadTooLarge {
+                version: meta.version,
+                slot: target,
+                path: slot.path.clone(),
+                size: usr.size,
+                capacity,
+            });
+        }
+        let install = Install {
+            node,
+            source,
+            meta,
+            target,
+            phase: InstallPhase::Preflighted,
+            resumes: std::cell::Cell::new(0),
+        };
+        // Kernel and initrd are small: check their bytes before touching
+        // anything, so a corrupt object is refused with nothing changed.
+        for name in [KERNEL, INITRD] {
+            install.download(name, &mut NullTarget, &mut |_| {})?;
+        }
+        Ok(install)
+    }
+
+    pub fn phase(&self) -> InstallPhase {
+        self.phase
+    }
+
+    fn advance(&mut self, to: InstallPhase) -> Result<(), InstallError> {
+        if self.phase.next() != Some(to) {
+            return Err(InstallError::Phase {
+                from: self.phase,
+                to,
+            });
+        }
+        tracing::info!(version = %self.meta.version, slot = %self.target, phase = ?to, "install phase reached");
+        self.phase = to;
+        Ok(())
+    }
+
+    /// Steps 1-4.
+    pub fn run(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Installed, InstallError> {
+        self.remove_inactive_entries()?;
+        self.advance(InstallPhase::InactiveEntriesRemoved)?;
+        let usr = artifact(self.meta, USR_IMAGE)?;
+        let slot_path = self.node.layout.slot(self.target).path.clone();
+        let mut slot = self.node.storage.open_in_place(&slot_path)?;
+        let phase = self.phase;
+        let written = self.download(USR_IMAGE, slot.as_mut(), &mut |done| {
+            progress(Progress {
+                phase,
+                artifact: USR_IMAGE,
+                done,
+                total: usr.size,
+            })
+        })?;
+        // fsync and the read-back hash overlap: both must succeed before
+        // step 3, and the read comes from the same (page-cached) bytes.
+        let (synced, read_back) = std::thread::scope(|s| {
+            let sync = s.spawn(move || slot.sync());
+            let read_back = hash_prefix(self.node.storage, &slot_path, usr.size);
+            (sync.join(), read_back)
+        });
+        synced.map_err(|_| InstallError::CopyThread {
+            artifact: USR_IMAGE,
+        })??;
+        self.advance(InstallPhase::SlotWritten)?;
+        let read_back = read_back?;
+        if read_back != written {
+            return Err(InstallError::ReadBack {
+                version: self.meta.version,
+                path: slot_path,
+                expected: written,
+                actual: read_back,
+            });
+        }
+        self.advance(InstallPhase::SlotVerified)?;
+        self.write_kernel()?;
+        self.advance(InstallPhase::KernelWritten)?;
+        let entry = self.commit_entry()?;
+        self.advance(InstallPhase::Committed)?;
+        let state = StateDir::new(self.node.storage, &self.node.layout.state_dir);
+        state.record(&Event::new(
+            "install",
+            self.meta.version,
+            self.target,
+            self.node.now,
+            Some(format!("installed; boots next with {INITIAL_TRIES} tries")),
+        ))?;
+        Ok(Installed {
+            version: self.meta.version,
+            slot: self.target,
+            entry,
+            bytes: usr.size,
+            resumes: self.resumes.get(),
+        })
+    }
+
+    /// Step 1: keep only the running entry, and only its kernel directory.
+    fn remove_inactive_entries(&mut self) -> Result<(), InstallError> {
+        let storage = self.node.storage;
+        let layout = self.node.layout;
+        let entries = list_entries(storage, &layout.esp)?;
+        let keep = running_entry(&entries, &layout.running).map(|e| e.file_name.clone());
+        let dir = layout.entries_dir();
+        let mut removed = false;
+        for e in &entries {
+            if Some(&e.file_name) != keep.as_ref() {
+                tracing::info!(entry = %e.file_name, slot = ?e.slot(), "removing boot entry before overwriting the inactive slot");
+                storage.remove_file(&dir.join(&e.file_name))?;
+                removed = true;
+            }
+        }
+        if removed {
+            storage.sync_dir(&dir)?;
+        }
+        let versions_dir = layout.esp.join("ballast");
+        let running_dir = layout.running.version.to_string();
+        let mut removed_dirs = false;
+        for name in storage.list_dir(&versions_dir)? {
+            if name != running_dir {
+                storage.remove_dir_all(&versions_dir.join(&name))?;
+                removed_dirs = true;
+            }
+        }
+        if removed_dirs {
+            storage.sync_dir(&versions_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Step 3.
+    fn write_kernel(&mut self) -> Result<(), InstallError> {
+        let storage = self.node.storage;
+        let layout = self.node.layout;
+        let version = self.meta.version;
+        let dir = layout.version_dir(version);
+        storage.create_dir_all(&dir)?;
+        for (name, path) in [
+            (KERNEL, layout.kernel_path(version)),
+            (INITRD, layout.initrd_path(version)),
+        ] {
+            let mut file = storage.create(&path)?;
+            let written = self.download(name, file.as_mut(), &mut |_| {})?;
+            file.sync()?;
+            drop(file);
+            let read_back = hash_prefix(storage, &path, artifact(self.meta, name)?.size)?;
+            if read_back != written {
+                return Err(InstallError::ReadBack {
+                    version,
+                    path,
+                    expected: written,
+                    actual: read_back,
+                });
+            }
+        }
+        storage.sync_dir(&dir)?;
+        // The new directory's own name must be durable too.
+        storage.sync_dir(crate::storage::parent(&dir))?;
+        Ok(())
+    }
+
+    /// Step 4: the commit point.
+    fn commit_entry(&mut self) -> Result<String, InstallError> {
+        let storage = self.node.storage;
+        let layout = self.node.layout;
+        let slot = layout.slot(self.target);
+        let entry = BootEntry {
+            params: BootParams::for_payload(self.meta, self.target, slot.partuuid),
+            extra_args: BootEntry::default_extra_args(self.meta.arch),
+        };
+        let name = EntryName::on_trial(self.meta.version, INITIAL_TRIES).to_string();
+        let dir = layout.esp.join(ENTRIES_DIR);
+        storage.create_dir_all(&dir)?;
+        // Not *.conf: systemd-boot must never see a half-written entry.
+        let tmp = dir.join(format!(".{}.tmp", EntryName::blessed(self.meta.version)));
+        let mut file = storage.create(&tmp)?;
+        file.write_all(entry.render().as_bytes())?;
+        file.sync()?;
+        drop(file);
+        storage.rename(&tmp, &dir.join(&name))?;
+        storage.sync_dir(&dir)?;
+        Ok(name)
+    }
+
+    /// Streams one artifact into `target`, checking size and hash; returns
+    /// the hex SHA-256 of what was written.
+    fn download(
+        &self,
+        name: &'static str,
+        target: &mut dyn WriteTarget,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<String, InstallError> {
+        let art = artifact(self.meta, name)?;
+        let version = self.meta.version;
+        let path = Release::object_path(&art.sha256);
+        let mut reader = ResumingReader::new(self.source.fetch, &path, art.size, MAX_RESUMES);
+        let digest =
+            pipeline_copy(&mut reader, target, art.size, progress).map_err(|e| match e {
+                CopyError::Read(source) => InstallError::Download {
+                    version,
+                    artifact: name,
+                    source,
+                },
+                CopyError::Write(e) => InstallError::Storage(e),
+                CopyError::Thread => InstallError::CopyThread { artifact: name },
+            })?;
+        self.resumes.set(self.resumes.get() + reader.resumes);
+        if reader.has_trailing_bytes() {
+            return Err(InstallError::ArtifactTooLarge {
+                version,
+                artifact: name,
+                expected: art.size,
+            });
+        }
+        if digest != art.sha256 {
+            return Err(InstallError::ArtifactHash {
+                version,
+                artifact: name,
+                expected: art.sha256.clone(),
+                actual: digest,
+            });
+        }
+        Ok(digest)
+    }
+}
+
+impl Install<'_> {
+    /// Re-requests made while streaming usr.img.
+    pub fn resumes(&self) -> u32 {
+        self.resumes.get()
+    }
+}
+
+/// A write target that discards, for checking bytes before installing.
+struct NullTarget;
+
+impl WriteTarget for NullTarget {
+    fn write_all(&mut self, _: &[u8]) -> Result<(), StorageError> {
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// SHA-256 of the first `len` bytes of a file or device.
+pub fn hash_prefix(storage: &dyn Storage, path: &Path, len: u64) -> Result<String, StorageError> {
+    let reader = storage.open_read(path)?;
+    let mut reader = reader.take(len);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StorageError::io("reading back", path, e)),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    if total < len {
+        return Err(StorageError::io(
+            "reading back",
+            path,
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("only {total} of {len} bytes"),
+            ),
+        ));
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[derive(Debug)]
+pub enum CopyError {
+    Read(io::Error),
+    Write(StorageError),
+    Thread,
+}
+
+/// Copies exactly `len` bytes from `reader` to `target` and returns their
+/// SHA-256. Reading (this thread), hashing and writing (one thread each)
+/// overlap; buffers circulate reader -> hasher -> writer -> reader, so
+/// memory stays at [`COPY_BUFFERS`] x [`COPY_BUFFER_BYTES`] and no byte is
+/// copied twice.
+pub fn pipeline_copy(
+    reader: &mut dyn Read,
+    target: &mut dyn WriteTarget,
+    len: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<String, CopyError> {
+    let (to_hasher, hasher_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(COPY_BUFFERS);
+    let (to_writer, writer_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(COPY_BUFFERS);
+    let (to_reader, free_rx) = mpsc::sync_channel::<Vec<u8>>(COPY_BUFFERS);
+    for _ in 0..COPY_BUFFERS {
+        // Cannot fail: the channel holds exactly COPY_BUFFERS and is empty.
+        let _ = to_reader.send(vec![0u8; COPY_BUFFER_BYTES]);
+    }
+    std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut hasher = Sha256::new();
+            for (buf, n) in hasher_rx {
+                hasher.update(&buf[..n]);
+                if to_writer.send((buf, n)).is_err() {
+                    break;
+                }
+            }
+            hex::encode(hasher.finalize())
+        });
+        let writer = s.spawn(move || -> Result<(), StorageError> {
+            for (buf, n) in writer_rx {
+                target.write_all(&buf[..n])?;
+                // The reader may have finished; a closed return path is fine.
+                let _ = to_reader.send(buf);
+            }
+            Ok(())
+        });
+        let mut done = 0u64;
+        let mut read_result = Ok(());
+        while done < len {
+            let Ok(mut buf) = free_rx.recv() else {
+                break; // the writer stopped: its error is reported below
+            };
+            let want = usize::try_from(len - done)
+                .unwrap_or(usize::MAX)
+                .min(COPY_BUFFER_BYTES);
+            let mut filled = 0;
+            while filled < want {
+                match reader.read(&mut buf[filled..want]) {
+                    Ok(0) => {
+                        read_result = Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("stream ended at byte {} of {len}", done + filled as u64),
+                        ));
+                        break;
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        read_result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if read_result.is_err() {
+                break;
+            }
+            done += filled as u64;
+            if to_hasher.send((buf, filled)).is_err() {
+                break;
+            }
+            progress(done);
+        }
+        drop(to_hasher);
+        let digest = hasher.join().map_err(|_| CopyError::Thread)?;
+        writer
+            .join()
+            .map_err(|_| CopyError::Thread)?
+            .map_err(CopyError::Write)?;
+        read_result.map_err(CopyError::Read)?;
+        Ok(digest)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn pipeline_copy_hashes_and_writes_everything() {
+        let data: Vec<u8> = (0..(3 * COPY_BUFFER_BYTES + 17))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let fs = MemStorage::new();
+        fs.create_dir_all(Path::new("/x")).unwrap();
+        let mut w = fs.create(Path::new("/x/f")).unwrap();
+        let mut calls = 0;
+        let digest = pipeline_copy(&mut &data[..], w.as_mut(), data.len() as u64, &mut |_| {
+            calls += 1
+        })
+        .unwrap();
+        assert_eq!(digest, hex::encode(Sha256::digest(&data)));
+        assert_eq!(fs.read(Path::new("/x/f")).unwrap(), data);
+        assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn pipeline_copy_reports_a_short_stream() {
+        let data = vec![1u8; 100];
+        let fs = MemStorage::new();
+        fs.create_dir_all(Path::new("/x")).unwrap();
+        let mut w = fs.create(Path::new("/x/f")).unwrap();
+        assert!(matches!(
+            pipeline_copy(&mut &data[..], w.as_mut(), 200, &mut |_| {}),
+            Err(CopyError::Read(_))
+        ));
+    }
+
+    #[test]
+    fn phases_only_move_forward_one_at_a_time() {
+        assert_eq!(
+            InstallPhase::Preflighted.next(),
+            Some(InstallPhase::InactiveEntriesRemoved)
+        );
+        assert_eq!(InstallPhase::Committed.next(), None);
+    }
+}

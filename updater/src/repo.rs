@@ -1,0 +1,290 @@
+//! The operator's side of an update repository: a directory of static
+//! files any HTTP server can serve.
+//!
+//! ```text
+//! REPO/manifest.json        Manifest (see crate::manifest)
+//! REPO/manifest.json.sig    [{"key_id": .., "signature": ..}, ..]
+//! REPO/objects/<sha256>     payload artifacts, content addressed
+//! ```
+//! `add` copies a payload directory's artifacts in (checking them against
+//! its metadata) and lists the release; `sign` raises the sequence number,
+//! sets the expiry and signs; `verify` checks everything a node would.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::keys::{SecretKey, TrustedKeys};
+use crate::manifest::{
+    self, Manifest, ManifestError, Release, Signature, Wave, MANIFEST_FILE, OBJECTS_DIR,
+    SIGNATURES_FILE,
+};
+use crate::payload::{PayloadError, PayloadMetadata, Version};
+
+/// Default lifetime of a signed manifest.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("payload file {path} is {actual_size} bytes with sha256 {actual_sha256}; its metadata says {size} bytes, {sha256}")]
+    PayloadMismatch {
+        path: PathBuf,
+        size: u64,
+        sha256: String,
+        actual_size: u64,
+        actual_sha256: String,
+    },
+    #[error("release {version} ({arch} {variant}) is already in {repo}")]
+    Exists {
+        version: Version,
+        arch: String,
+        variant: String,
+        repo: PathBuf,
+    },
+    #[error(
+        "object {path} is missing or does not match the manifest (size {size}, sha256 {sha256})"
+    )]
+    Object {
+        path: PathBuf,
+        size: u64,
+        sha256: String,
+    },
+    #[error("--append needs an existing signed manifest in {repo}")]
+    NothingToAppend { repo: PathBuf },
+    #[error("no signing keys given")]
+    NoKeys,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RepoError {
+    let path = path.to_owned();
+    move |source| RepoError::Io { op, path, source }
+}
+
+/// Size and hex SHA-256 of a file.
+pub fn hash_file(path: &Path) -> Result<(u64, String), RepoError> {
+    let mut file = std::fs::File::open(path).map_err(io_err("opening", path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io_err("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("renaming into", path))?;
+    Ok(())
+}
+
+/// Loads `REPO/manifest.json`, or a fresh empty manifest.
+pub fn load(repo: &Path) -> Result<Manifest, RepoError> {
+    let path = repo.join(MANIFEST_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Manifest::parse(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Manifest::new(SystemTime::now() + DEFAULT_EXPIRY))
+        }
+        Err(e) => Err(io_err("reading", &path)(e)),
+    }
+}
+
+/// Writes an (unsigned) manifest and drops the now stale signatures.
+fn store_unsigned(repo: &Path, manifest: &Manifest) -> Result<(), RepoError> {
+    manifest.validate()?;
+    write_atomic(&repo.join(MANIFEST_FILE), &manifest.to_bytes())?;
+    let sig = repo.join(SIGNATURES_FILE);
+    match std::fs::remove_file(&sig) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing", &sig)(e)),
+    }
+}
+
+/// Adds the release in payload directory `payload` to `repo`.
+pub fn add(repo: &Path, payload: &Path, waves: Vec<Wave>) -> Result<Release, RepoError> {
+    let meta = PayloadMetadata::load(payload)?;
+    let mut manifest = load(repo)?;
+    if manifest.releases.iter().any(|r| {
+        r.version() == meta.version
+            && r.payload.arch == meta.arch
+            && r.payload.variant == meta.variant
+    }) {
+        return Err(RepoError::Exists {
+            version: meta.version,
+            arch: meta.arch.to_string(),
+            variant: meta.variant.clone(),
+            repo: repo.to_owned(),
+        });
+    }
+    let objects = repo.join(OBJECTS_DIR);
+    std::fs::create_dir_all(&objects).map_err(io_err("creating", &objects))?;
+    for art in &meta.artifacts {
+        // Artifact names are checked by validate(); only fixed names reach here.
+        let src = payload.join(&art.name);
+        let (size, sha256) = hash_file(&src)?;
+        if size != art.size || sha256 != art.sha256 {
+            return Err(RepoError::PayloadMismatch {
+                path: src,
+                size: art.size,
+                sha256: art.sha256.clone(),
+                actual_size: size,
+                actual_sha256: sha256,
+            });
+        }
+        let dst = objects.join(&art.sha256);
+        if dst.exists() && hash_file(&dst)? == (size, sha256) {
+            continue;
+        }
+        let tmp = objects.join(format!(".{}.tmp", art.sha256));
+        std::fs::copy(&src, &tmp).map_err(io_err("copying to", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync of", &tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io_err("renaming into", &dst))?;
+    }
+    let release = Release {
+        payload: meta,
+        waves,
+    };
+    manifest.releases.push(release.clone());
+    manifest.releases.sort_by(|a, b| {
+        (a.version(), a.payload.arch.as_str()).cmp(&(b.version(), b.payload.arch.as_str()))
+    });
+    store_unsigned(repo, &manifest)?;
+    Ok(release)
+}
+
+/// Sets the release floor (anti-rollback).
+pub fn set_floor(repo: &Path, floor: Option<Version>) -> Result<(), RepoError> {
+    let mut manifest = load(repo)?;
+    manifest.floor = floor;
+    store_unsigned(repo, &manifest)
+}
+
+/// Signs the manifest with `keys`. Without `append`: raises the sequence
+/// number, sets `expires` to now + `expires_in` and replaces all
+/// signatures. With `append`: adds signatures to the existing ones over
+/// the unchanged bytes (for keys held by different people).
+pub fn sign(
+    repo: &Path,
+    keys: &[SecretKey],
+    expires_in: Duration,
+    append: bool,
+) -> Result<Manifest, RepoError> {
+    if keys.is_empty() {
+        return Err(RepoError::NoKeys);
+    }
+    let mpath = repo.join(MANIFEST_FILE);
+    let spath = repo.join(SIGNATURES_FILE);
+    let (bytes, mut sigs, manifest) = if append {
+        let bytes = std::fs::read(&mpath).map_err(|_| RepoError::NothingToAppend {
+            repo: repo.to_owned(),
+        })?;
+        let sigs = match std::fs::read(&spath) {
+            Ok(b) => manifest::parse_signatures(&b)?,
+            Err(_) => Vec::new(),
+        };
+        let manifest = Manifest::parse(&bytes)?;
+        (bytes, sigs, manifest)
+    } else {
+        let mut manifest = load(repo)?;
+        manifest.sequence += 1;
+        manifest.expires =
+            humantime::format_rfc3339_seconds(SystemTime::now() + expires_in).to_string();
+        let bytes = manifest.to_bytes();
+        write_atomic(&mpath, &bytes)?;
+        (bytes, Vec::new(), manifest)
+    };
+    for key in keys {
+        let key_id = key.key_id();
+        sigs.retain(|s| s.key_id != key_id);
+        sigs.push(Signature {
+            key_id,
+            signature: hex::encode(key.sign(&bytes)),
+        });
+    }
+    let mut out = serde_json::to_vec_pretty(&sigs).unwrap_or_default();
+    out.push(b'\n');
+    write_atomic(&spath, &out)?;
+    Ok(manifest)
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub sequence: u64,
+    pub expires: String,
+    pub signed_by: Vec<String>,
+    pub releases: Vec<String>,
+    pub objects_checked: usize,
+}
+
+/// Everything a node would check, plus every object's size and hash.
+pub fn verify(
+    repo: &Path,
+    trust: &TrustedKeys,
+    now: SystemTime,
+) -> Result<VerifyReport, RepoError> {
+    let mpath = repo.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&mpath).map_err(io_err("reading", &mpath))?;
+    let sigs = std::fs::read(repo.join(SIGNATURES_FILE)).ok();
+    let verified = manifest::verify(&bytes, sigs.as_deref(), trust, now, None)?;
+    let mut objects_checked = 0;
+    for r in &verified.manifest.releases {
+        for a in &r.payload.artifacts {
+            let path = repo.join(Release::object_path(&a.sha256));
+            match hash_file(&path) {
+                Ok((size, sha)) if size == a.size && sha == a.sha256 => objects_checked += 1,
+                _ => {
+                    return Err(RepoError::Object {
+                        path,
+                        size: a.size,
+                        sha256: a.sha256.clone(),
+                    })
+                }
+            }
+        }
+    }
+    let m = verified.manifest;
+    Ok(VerifyReport {
+        sequence: m.sequence,
+        expires: m.expires,
+        signed_by: verified.signed_by,
+        releases: m
+            .releases
+            .iter()
+            .map(|r| format!("{} {} {}", r.version(), r.payload.arch, r.payload.variant))
+            .collect(),
+        objects_checked,
+    })
+}
