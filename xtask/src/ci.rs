@@ -1,5 +1,5 @@
 //! `cargo xtask ci`: the whole suite as CI runs it, step by step with
-//! timings: formatting, lints, unit and integration tests, fuzz smoke runs,
+//! timings: host dependencies, formatting, lints, unit and integration tests, fuzz smoke runs,
 //! image builds for both architectures, and the VM scenarios on both.
 
 use std::process::Command;
@@ -43,6 +43,7 @@ pub fn run(args: CiArgs) -> Result<()> {
         args.arch
     };
     let mut steps = vec![
+        Step::cargo("host dependencies", &["xtask", "deps"]),
         Step::cargo("format", &["fmt", "--all", "--check"]),
         Step::cargo(
             "clippy",
@@ -102,7 +103,7 @@ pub fn run(args: CiArgs) -> Result<()> {
             );
             failed.push(step.name.clone());
             // Later steps depend on earlier ones (VM tests need images).
-            if step.name.starts_with("image") || step.name == "clippy" {
+            if step.name.starts_with("image") || step.name == "host dependencies" {
                 break;
             }
         }
