@@ -171,11 +171,20 @@ pub fn reboot(ctx: &Context) -> Result<(), ScenarioError> {
     }
     vm.progress("GET /healthz: 200");
     let status = http::request(port, "GET", "/status", None, t)?;
-    if status.status != 200 || serde_json::from_str::<serde_json::Value>(&status.body).is_err() {
+    let json = serde_json::from_str::<serde_json::Value>(&status.body).ok();
+    let Some(json) = json.filter(|_| status.status == 200) else {
         return Err(vm
             .fail(format!(
                 "GET /status answered {} {:?}, expected 200 with JSON",
                 status.status, status.body
+            ))
+            .into());
+    };
+    // The user-data above is valid: the agent must have applied it.
+    if let Some(err) = json.get("config_error").filter(|e| !e.is_null()) {
+        return Err(vm
+            .fail(format!(
+                "the agent did not apply the user-data: config_error {err}"
             ))
             .into());
     }

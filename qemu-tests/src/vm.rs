@@ -500,7 +500,12 @@ impl VmBuilder {
                 g.guest_addr, g.host_port
             ));
         }
-        push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]);
+        push(&[
+            "-netdev",
+            &netdev,
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ]);
 
         if let Some(data) = &self.user_data {
             let path = work_dir.join("user-data.toml");
