@@ -1,2 +1,20 @@
 //! Assembles Ballast's bootable disk image and update payload from Debian
-//! packages and the agent binary.
+//! packages and the agent binary, reproducibly and without root or loop
+//! devices.
+//!
+//! [`build::build`] runs the whole pipeline; the other modules are its
+//! parts: [`apt`] (packages by name, hashes checked), [`kmod`] (module
+//! closure and order), [`cpio`] + [`initrd`], [`fsimage`] (erofs, dm-verity,
+//! FAT, ext4 through their tools), [`gpt`] (partition tables), and [`cmd`]
+//! (running those tools with useful errors).
+
+pub mod apt;
+pub mod build;
+pub mod cmd;
+pub mod cpio;
+pub mod fsimage;
+pub mod gpt;
+pub mod initrd;
+pub mod kmod;
+
+pub use build::{build, AgentSource, BuildOptions, BuildOutput, Progress, StderrProgress};

@@ -1,10 +1,16 @@
-//! `cargo xtask image`: builds the agent for the target and calls the image
-//! library. Owned by the image work.
+//! `cargo xtask image`: parses the options, picks the output and cache
+//! directories and `SOURCE_DATE_EPOCH`, and runs `ballast_image::build`
+//! (which also cross-compiles the agent). `--check-reproducible` builds a
+//! second time into a scratch directory and compares every output's SHA-256.
+//! Owned by the image work.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use ballast_updater::payload::Arch;
+use anyhow::{bail, Context, Result};
+use ballast_image::apt::{parse_pins, KernelFlavor};
+use ballast_image::build::{output_digests, DEFAULT_SOURCE_DATE_EPOCH};
+use ballast_image::{AgentSource, BuildOptions, StderrProgress};
+use ballast_updater::payload::{Arch, Version};
 
 #[derive(Debug, clap::Args)]
 pub struct ImageArgs {
@@ -12,13 +18,162 @@ pub struct ImageArgs {
     pub arch: Arch,
     #[arg(long, default_value = "1.0.0")]
     pub version: String,
+    /// Output directory (default: build/<arch>/<version>/).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Update-repository public key (*.pub) to trust; repeatable.
     #[arg(long)]
     pub trust: Vec<PathBuf>,
+    /// Kernel flavour: cloud (VMs) or generic (bare metal, hardware watchdogs).
+    #[arg(long, default_value = "cloud")]
+    pub kernel: KernelFlavor,
+    /// Image profile (recorded as the payload's variant).
+    #[arg(long, default_value = "base")]
+    pub profile: String,
+    /// Pin a Debian package: NAME=VERSION; repeatable.
+    #[arg(long = "pin")]
+    pub pins: Vec<String>,
+    /// Size of each usr slot in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub slot_size: u64,
+    /// Size of the STATE partition in MiB (grown on first boot).
+    #[arg(long, default_value_t = 256)]
+    pub state_size: u64,
+    /// Use this agent binary instead of building one.
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Build twice and fail unless the outputs are byte-identical.
+    #[arg(long)]
+    pub check_reproducible: bool,
+}
+
+impl ImageArgs {
+    /// Defaults for `arch`/`version` (for `xtask run` and `vm-test`).
+    #[allow(dead_code)] // for the run/vm-test tasks
+    pub fn new(arch: Arch, version: &str) -> Self {
+        ImageArgs {
+            arch,
+            version: version.to_owned(),
+            out: None,
+            trust: Vec::new(),
+            kernel: KernelFlavor::Cloud,
+            profile: "base".to_owned(),
+            pins: Vec::new(),
+            slot_size: 1024,
+            state_size: 256,
+            agent: None,
+            check_reproducible: false,
+        }
+    }
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, else the commit time of HEAD,
+/// else a fixed constant.
+pub fn source_date_epoch(root: &Path) -> Result<u64> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number"));
+    }
+    let git = std::process::Command::new("git")
+        .args(["log", "-1", "--format=%ct"])
+        .current_dir(root)
+        .output();
+    if let Ok(out) = git {
+        if out.status.success() {
+            if let Ok(t) = String::from_utf8_lossy(&out.stdout).trim().parse() {
+                return Ok(t);
+            }
+        }
+    }
+    Ok(DEFAULT_SOURCE_DATE_EPOCH)
+}
+
+fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
+    let root = crate::workspace_root();
+    let version: Version = args.version.parse()?;
+    let agent = match &args.agent {
+        Some(p) => AgentSource::Prebuilt(p.clone()),
+        None => AgentSource::Build {
+            workspace: root.clone(),
+        },
+    };
+    let cache = root.join(".cache/debian").join(args.arch.as_str());
+    let mut opts = BuildOptions::new(args.arch, version, out, cache, agent);
+    opts.kernel = args.kernel;
+    opts.profile = args.profile.clone();
+    opts.trust = args.trust.clone();
+    opts.pins = parse_pins(&args.pins)?;
+    opts.slot_size = args.slot_size << 20;
+    opts.state_size = args.state_size << 20;
+    opts.source_date_epoch = source_date_epoch(&root)?;
+    Ok(opts)
 }
 
 /// Builds the image; returns the output directory.
-pub fn run(_args: ImageArgs) -> Result<PathBuf> {
-    anyhow::bail!("xtask image: not written yet")
+pub fn run(args: ImageArgs) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let out = args.out.clone().unwrap_or_else(|| {
+        root.join("build")
+            .join(args.arch.as_str())
+            .join(&args.version)
+    });
+    let opts = options(&args, out.clone())?;
+    eprintln!(
+        "building Ballast {} for {} into {} (SOURCE_DATE_EPOCH={})",
+        opts.version,
+        opts.arch,
+        out.display(),
+        opts.source_date_epoch
+    );
+    let built = ballast_image::build(&opts, &mut StderrProgress)
+        .with_context(|| format!("building the {} image", args.arch))?;
+    eprintln!("\n{}", built.report);
+    eprintln!(
+        "disk: {}\npayload: {}",
+        built.disk.display(),
+        built.payload_dir.display()
+    );
+
+    if args.check_reproducible {
+        let second = out.with_file_name(format!(
+            "{}.repro-check",
+            out.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        eprintln!(
+            "\nreproducibility check: building again into {}",
+            second.display()
+        );
+        let mut opts2 = opts.clone();
+        opts2.out_dir = second.clone();
+        if let AgentSource::Build { .. } = opts2.agent {
+            // cargo already built it; reuse the same binary
+            opts2.agent = AgentSource::Prebuilt(
+                root.join("target")
+                    .join(ballast_image::build::rust_target(args.arch))
+                    .join("release/ballast"),
+            );
+        }
+        ballast_image::build(&opts2, &mut StderrProgress).context("second build")?;
+        let a = output_digests(&out)?;
+        let b = output_digests(&second)?;
+        let mut differ = Vec::new();
+        for (name, hash) in &a {
+            let same = b.get(name) == Some(hash);
+            eprintln!("  {} {hash}  {name}", if same { "same" } else { "DIFF" });
+            if !same {
+                differ.push(name.clone());
+            }
+        }
+        std::fs::remove_dir_all(&second)
+            .with_context(|| format!("removing {}", second.display()))?;
+        if !differ.is_empty() {
+            bail!("not reproducible: {} differ", differ.join(", "));
+        }
+        eprintln!("reproducible: all outputs byte-identical");
+    }
+    Ok(out)
 }

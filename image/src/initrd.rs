@@ -1,0 +1,177 @@
+//! The initramfs: `/init` (the ballast binary), `/dev/console`, the early
+//! mount points, the early-boot kernel modules with a filtered
+//! `modules.dep` and `modules.builtin`, and `/etc/ballast/initrd-modules`
+//! (module names in load order, one a line).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::cpio::{Archive, CpioError, Node};
+use crate::kmod::{ModulesDep, Selection};
+
+/// Modules early boot needs (closure added; built-in ones skipped).
+pub const EARLY_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "dm_verity",
+    "erofs",
+    "squashfs",
+    "ext4",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_utf8",
+    "qemu_fw_cfg",
+];
+
+/// Shipped when the kernel has them: faster SHA-256 for dm-verity.
+pub const EARLY_OPTIONAL_MODULES: &[&str] = &["sha256_ssse3", "sha256_arm64", "sha2_ce"];
+
+/// Where the load order is written, relative to the initrd root.
+pub const MODULE_LIST: &str = "etc/ballast/initrd-modules";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitrdError {
+    #[error(transparent)]
+    Cpio(#[from] CpioError),
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, InitrdError> {
+    fs::read(path).map_err(|source| InitrdError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Module files, filtered `modules.dep`, `modules.builtin` and the load-order
+/// list into `archive` under `lib/modules/<kver>/`.
+pub fn add_modules(
+    archive: &mut Archive,
+    modules_dir: &Path,
+    kver: &str,
+    dep: &ModulesDep,
+    sel: &Selection,
+) -> Result<(), InitrdError> {
+    let base = format!("lib/modules/{kver}");
+    for name in &sel.order {
+        if let Some(entry) = dep.get(name) {
+            let data = read(&modules_dir.join(&entry.path))?;
+            archive.file(&format!("{base}/{}", entry.path), 0o644, data)?;
+        }
+    }
+    archive.file(
+        &format!("{base}/modules.dep"),
+        0o644,
+        dep.render_subset(&sel.order).into_bytes(),
+    )?;
+    let builtin = read(&modules_dir.join("modules.builtin"))?;
+    archive.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
+    Ok(())
+}
+
+/// The load-order file's text.
+pub fn module_list(sel: &Selection) -> String {
+    sel.order.iter().map(|m| format!("{m}\n")).collect()
+}
+
+/// The whole initrd as an archive (call [`Archive::to_bytes`] for bytes).
+pub fn build(
+    agent: &Path,
+    modules_dir: &Path,
+    kver: &str,
+    dep: &ModulesDep,
+    sel: &Selection,
+) -> Result<Archive, InitrdError> {
+    let mut a = Archive::new();
+    a.file("init", 0o755, read(agent)?)?;
+    for d in ["dev", "proc", "sys", "sysroot", "run", "tmp", "etc/ballast"] {
+        a.dir(d)?;
+    }
+    a.add(
+        "dev/console",
+        Node::CharDev {
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+    )?;
+    add_modules(&mut a, modules_dir, kver, dep, sel)?;
+    a.file(MODULE_LIST, 0o644, module_list(sel).into_bytes())?;
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn initrd_has_init_console_modules_and_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let kver = "6.1.0-test";
+        let mdir = dir.path().join(kver);
+        fs::create_dir_all(mdir.join("kernel/fs/fat")).unwrap();
+        fs::write(mdir.join("kernel/fs/fat/fat.ko"), b"fat").unwrap();
+        fs::write(mdir.join("kernel/fs/fat/vfat.ko"), b"vfat").unwrap();
+        fs::write(mdir.join("modules.builtin"), b"kernel/fs/ext4/ext4.ko\n").unwrap();
+        let agent = dir.path().join("ballast");
+        fs::write(&agent, b"\x7fELF").unwrap();
+        let dep = ModulesDep::parse(
+            "kernel/fs/fat/fat.ko:\nkernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko\nkernel/x/other.ko:\n",
+        )
+        .unwrap();
+        let builtin: BTreeSet<String> = ["ext4".to_owned()].into();
+        let sel = dep.select(kver, &builtin, &["vfat", "ext4"], &[]).unwrap();
+        let a = build(&agent, &mdir, kver, &dep, &sel).unwrap();
+        assert_eq!(
+            a.get("init"),
+            Some(&Node::File {
+                mode: 0o755,
+                data: b"\x7fELF".to_vec()
+            })
+        );
+        assert!(matches!(
+            a.get("dev/console"),
+            Some(Node::CharDev {
+                major: 5,
+                minor: 1,
+                ..
+            })
+        ));
+        for d in ["proc", "sys", "sysroot", "run", "tmp", "etc/ballast"] {
+            assert!(matches!(a.get(d), Some(Node::Dir { .. })), "{d}");
+        }
+        let Some(Node::File { data, .. }) = a.get(MODULE_LIST) else {
+            panic!("no module list")
+        };
+        assert_eq!(data, b"fat\nvfat\n");
+        let Some(Node::File { data, .. }) = a.get(&format!("lib/modules/{kver}/modules.dep"))
+        else {
+            panic!("no modules.dep")
+        };
+        assert_eq!(
+            String::from_utf8_lossy(data),
+            "kernel/fs/fat/fat.ko:\nkernel/fs/fat/vfat.ko: kernel/fs/fat/fat.ko\n"
+        );
+        assert!(a
+            .get(&format!("lib/modules/{kver}/kernel/x/other.ko"))
+            .is_none());
+        assert!(a
+            .get(&format!("lib/modules/{kver}/kernel/fs/fat/vfat.ko"))
+            .is_some());
+        // reproducible
+        assert_eq!(
+            a.to_bytes(1).unwrap(),
+            build(&agent, &mdir, kver, &dep, &sel)
+                .unwrap()
+                .to_bytes(1)
+                .unwrap()
+        );
+    }
+}
