@@ -1,8 +1,14 @@
-//! Node configuration: the TOML schema and where it comes from. User-data
-//! arrives at first boot through QEMU's fw_cfg (`opt/ballast/user-data`) and
-//! is kept on STATE so later boots need no source. Unknown keys and wrong
-//! types are errors that name the source and key; a bad config leaves the
-//! last good one in force.
+//! Node configuration: the TOML schema and where it comes from.
+//!
+//! Layers, later wins (tables merge key by key, other values replace):
+//! `/usr/lib/ballast/config.d/*.toml` (vendor defaults in the image), the
+//! node's user-data, `/run/ballast/config.d/*.toml`,
+//! `/etc/ballast/config.d/*.toml`; files in a directory apply in name order.
+//! User-data arrives at first boot through QEMU's fw_cfg
+//! (`opt/ballast/user-data`) and is kept on STATE so later boots need no
+//! source. Every file is validated on its own first, so unknown keys and
+//! wrong types are errors naming the file, line and key; a bad config leaves
+//! the last good one in force.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +20,13 @@ use serde::{Deserialize, Serialize};
 pub const FW_CFG_USER_DATA: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/ballast/user-data/raw";
 /// Where user-data is kept once seen.
 pub const SAVED_USER_DATA: &str = "/var/lib/ballast/user-data.toml";
+/// The last configuration that loaded without error.
+pub const LAST_GOOD: &str = "/var/lib/ballast/config.last-good.toml";
+/// Drop-in directories before and after user-data, in precedence order.
+pub const VENDOR_DIR: &str = "/usr/lib/ballast/config.d";
+pub const RUNTIME_DIRS: [&str; 2] = ["/run/ballast/config.d", "/etc/ballast/config.d"];
+/// Keys whose values never leave the node in `config show` or logs.
+const SECRET_KEY_PARTS: [&str; 4] = ["token", "password", "secret", "private"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,6 +36,12 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         detail: toml::de::Error,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{path}: interface {interface}: address {value:?} is not ADDRESS/PREFIX")]
     Address {
@@ -104,9 +123,93 @@ impl Config {
     }
 }
 
+/// One configuration document and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    pub source: PathBuf,
+    pub text: String,
+}
+
+/// The `*.toml` files of `dir` in name order; a missing directory is empty.
+pub fn dropins(dir: &Path) -> Result<Vec<Layer>, ConfigError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Layer { source: path, text }),
+            Err(source) => Err(ConfigError::Read { path, source }),
+        })
+        .collect()
+}
+
+/// All layers of a node in precedence order (see the module doc).
+pub fn node_layers(user_data: Option<Layer>) -> Result<Vec<Layer>, ConfigError> {
+    let mut layers = dropins(Path::new(VENDOR_DIR))?;
+    layers.extend(user_data);
+    for dir in RUNTIME_DIRS {
+        layers.extend(dropins(Path::new(dir))?);
+    }
+    Ok(layers)
+}
+
+/// Validates each layer, then merges them into the effective config and
+/// its TOML form.
+pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
+    let mut merged = toml::Table::new();
+    for layer in layers {
+        Config::parse(&layer.text, &layer.source)?;
+        let table: toml::Table =
+            toml::from_str(&layer.text).map_err(|detail| ConfigError::Parse {
+                path: layer.source.clone(),
+                detail,
+            })?;
+        merge_tables(&mut merged, table);
+    }
+    let text = toml::to_string(&merged).unwrap_or_default();
+    let config = Config::parse(&text, Path::new("merged configuration"))?;
+    Ok((config, merged))
+}
+
+fn merge_tables(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge_tables(a, b),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+/// A copy of `table` with the values of secret-looking keys replaced.
+pub fn redact(table: &toml::Table) -> toml::Table {
+    table
+        .iter()
+        .map(|(k, v)| {
+            let lower = k.to_ascii_lowercase();
+            let v = if SECRET_KEY_PARTS.iter().any(|s| lower.contains(s)) {
+                toml::Value::String("<redacted>".into())
+            } else if let toml::Value::Table(t) = v {
+                toml::Value::Table(redact(t))
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
 /// Finds user-data: fw_cfg first (and keeps a copy on STATE), else the
 /// copy from an earlier boot. Returns the text and where it came from.
-pub fn find_user_data() -> Option<(String, PathBuf)> {
+pub fn find_user_data() -> Option<Layer> {
     if let Ok(text) = std::fs::read_to_string(FW_CFG_USER_DATA) {
         let saved = Path::new(SAVED_USER_DATA);
         if let Some(dir) = saved.parent() {
@@ -115,11 +218,17 @@ pub fn find_user_data() -> Option<(String, PathBuf)> {
         if let Err(e) = std::fs::write(saved, &text) {
             tracing::warn!(error = %e, "user-data not kept on STATE");
         }
-        return Some((text, FW_CFG_USER_DATA.into()));
+        return Some(Layer {
+            source: FW_CFG_USER_DATA.into(),
+            text,
+        });
     }
     std::fs::read_to_string(SAVED_USER_DATA)
         .ok()
-        .map(|t| (t, SAVED_USER_DATA.into()))
+        .map(|text| Layer {
+            source: SAVED_USER_DATA.into(),
+            text,
+        })
 }
 
 #[cfg(test)]
@@ -165,5 +274,71 @@ dns = ["10.0.2.3"]
         .to_string();
         assert!(err.contains("eth0") && err.contains("10.0.0.1"), "{err}");
         assert!(parse_cidr("10.0.0.1/33").is_none());
+    }
+
+    fn layer(name: &str, text: &str) -> Layer {
+        Layer {
+            source: name.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn later_layers_win_and_tables_merge() {
+        let layers = [
+            layer(
+                "/usr/lib/ballast/config.d/10-vendor.toml",
+                "hostname = \"vendor\"\n[network.interfaces.eth0]\naddresses = [\"10.0.0.2/24\"]\n",
+            ),
+            layer(
+                "user-data",
+                "hostname = \"node-1\"\n[api]\nlisten = \"127.0.0.1:9465\"\n",
+            ),
+            layer(
+                "/etc/ballast/config.d/50.toml",
+                "[network.interfaces.eth0]\ngateway = \"10.0.0.1\"\n",
+            ),
+        ];
+        let (config, _) = merge(&layers).unwrap();
+        assert_eq!(config.hostname.as_deref(), Some("node-1"));
+        assert!(config.api.listen.is_some());
+        let eth0 = &config.network.interfaces["eth0"];
+        assert_eq!(eth0.addresses, ["10.0.0.2/24"]);
+        assert_eq!(eth0.gateway, Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_bad_layer_is_named_with_its_line() {
+        let layers = [
+            layer("a.toml", "hostname = \"x\"\n"),
+            layer("b.toml", "\n\n[api]\nlistn = 1\n"),
+        ];
+        let err = merge(&layers).unwrap_err().to_string();
+        assert!(
+            err.contains("b.toml") && err.contains("line 4") && err.contains("listn"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_at_any_depth() {
+        let t: toml::Table = toml::from_str("a = 1\n[k]\nbootstrap_token = \"abc.def\"\n").unwrap();
+        let shown = toml::to_string(&redact(&t)).unwrap();
+        assert!(
+            !shown.contains("abc.def") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn dropins_apply_in_name_order_and_skip_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("20-b.toml"), "hostname = \"b\"\n").unwrap();
+        std::fs::write(dir.path().join("10-a.toml"), "hostname = \"a\"\n").unwrap();
+        std::fs::write(dir.path().join("README"), "not toml").unwrap();
+        let layers = dropins(dir.path()).unwrap();
+        assert_eq!(layers.len(), 2);
+        assert_eq!(merge(&layers).unwrap().0.hostname.as_deref(), Some("b"));
+        assert!(dropins(&dir.path().join("missing")).unwrap().is_empty());
     }
 }

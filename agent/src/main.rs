@@ -41,6 +41,9 @@ enum Command {
     /// Check for, install and manage updates on this node.
     #[command(subcommand)]
     Update(cli::update::UpdateCommand),
+    /// Check or show the node's configuration.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCommand),
     /// Show the node's status from the agent's API.
     Status {
         /// Print the JSON as the API returns it.
@@ -72,6 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Repo(cmd) => cli::repo::run(cmd),
         Command::Update(cmd) => cli::update::run(cmd),
+        Command::Config(cmd) => cli::config::run(cmd),
         Command::Status { json } => status(json),
         Command::Reboot => signal_init(nix::sys::signal::Signal::SIGTERM),
         Command::Poweroff => signal_init(nix::sys::signal::Signal::SIGUSR2),

@@ -211,17 +211,27 @@ fn mount_esp(info: &BootInfo) {
     }
 }
 
-/// The node's configuration and, if user-data was bad, why it was ignored.
+/// The node's configuration and, if it was bad, why the last good one (or
+/// the defaults) is in force instead.
 fn load_config() -> (Config, Option<String>) {
-    let Some((text, path)) = crate::config::find_user_data() else {
-        return (Config::default(), None);
-    };
-    match Config::parse(&text, &path) {
-        Ok(c) => (c, None),
+    use crate::config::{merge, node_layers, LAST_GOOD};
+    let loaded = node_layers(crate::config::find_user_data()).and_then(|layers| merge(&layers));
+    match loaded {
+        Ok((config, table)) => {
+            if let Ok(text) = toml::to_string(&table) {
+                if let Err(e) = std::fs::write(LAST_GOOD, text) {
+                    tracing::warn!(error = %e, "last good configuration not saved");
+                }
+            }
+            (config, None)
+        }
         Err(e) => {
             let reason = crate::error_chain(&e);
             console::emit("config-error", &[("reason", Value::from(reason.clone()))]);
-            (Config::default(), Some(reason))
+            let last_good = std::fs::read_to_string(LAST_GOOD)
+                .ok()
+                .and_then(|text| Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok());
+            (last_good.unwrap_or_default(), Some(reason))
         }
     }
 }
