@@ -183,16 +183,22 @@ impl Manifest {
         let mut seen = BTreeSet::new();
         for r in &self.releases {
             let version = r.version();
+            // Names first: an escaping name is its own, clearer refusal.
+            if let Some(a) = r
+                .payload
+                .artifacts
+                .iter()
+                .find(|a| ![USR_IMAGE, KERNEL, INITRD].contains(&a.name.as_str()))
+            {
+                return Err(ManifestError::UnsafeName {
+                    version,
+                    name: a.name.clone(),
+                });
+            }
             r.payload
                 .validate()
                 .map_err(|source| ManifestError::Release { version, source })?;
             for a in &r.payload.artifacts {
-                if ![USR_IMAGE, KERNEL, INITRD].contains(&a.name.as_str()) {
-                    return Err(ManifestError::UnsafeName {
-                        version,
-                        name: a.name.clone(),
-                    });
-                }
                 if a.sha256.len() != 64 {
                     return Err(ManifestError::Release {
                         version,

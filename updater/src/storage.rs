@@ -338,6 +338,29 @@ impl MemStorage {
         self.sync_everything();
     }
 
+    /// An independent copy of what survives right now (live state treated
+    /// as durable), e.g. to boot a model on without touching this one.
+    pub fn fork(&self) -> MemStorage {
+        let copy = MemStorage::new();
+        {
+            let s = lock(&self.state);
+            let mut c = lock(&copy.state);
+            c.dirs = s.dirs.clone();
+            for (p, f) in &s.files {
+                let live = lock(f).live.clone();
+                c.files.insert(
+                    p.clone(),
+                    Arc::new(Mutex::new(MemFile {
+                        durable: live.clone(),
+                        live,
+                    })),
+                );
+            }
+        }
+        copy.sync_everything();
+        copy
+    }
+
     /// A snapshot of every live file, for "nothing changed" assertions.
     pub fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         let s = lock(&self.state);
