@@ -24,8 +24,11 @@ pub const EARLY_MODULES: &[&str] = &[
     "qemu_fw_cfg",
 ];
 
-/// Shipped when the kernel has them: faster SHA-256 for dm-verity.
-pub const EARLY_OPTIONAL_MODULES: &[&str] = &["sha256_ssse3", "sha256_arm64", "sha2_ce"];
+/// Shipped when the kernel has them. Empty: the CPU-specific SHA-256
+/// modules (sha256_ssse3, sha2_ce) would speed up dm-verity but fail with
+/// ENODEV on CPUs without the instructions (QEMU's default x86 CPU), and
+/// early boot treats every listed module as required.
+pub const EARLY_OPTIONAL_MODULES: &[&str] = &[];
 
 /// Where the load order is written, relative to the initrd root.
 pub const MODULE_LIST: &str = "etc/ballast/initrd-modules";
