@@ -188,7 +188,7 @@ pub fn reboot(ctx: &Context) -> Result<(), ScenarioError> {
             ))
             .into());
     }
-    vm.progress(&format!("GET /status: 200 {}", status.body.trim()));
+    vm.progress(&format!("GET /status: 200 {json}"));
     let r = http::request(port, "POST", "/v1/reboot", Some(""), t)?;
     if r.status != 202 {
         return Err(vm
