@@ -9,11 +9,14 @@ mod config;
 mod console;
 mod disks;
 mod early_boot;
+mod health;
+mod metrics;
 mod modules;
 mod mounts;
 mod net;
 mod power;
 mod state_grow;
+mod supervisor;
 mod sys;
 mod system;
 
@@ -129,7 +132,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && nix::unistd::getpid().as_raw() != 1)
         .with_target(false)
         .init();
 }

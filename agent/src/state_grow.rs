@@ -55,13 +55,16 @@ pub fn target_end(disk_bytes: u64, start: u64, current_len: u64, sector: u64) ->
     (end >= start + current_len + MIN_GROWTH_BYTES).then_some(end)
 }
 
-/// Grows `state` (mounted at `mountpoint`) to the end of its disk. Returns
-/// the new size in bytes, or `None` when there was nothing to do.
+/// Grows `state` (mounted at `mountpoint`) to the end of its disk. Each
+/// step checks whether it is still needed, so a boot interrupted between
+/// steps finishes the job next time. Returns the partition's size in bytes
+/// when anything was grown.
 pub fn grow_to_disk_end(state: &Partition, mountpoint: &Path) -> Result<Option<u64>, GrowError> {
     let open_err = |path: &Path| {
         let path = path.to_owned();
         move |source| GrowError::Open { path, source }
     };
+    let mut grew = false;
     let disk_file = File::options()
         .read(true)
         .write(true)
@@ -77,52 +80,92 @@ pub fn grow_to_disk_end(state: &Partition, mountpoint: &Path) -> Result<Option<u
         .open_from_device(disk_file)
         .map_err(gpt_err)?;
     let sector = u64::from(*gpt.logical_block_size());
-    let Some(end) = target_end(disk_bytes, state.start, state.length, sector) else {
-        return Ok(None);
-    };
 
-    let mut parts = gpt.partitions().clone();
-    if parts
-        .values()
-        .any(|p| p.is_used() && p.first_lba * sector > state.start)
-    {
-        return Err(GrowError::NotLast {
-            device: state.device.clone(),
-            disk: state.disk.clone(),
-        });
-    }
-    let Some(entry) = parts.get_mut(&state.number) else {
-        return Err(GrowError::NotLast {
-            device: state.device.clone(),
-            disk: state.disk.clone(),
-        });
-    };
-    entry.last_lba = end / sector - 1;
-    gpt.update_partitions(parts).map_err(gpt_err)?;
-    let disk_file = gpt.write().map_err(gpt_err)?;
-    disk_file.sync_all().map_err(open_err(&state.disk))?;
-
-    let new_len = end - state.start;
-    sys::resize_partition(&disk_file, state.number, state.start, new_len).map_err(|source| {
-        GrowError::Blkpg {
-            device: state.device.clone(),
-            source,
+    // 1. The partition table.
+    let mut length = state.length;
+    let disk_file = if let Some(end) = target_end(disk_bytes, state.start, state.length, sector) {
+        let mut parts = gpt.partitions().clone();
+        if parts
+            .values()
+            .any(|p| p.is_used() && p.first_lba * sector > state.start)
+        {
+            return Err(GrowError::NotLast {
+                device: state.device.clone(),
+                disk: state.disk.clone(),
+            });
         }
-    })?;
+        let Some(entry) = parts.get_mut(&state.number) else {
+            return Err(GrowError::NotLast {
+                device: state.device.clone(),
+                disk: state.disk.clone(),
+            });
+        };
+        entry.last_lba = end / sector - 1;
+        gpt.update_partitions(parts).map_err(gpt_err)?;
+        let file = gpt.write().map_err(gpt_err)?;
+        file.sync_all().map_err(open_err(&state.disk))?;
+        length = end - state.start;
+        grew = true;
+        file
+    } else {
+        gpt.take_device()
+    };
 
-    let dir = File::open(mountpoint).map_err(open_err(mountpoint))?;
-    let block = nix::sys::statfs::fstatfs(&dir)
-        .map(|s| s.block_size() as u64)
-        .map_err(|e| GrowError::Resize {
-            device: state.device.clone(),
-            source: e.into(),
+    // 2. The kernel's idea of the partition.
+    let part_file = File::open(&state.device).map_err(open_err(&state.device))?;
+    let kernel_len = sys::block_device_size(&part_file).map_err(open_err(&state.device))?;
+    if kernel_len < length {
+        sys::resize_partition(&disk_file, state.number, state.start, length).map_err(|source| {
+            GrowError::Blkpg {
+                device: state.device.clone(),
+                source,
+            }
         })?;
-    sys::ext4_resize(&dir, new_len / block).map_err(|source| GrowError::Resize {
+        grew = true;
+    }
+
+    // 3. The filesystem.
+    let resize_err = |source: std::io::Error| GrowError::Resize {
         device: state.device.clone(),
         source,
-    })?;
-    tracing::info!(device = %state.device.display(), bytes = new_len, "STATE grown");
-    Ok(Some(new_len))
+    };
+    let (fs_blocks, block) = ext4_size(&state.device).map_err(resize_err)?;
+    if fs_blocks < length / block {
+        let dir = File::open(mountpoint).map_err(open_err(mountpoint))?;
+        sys::ext4_resize(&dir, length / block).map_err(resize_err)?;
+        grew = true;
+    }
+    if grew {
+        tracing::info!(device = %state.device.display(), bytes = length, "STATE grown");
+        return Ok(Some(length));
+    }
+    Ok(None)
+}
+
+/// Block count and block size from the ext4 superblock on `device`.
+fn ext4_size(device: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    File::open(device)?.read_exact_at(&mut sb, 1024)?;
+    parse_ext4_size(&sb).ok_or_else(|| std::io::Error::other("not an ext4 superblock"))
+}
+
+/// Reads `s_blocks_count` (lo and, with the 64bit feature, hi) and the
+/// block size from a 1024-byte ext4 superblock.
+fn parse_ext4_size(sb: &[u8; 1024]) -> Option<(u64, u64)> {
+    let u32_at = |off: usize| u32::from_le_bytes([sb[off], sb[off + 1], sb[off + 2], sb[off + 3]]);
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xef53 {
+        return None;
+    }
+    let incompat_64bit = u32_at(0x60) & 0x80 != 0;
+    let hi = if incompat_64bit {
+        u64::from(u32_at(0x150))
+    } else {
+        0
+    };
+    let blocks = hi << 32 | u64::from(u32_at(0x4));
+    let block_size = 1024u64.checked_shl(u32_at(0x18))?;
+    Some((blocks, block_size))
 }
 
 #[cfg(test)]
@@ -136,6 +179,19 @@ mod tests {
         let end = target_end(4096 * mib, 2048 * mib, 256 * mib, 512).unwrap();
         assert_eq!(end, 4095 * mib);
         assert!(end <= 4096 * mib - 33 * 512);
+    }
+
+    #[test]
+    fn ext4_superblock_sizes_are_read() {
+        let mut sb = [0u8; 1024];
+        assert_eq!(parse_ext4_size(&sb), None);
+        sb[0x38..0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+        sb[0x4..0x8].copy_from_slice(&65536u32.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&sb), Some((65536, 4096)));
+        sb[0x60..0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(parse_ext4_size(&sb), Some(((1 << 32) + 65536, 4096)));
     }
 
     #[test]

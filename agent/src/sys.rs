@@ -48,7 +48,8 @@ nix::ioctl_readwrite!(dm_dev_remove, DM_IOCTL_TYPE, DM_DEV_REMOVE_CMD, DmIoctl);
 nix::ioctl_readwrite!(dm_dev_suspend, DM_IOCTL_TYPE, DM_DEV_SUSPEND_CMD, DmIoctl);
 nix::ioctl_readwrite!(dm_table_load, DM_IOCTL_TYPE, DM_TABLE_LOAD_CMD, DmIoctl);
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
-nix::ioctl_write_ptr!(blkpg, 0x12, 105, BlkpgIoctlArg);
+// BLKPG is declared `_IO(0x12, 105)` although it takes a pointer.
+nix::ioctl_write_ptr_bad!(blkpg, nix::request_code_none!(0x12, 105), BlkpgIoctlArg);
 nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
 
 /// One device-mapper target line: `start length type params`.

@@ -133,7 +133,12 @@ fn split_slot_arg(arg: &str) -> anyhow::Result<(PathBuf, Option<Uuid>)> {
 
 /// A slot's PARTUUID when the override gave none: the running slot's is on
 /// the command line; the other's is in an entry that boots it.
-fn partuuid_for(storage: &dyn Storage, esp: &Path, running: &BootParams, slot: Slot) -> Option<Uuid> {
+fn partuuid_for(
+    storage: &dyn Storage,
+    esp: &Path,
+    running: &BootParams,
+    slot: Slot,
+) -> Option<Uuid> {
     if slot == running.slot {
         return Some(running.usr_partuuid);
     }
@@ -163,12 +168,14 @@ fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
                 let (path, uuid) = split_slot_arg(arg)?;
                 let partuuid = match uuid {
                     Some(u) => u,
-                    None => partuuid_for(&RealStorage, &esp, &running, slot).with_context(|| {
-                        format!(
-                            "no PARTUUID known for slot {slot}: pass --slot-{slot} {}=PARTUUID",
-                            path.display()
-                        )
-                    })?,
+                    None => {
+                        partuuid_for(&RealStorage, &esp, &running, slot).with_context(|| {
+                            format!(
+                                "no PARTUUID known for slot {slot}: pass --slot-{slot} {}=PARTUUID",
+                                path.display()
+                            )
+                        })?
+                    }
                 };
                 SlotDevice {
                     slot,
@@ -179,7 +186,9 @@ fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
             None => discovered
                 .as_ref()
                 .and_then(|d| d.iter().find(|s| s.slot == slot).cloned())
-                .with_context(|| format!("no partition labelled {} found", slot.partition_label()))?,
+                .with_context(|| {
+                    format!("no partition labelled {} found", slot.partition_label())
+                })?,
         };
         slots.push(dev);
     }
@@ -362,7 +371,11 @@ pub fn run(cmd: UpdateCommand) -> anyhow::Result<()> {
                 "running {} from slot {} ({})",
                 report.running_version,
                 report.running_slot,
-                if report.blessed { "blessed" } else { "on trial" }
+                if report.blessed {
+                    "blessed"
+                } else {
+                    "on trial"
+                }
             );
             for s in &report.slots {
                 println!(
@@ -370,7 +383,10 @@ pub fn run(cmd: UpdateCommand) -> anyhow::Result<()> {
                     s.slot,
                     s.path,
                     s.partuuid,
-                    s.versions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    s.versions
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
                     if s.running { " (running)" } else { "" }
                 );
             }
@@ -394,7 +410,10 @@ pub fn run(cmd: UpdateCommand) -> anyhow::Result<()> {
                     ev.version,
                     ev.slot,
                     ev.at,
-                    ev.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    ev.reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
                 );
             }
         }
