@@ -224,10 +224,16 @@ pub fn build_agent(workspace: &Path, arch: Arch) -> Result<PathBuf, BuildError> 
         .args(["build", "--release", "-p", "ballast", "--target", &target])
         .current_dir(workspace)
         .run_inherit()?;
-    Ok(workspace
-        .join("target")
-        .join(&target)
-        .join("release/ballast"))
+    Ok(agent_path(workspace, arch))
+}
+
+/// Where cargo puts the release agent for `arch` (honours `CARGO_TARGET_DIR`).
+pub fn agent_path(workspace: &Path, arch: Arch) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join(rust_target(arch))
+        .join("release/ballast")
 }
 
 fn sha256_hex(path: &Path) -> Result<String, BuildError> {

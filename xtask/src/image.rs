@@ -151,11 +151,7 @@ pub fn run(args: ImageArgs) -> Result<PathBuf> {
         opts2.out_dir = second.clone();
         if let AgentSource::Build { .. } = opts2.agent {
             // cargo already built it; reuse the same binary
-            opts2.agent = AgentSource::Prebuilt(
-                root.join("target")
-                    .join(ballast_image::build::rust_target(args.arch))
-                    .join("release/ballast"),
-            );
+            opts2.agent = AgentSource::Prebuilt(ballast_image::build::agent_path(&root, args.arch));
         }
         ballast_image::build(&opts2, &mut StderrProgress).context("second build")?;
         let a = output_digests(&out)?;
