@@ -481,7 +481,12 @@ impl VmBuilder {
                     overlay.display()
                 ),
                 "-device",
-                "virtio-blk-pci,drive=disk0,bootindex=0",
+                // bootindex only matters to firmware; with -kernel, QEMU
+                // itself takes index 0.
+                match self.boot {
+                    Boot::Uefi => "virtio-blk-pci,drive=disk0,bootindex=0",
+                    Boot::Direct { .. } => "virtio-blk-pci,drive=disk0",
+                },
             ]);
         }
 
