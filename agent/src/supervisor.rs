@@ -502,20 +502,25 @@ pub struct ServiceStatus {
     pub since: u64,
 }
 
+/// 1-64 characters of `A-Z a-z 0-9 . _ -`, not `.` or `..`: names become
+/// file and cgroup names.
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// Checks the declarations and returns the start order (dependencies first,
 /// otherwise by name).
 pub fn start_order(
     services: &BTreeMap<String, ServiceSpec>,
 ) -> Result<Vec<String>, SupervisorError> {
     for (name, spec) in services {
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name != "."
-            && name != ".."
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !valid_name {
+        if !valid_service_name(name) {
             return Err(SupervisorError::InvalidName {
                 service: name.clone(),
             });

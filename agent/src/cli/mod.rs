@@ -2,5 +2,6 @@
 //! its own subcommands and calls into the libraries.
 
 pub mod config;
+pub mod logs;
 pub mod repo;
 pub mod update;
