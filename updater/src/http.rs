@@ -17,8 +17,10 @@ impl HttpFetch {
     pub fn new(base: &str) -> Result<Self, FetchError> {
         let client = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(15))
-            // A read that stalls this long is a dropped connection: resume.
-            .timeout(None)
+            // The blocking client applies this to the request and to each
+            // body read, not to the whole download: a stall this long is a
+            // dropped connection, and the install resumes with a Range.
+            .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| FetchError::Http {
                 url: base.to_owned(),

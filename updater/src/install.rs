@@ -375,12 +375,11 @@ fn artifact<'m>(
     meta: &'m PayloadMetadata,
     name: &'static str,
 ) -> Result<&'m Artifact, InstallError> {
-    meta.artifact(name).ok_or_else(|| {
-        InstallError::Manifest(ManifestError::Release {
+    meta.artifact(name)
+        .ok_or(InstallError::Manifest(ManifestError::Release {
             version: meta.version,
             source: crate::payload::PayloadError::MissingArtifact(name),
-        })
-    })
+        }))
 }
 
 impl<'a> Install<'a> {
@@ -803,7 +802,7 @@ mod tests {
 
     #[test]
     fn pipeline_copy_reports_a_short_stream() {
-        let data = vec![1u8; 100];
+        let data = [1u8; 100];
         let fs = MemStorage::new();
         fs.create_dir_all(Path::new("/x")).unwrap();
         let mut w = fs.create(Path::new("/x/f")).unwrap();

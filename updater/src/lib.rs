@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod control;
 pub mod esp;
 pub mod fetch;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod install;
 pub mod keys;

@@ -1,6 +1,7 @@
 //! A real HTTP server on 127.0.0.1 drops the connection in the middle of
 //! usr.img on purpose; the install resumes with a Range request and
 //! completes.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -55,7 +56,11 @@ fn handle(server: &Server, stream: TcpStream) -> std::io::Result<()> {
         };
         let len = f.metadata()?.len();
         f.seek(SeekFrom::Start(range_start))?;
-        let status = if range_start > 0 { "206 Partial Content" } else { "200 OK" };
+        let status = if range_start > 0 {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
         write!(
             out,
             "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {range_start}-{}/{len}\r\n\r\n",
@@ -137,5 +142,11 @@ fn http_404_manifest_is_a_clear_refusal() {
     let err = node
         .apply_with(&fetch, &repo.trust(), &ApplyOptions::default())
         .unwrap_err();
-    assert!(matches!(err, ballast_updater::install::InstallError::NoManifest { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ballast_updater::install::InstallError::NoManifest { .. }
+        ),
+        "{err}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Power cut before every write, fsync, rename and removal the install
 //! reaches; after each, the systemd-boot model must come up on a signed,
 //! complete version, and `apply` run again must complete.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -69,7 +70,9 @@ fn every_power_cut_leaves_a_bootable_signed_version_and_apply_completes_after() 
         );
 
         // The same disk, apply again without cuts: completes.
-        let report = n.apply(&repo).unwrap_or_else(|e| panic!("re-apply after cut {cut_after}: {e}"));
+        let report = n
+            .apply(&repo)
+            .unwrap_or_else(|e| panic!("re-apply after cut {cut_after}: {e}"));
         let installed = report.installed.expect("installed");
         assert_eq!(installed.version, v2.version());
         // And now the new version boots first, on trial.

@@ -1,5 +1,6 @@
 //! Every refusal of issue 3: a distinct error, and the node's files (ESP,
 //! slots, state) exactly as they were.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
@@ -49,7 +50,8 @@ fn resign_with(repo: &Repo, keys: &[&SecretKey]) {
 /// Rewrites the manifest with `edit` and signs it with the repo key.
 fn edit_manifest(repo: &Repo, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = repo.path().join("manifest.json");
-    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut value);
     std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
     resign_with(repo, &[&repo.key]);
@@ -64,8 +66,19 @@ fn tampered_manifest_is_refused() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
     std::fs::write(&path, bytes).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::BadSignature { .. })), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::BadSignature { .. })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,8 +86,16 @@ fn missing_signature_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.path().join("manifest.json.sig")).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::MissingSignature)), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::MissingSignature)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -82,8 +103,19 @@ fn unknown_key_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     let stranger = TrustedKeys::new([SecretKey::from_seed([9; 32]).public()], 1).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &stranger, &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::UnknownKey { .. })), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &stranger,
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::UnknownKey { .. })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -94,7 +126,13 @@ fn too_few_signatures_are_refused() {
     let trust = TrustedKeys::new([repo.key.public(), second.public()], 2).unwrap();
     let err = refused(&TestNode::new(&a), &repo, &trust, &ApplyOptions::default());
     assert!(
-        matches!(err, InstallError::Manifest(ManifestError::Threshold { valid: 1, threshold: 2 })),
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::Threshold {
+                valid: 1,
+                threshold: 2
+            })
+        ),
         "{err}"
     );
     // Both keys sign: accepted.
@@ -111,7 +149,10 @@ fn expired_manifest_is_refused() {
     let mut node = TestNode::new(&a);
     node.now += Duration::from_secs(7200);
     let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Expired { .. })), "{err}");
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::Expired { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -119,11 +160,22 @@ fn replayed_sequence_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     let node = TestNode::new(&a);
-    write_atomic(&node.fs, std::path::Path::new("/state/highest-sequence"), b"5\n").unwrap();
+    write_atomic(
+        &node.fs,
+        std::path::Path::new("/state/highest-sequence"),
+        b"5\n",
+    )
+    .unwrap();
     node.fs.sync_everything();
     let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
     assert!(
-        matches!(err, InstallError::Manifest(ManifestError::Replay { sequence: 1, highest_seen: 5 })),
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::Replay {
+                sequence: 1,
+                highest_seen: 5
+            })
+        ),
         "{err}"
     );
 }
@@ -142,7 +194,16 @@ fn sequence_is_persisted_and_older_manifests_refused_later() {
     std::fs::write(repo.path().join("manifest.json"), old.0).unwrap();
     std::fs::write(repo.path().join("manifest.json.sig"), old.1).unwrap();
     let err = node.apply(&repo).unwrap_err();
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Replay { sequence: 1, highest_seen: 2 })), "{err}");
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::Replay {
+                sequence: 1,
+                highest_seen: 2
+            })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -150,8 +211,19 @@ fn release_below_floor_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     edit_manifest(&repo, |m| m["floor"] = "2.0.0".into());
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::BelowFloor { .. })), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::BelowFloor { .. })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,12 +232,17 @@ fn downgrade_is_refused_unless_allowed() {
     let repo = Repo::new(&[&a]);
     let node = TestNode::new(&b);
     let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Downgrade { .. })), "{err}");
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::Downgrade { .. })),
+        "{err}"
+    );
     let opts = ApplyOptions {
         version: Some(a.version()),
         allow_downgrade: true,
     };
-    let report = node.apply_with(&repo.fetch(), &repo.trust(), &opts).unwrap();
+    let report = node
+        .apply_with(&repo.fetch(), &repo.trust(), &opts)
+        .unwrap();
     assert_eq!(report.installed.unwrap().version, a.version());
 }
 
@@ -176,11 +253,20 @@ fn wrong_arch_and_variant_are_refused() {
     let mut node = TestNode::new(&a);
     node.arch = Arch::Aarch64;
     let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::WrongArch { .. })), "{err}");
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::WrongArch { .. })),
+        "{err}"
+    );
     let mut node = TestNode::new(&a);
     node.variant = "k8s".into();
     let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::WrongVariant { .. })), "{err}");
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::WrongVariant { .. })
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -192,18 +278,60 @@ fn corrupt_or_oversized_kernel_object_is_refused_before_any_change() {
     let mut bad = good.clone();
     bad[100] ^= 1;
     std::fs::write(&kernel, &bad).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::ArtifactHash { artifact: "vmlinuz", .. }), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::ArtifactHash {
+                artifact: "vmlinuz",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let mut longer = good.clone();
     longer.push(0);
     std::fs::write(&kernel, &longer).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::ArtifactTooLarge { artifact: "vmlinuz", .. }), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::ArtifactTooLarge {
+                artifact: "vmlinuz",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     std::fs::write(&kernel, &good[..good.len() - 1]).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Download { artifact: "vmlinuz", .. }), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Download {
+                artifact: "vmlinuz",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -219,7 +347,16 @@ fn corrupt_usr_image_never_gets_an_entry() {
     let node = TestNode::new(&a);
     let before = node.fs.snapshot();
     let err = node.apply(&repo).unwrap_err();
-    assert!(matches!(err, InstallError::ArtifactHash { artifact: "usr.img", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            InstallError::ArtifactHash {
+                artifact: "usr.img",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let after = node.fs.snapshot();
     for (path, bytes) in &before {
         if path != &node.layout.slot_b.path && !path.starts_with("/state") {
@@ -250,20 +387,49 @@ fn escaping_names_and_versions_are_refused() {
     edit_manifest(&repo, |m| {
         m["releases"][1]["payload"]["artifacts"][1]["name"] = "../../EFI/BOOT/BOOTX64.EFI".into()
     });
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::UnsafeName { .. })), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Manifest(ManifestError::UnsafeName { .. })
+        ),
+        "{err}"
+    );
 
     let repo = Repo::new(&[&a, &b]);
-    edit_manifest(&repo, |m| m["releases"][1]["payload"]["version"] = "../../1.2.0".into());
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Parse(_))), "{err}");
+    edit_manifest(&repo, |m| {
+        m["releases"][1]["payload"]["version"] = "../../1.2.0".into()
+    });
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::Parse(_))),
+        "{err}"
+    );
 
     let repo = Repo::new(&[&a, &b]);
     edit_manifest(&repo, |m| {
         m["releases"][1]["payload"]["artifacts"][0]["sha256"] = "../../../etc/passwd".into()
     });
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Release { .. })), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::Release { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -282,30 +448,67 @@ fn corrupted_repository_is_refused() {
     let repo = Repo::new(&[&a, &b]);
     std::fs::write(repo.path().join("manifest.json"), b"{\"schema\": 1, \"sequ").unwrap();
     resign_with(&repo, &[&repo.key]);
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::Parse(_))), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::Parse(_))),
+        "{err}"
+    );
     // Garbage signature list.
     let repo = Repo::new(&[&a, &b]);
     std::fs::write(repo.path().join("manifest.json.sig"), b"\x00\x01nope").unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Manifest(ManifestError::SignatureList(_))), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(err, InstallError::Manifest(ManifestError::SignatureList(_))),
+        "{err}"
+    );
     // No manifest at all.
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.path().join("manifest.json")).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
     assert!(matches!(err, InstallError::NoManifest { .. }), "{err}");
     // A missing object.
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.object(&b.meta.artifact("initrd").unwrap().sha256)).unwrap();
-    let err = refused(&TestNode::new(&a), &repo, &repo.trust(), &ApplyOptions::default());
-    assert!(matches!(err, InstallError::Download { artifact: "initrd", .. }), "{err}");
+    let err = refused(
+        &TestNode::new(&a),
+        &repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    );
+    assert!(
+        matches!(
+            err,
+            InstallError::Download {
+                artifact: "initrd",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn manifest_round_trips_through_sign_and_verify() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
-    let report = ballast_updater::repo::verify(&repo.path(), &repo.trust(), std::time::SystemTime::now()).unwrap();
+    let report =
+        ballast_updater::repo::verify(&repo.path(), &repo.trust(), std::time::SystemTime::now())
+            .unwrap();
     assert_eq!(report.sequence, 1);
     assert_eq!(report.objects_checked, 6);
     assert_eq!(report.signed_by, vec![repo.key.key_id()]);
@@ -313,17 +516,34 @@ fn manifest_round_trips_through_sign_and_verify() {
     let second = SecretKey::from_seed([8; 32]);
     let before = std::fs::read(repo.path().join("manifest.json")).unwrap();
     ballast_updater::repo::sign(&repo.path(), &[second], Duration::from_secs(60), true).unwrap();
-    assert_eq!(std::fs::read(repo.path().join("manifest.json")).unwrap(), before);
-    let trust = TrustedKeys::new([repo.key.public(), SecretKey::from_seed([8; 32]).public()], 2).unwrap();
-    let report = ballast_updater::repo::verify(&repo.path(), &trust, std::time::SystemTime::now()).unwrap();
+    assert_eq!(
+        std::fs::read(repo.path().join("manifest.json")).unwrap(),
+        before
+    );
+    let trust = TrustedKeys::new(
+        [repo.key.public(), SecretKey::from_seed([8; 32]).public()],
+        2,
+    )
+    .unwrap();
+    let report =
+        ballast_updater::repo::verify(&repo.path(), &trust, std::time::SystemTime::now()).unwrap();
     assert_eq!(report.signed_by.len(), 2);
     // Re-signing raises the sequence.
     repo.sign();
     let m = Manifest::parse(&std::fs::read(repo.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m.sequence, 2);
     // A corrupt object fails verification.
-    std::fs::write(repo.object(&a.meta.artifact("initrd").unwrap().sha256), b"x").unwrap();
-    assert!(ballast_updater::repo::verify(&repo.path(), &repo.trust(), std::time::SystemTime::now()).is_err());
+    std::fs::write(
+        repo.object(&a.meta.artifact("initrd").unwrap().sha256),
+        b"x",
+    )
+    .unwrap();
+    assert!(ballast_updater::repo::verify(
+        &repo.path(),
+        &repo.trust(),
+        std::time::SystemTime::now()
+    )
+    .is_err());
     let _ = manifest::SCHEMA;
 }
 
@@ -338,25 +558,42 @@ fn bless_then_rollback_cycle() {
     node.apply(&repo).unwrap();
     // A second apply before the reboot re-installs and still completes.
     node.apply(&repo).unwrap();
-    let model = BootModel { storage: &node.fs, esp: &node.layout.esp };
-    assert_eq!(model.boot_once().unwrap().unwrap().renamed_to, "ballast-1.1.0+2-1.conf");
+    let model = BootModel {
+        storage: &node.fs,
+        esp: &node.layout.esp,
+    };
+    assert_eq!(
+        model.boot_once().unwrap().unwrap().renamed_to,
+        "ballast-1.1.0+2-1.conf"
+    );
     let mut layout = node.layout.clone();
     layout.running = BootParams::for_payload(&b.meta, Slot::B, uuid_b());
     let status = control::status(&node.fs, &layout).unwrap();
     assert!(!status.blessed);
     // Not blessed yet: no new install.
-    let node_b = TestNode { fs: node.fs.clone(), layout: layout.clone(), arch: node.arch, variant: node.variant.clone(), now: node.now };
+    let node_b = TestNode {
+        fs: node.fs.clone(),
+        layout: layout.clone(),
+        arch: node.arch,
+        variant: node.variant.clone(),
+        now: node.now,
+    };
     assert!(matches!(node_b.apply(&repo), Ok(r) if r.installed.is_none()));
     let report = control::mark_good(&node.fs, &layout, node.now).unwrap();
     assert!(!report.was_blessed);
-    assert!(node.fs.exists(&layout.entries_dir().join("ballast-1.1.0.conf")));
+    assert!(node
+        .fs
+        .exists(&layout.entries_dir().join("ballast-1.1.0.conf")));
     // Roll back to 1.0.0 on slot A.
     let rb = control::rollback(&node.fs, &layout, "operator asked", node.now).unwrap();
     assert_eq!(rb.to, a.version());
     let up = model.boot_once().unwrap().unwrap();
     assert_eq!(up.chosen, "ballast-1.0.0.conf");
     let status = control::status(&node.fs, &node.layout).unwrap();
-    assert_eq!(status.last_event.unwrap().reason.as_deref(), Some("operator asked"));
+    assert_eq!(
+        status.last_event.unwrap().reason.as_deref(),
+        Some("operator asked")
+    );
     assert_eq!(status.rejected, vec![b.version()]);
     // Back on 1.0.0, the rejected 1.1.0 is not offered again.
     let report = node.apply(&repo).unwrap();
@@ -371,7 +608,10 @@ fn fallback_after_failed_trial_is_detected_by_mark_good() {
     let repo = Repo::new(&[&a, &b]);
     let node = TestNode::new(&a);
     node.apply(&repo).unwrap();
-    let model = BootModel { storage: &node.fs, esp: &node.layout.esp };
+    let model = BootModel {
+        storage: &node.fs,
+        esp: &node.layout.esp,
+    };
     // 1.1.0 fails three times; the fourth boot is 1.0.0.
     let up = model
         .boot_until_good(5, |e| e.name.version == a.version())
@@ -389,7 +629,11 @@ fn rollback_without_target_changes_nothing() {
     let a = v1();
     let node = TestNode::new(&a);
     let before = node.fs.snapshot();
-    let err = ballast_updater::control::rollback(&node.fs, &node.layout, "x", node.now).unwrap_err();
-    assert!(matches!(err, ballast_updater::control::ControlError::NoRollbackTarget { .. }));
+    let err =
+        ballast_updater::control::rollback(&node.fs, &node.layout, "x", node.now).unwrap_err();
+    assert!(matches!(
+        err,
+        ballast_updater::control::ControlError::NoRollbackTarget { .. }
+    ));
     assert_eq!(node.fs.snapshot(), before);
 }

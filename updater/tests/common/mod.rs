@@ -1,6 +1,6 @@
 //! Fixtures shared by the integration tests: payload directories, a signed
 //! repository on disk, and a node (ESP, two slots, state) in a MemStorage.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -260,7 +260,12 @@ impl TestNode {
 /// True when `e` would boot into a complete, signed version: its contents
 /// are exactly what the install renders for one of `known`, its kernel and
 /// initrd are that version's, and its slot holds that version's image.
-pub fn boots_fine(fs: &dyn Storage, layout: &NodeLayout, known: &[&Payload], e: &InstalledEntry) -> bool {
+pub fn boots_fine(
+    fs: &dyn Storage,
+    layout: &NodeLayout,
+    known: &[&Payload],
+    e: &InstalledEntry,
+) -> bool {
     let Ok(entry) = &e.entry else { return false };
     let Some(p) = known.iter().find(|p| p.version() == e.name.version) else {
         return false;

@@ -1,10 +1,388 @@
-//! `cargo xtask bench install`. Owned by the updater work.
+//! `cargo xtask bench install`: install throughput of `ballast update
+//! apply` (release build) for a payload of at least 512 MiB served from
+//! loopback, against the baseline
+//! `curl -s URL | tee >(openssl dgst -sha256) > file && sync file` of the
+//! same bytes from the same server in the same run, plus the server's own
+//! throughput (`curl -o /dev/null`) and the install's peak RSS
+//! (`/usr/bin/time -f %M`). Runs interleave; medians are reported and
+//! written to BENCHMARKS.md under `## Install throughput`.
+//!
+//! The server is a small static HTTP/1.1 server in this process: one
+//! thread per connection, `std::io::copy` from the file to the socket
+//! (sendfile on Linux), Range support, so it is not the bottleneck.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+const SECTION: &str = "## Install throughput";
 
 #[derive(Debug, clap::Args)]
-pub struct InstallBenchArgs {}
+pub struct InstallBenchArgs {
+    /// Payload (usr.img) size in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub size_mib: u64,
+    /// Runs of each kind, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Work directory (default: target/bench-install). Needs about 3x the
+    /// payload size free.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Do not write BENCHMARKS.md.
+    #[arg(long)]
+    pub no_record: bool,
+}
 
-pub fn run(_args: InstallBenchArgs) -> Result<()> {
-    anyhow::bail!("bench install: not written yet")
+fn handle(root: &Path, stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let mut start = 0u64;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+            }
+        }
+        let rel = path.trim_start_matches('/');
+        if rel.split('/').any(|s| s == "..") {
+            out.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")?;
+            continue;
+        }
+        let Ok(mut file) = std::fs::File::open(root.join(rel)) else {
+            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")?;
+            continue;
+        };
+        let len = file.metadata()?.len();
+        let start = start.min(len);
+        file.seek(SeekFrom::Start(start))?;
+        let status = if start > 0 {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
+            len - start,
+            len.saturating_sub(1)
+        )?;
+        std::io::copy(&mut file, &mut out)?;
+    }
+}
+
+/// Serves `root` on 127.0.0.1 until the process exits.
+fn serve(root: PathBuf) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let _ = handle(&root, stream);
+            });
+        }
+    });
+    Ok(format!("http://{addr}/"))
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    run_cmd(cmd)?;
+    Ok(t.elapsed())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn write_random(path: &Path, bytes: u64) -> Result<()> {
+    run_cmd(Command::new("sh").arg("-c").arg(format!(
+        "openssl enc -aes-128-ctr -pass pass:ballast -nosalt -pbkdf2 </dev/zero 2>/dev/null | head -c {bytes} > {}",
+        path.display()
+    )))
+}
+
+/// Payload directory as `cargo xtask image` lays it out.
+fn make_payload(dir: &Path, version: &str, usr_bytes: u64) -> Result<()> {
+    use ballast_updater::payload::{Arch, Artifact, PayloadMetadata, VerityParams};
+    std::fs::create_dir_all(dir)?;
+    write_random(&dir.join("usr.img"), usr_bytes)?;
+    write_random(&dir.join("vmlinuz"), 1 << 20)?;
+    write_random(&dir.join("initrd"), 1 << 20)?;
+    let mut artifacts = Vec::new();
+    for name in ["usr.img", "vmlinuz", "initrd"] {
+        let (size, sha256) = ballast_updater::repo::hash_file(&dir.join(name))?;
+        artifacts.push(Artifact {
+            name: name.into(),
+            size,
+            sha256,
+        });
+    }
+    let blocks = usr_bytes / 4096 - 1;
+    let meta = PayloadMetadata {
+        version: version.parse()?,
+        arch: Arch::native(),
+        variant: "bench".into(),
+        kernel_release: "bench".into(),
+        usr_fstype: "erofs".into(),
+        verity: VerityParams {
+            root_hash: artifacts[0].sha256.clone(),
+            salt: "00".into(),
+            data_blocks: blocks,
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            hash_offset: blocks * 4096,
+            hash_algorithm: "sha256".into(),
+        },
+        artifacts,
+        packages: vec![],
+    };
+    std::fs::write(dir.join("metadata.json"), serde_json::to_vec_pretty(&meta)?)?;
+    Ok(())
+}
+
+pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
+    let root = crate::workspace_root();
+    let work = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| root.join("target").join("bench-install"));
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    eprintln!("building ballast (release)...");
+    run_cmd(
+        Command::new("cargo")
+            .args(["build", "--release", "-p", "ballast"])
+            .current_dir(&root),
+    )?;
+    let ballast = root.join("target/release/ballast");
+    let size = args.size_mib << 20;
+
+    eprintln!("making a {} MiB payload and repository...", args.size_mib);
+    make_payload(&work.join("p1"), "1.0.0", 1 << 20)?;
+    make_payload(&work.join("p2"), "2.0.0", size)?;
+    let repo = work.join("repo");
+    run_cmd(
+        Command::new(&ballast)
+            .args(["repo", "keygen", "--out"])
+            .arg(work.join("key")),
+    )?;
+    for p in ["p1", "p2"] {
+        run_cmd(
+            Command::new(&ballast)
+                .args(["repo", "add"])
+                .arg(&repo)
+                .arg("--payload")
+                .arg(work.join(p)),
+        )?;
+    }
+    run_cmd(
+        Command::new(&ballast)
+            .args(["repo", "sign"])
+            .arg(&repo)
+            .arg("--key")
+            .arg(work.join("key")),
+    )?;
+    let meta = ballast_updater::payload::PayloadMetadata::load(&work.join("p2"))?;
+    let usr_sha = &meta.artifact("usr.img").context("usr.img")?.sha256;
+    let url = serve(repo.clone())?;
+    let object_url = format!("{url}objects/{usr_sha}");
+
+    // A node on plain files, running 1.0.0 from slot A.
+    let node = work.join("node");
+    let esp = node.join("esp");
+    let v1 = ballast_updater::payload::PayloadMetadata::load(&work.join("p1"))?;
+    let uuid_a = "aaaaaaaa-0000-4000-8000-00000000000a";
+    let uuid_b = "bbbbbbbb-0000-4000-8000-00000000000b";
+    let params = ballast_updater::cmdline::BootParams::for_payload(
+        &v1,
+        ballast_updater::cmdline::Slot::A,
+        uuid_a.parse()?,
+    );
+    let entry = ballast_updater::bootentry::BootEntry {
+        params: params.clone(),
+        extra_args: ballast_updater::bootentry::BootEntry::default_extra_args(v1.arch),
+    };
+    std::fs::create_dir_all(esp.join("loader/entries"))?;
+    std::fs::create_dir_all(esp.join("ballast/1.0.0"))?;
+    std::fs::create_dir_all(node.join("state"))?;
+    std::fs::write(
+        esp.join("loader/entries/ballast-1.0.0.conf"),
+        entry.render(),
+    )?;
+    for f in ["vmlinuz", "initrd"] {
+        std::fs::copy(work.join("p1").join(f), esp.join("ballast/1.0.0").join(f))?;
+    }
+    std::fs::copy(work.join("p1/usr.img"), node.join("slot-a"))?;
+    std::fs::write(node.join("cmdline"), format!("console=ttyS0 {params}\n"))?;
+    let slot_b = node.join("slot-b");
+    let baseline_file = work.join("baseline.out");
+
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    let mut install = Vec::new();
+    let mut rss_kib = Vec::new();
+    let mib = size as f64 / f64::from(1 << 20);
+    for i in 0..args.runs {
+        eprintln!("run {}/{}", i + 1, args.runs);
+        let t = timed(Command::new("curl").args(["-sf", "-o", "/dev/null", &object_url]))?;
+        server.push(mib / t.as_secs_f64());
+
+        let _ = std::fs::remove_file(&baseline_file);
+        run_cmd(&mut Command::new("sync"))?;
+        let t = timed(Command::new("bash").arg("-c").arg(format!(
+            "curl -s {object_url} | tee >(openssl dgst -sha256 >/dev/null) > {f} && sync {f}",
+            f = baseline_file.display()
+        )))?;
+        baseline.push(mib / t.as_secs_f64());
+
+        // A fresh, sparse slot the size of a partition, like the baseline's new file.
+        let _ = std::fs::remove_file(&slot_b);
+        std::fs::File::create(&slot_b)?.set_len(size + (64 << 20))?;
+        run_cmd(&mut Command::new("sync"))?;
+        let rss_file = work.join("rss");
+        let t = timed(
+            Command::new("/usr/bin/time")
+                .args(["-f", "%M", "-o"])
+                .arg(&rss_file)
+                .arg(&ballast)
+                .args(["update", "apply", "--json", "--esp"])
+                .arg(&esp)
+                .arg("--slot-a")
+                .arg(format!("{}={uuid_a}", node.join("slot-a").display()))
+                .arg("--slot-b")
+                .arg(format!("{}={uuid_b}", slot_b.display()))
+                .arg("--cmdline")
+                .arg(node.join("cmdline"))
+                .arg("--state")
+                .arg(node.join("state"))
+                .args(["--repo", &url, "--variant", "bench", "--trust"])
+                .arg(work.join("key.pub"))
+                .stdout(std::process::Stdio::null()),
+        )?;
+        install.push(mib / t.as_secs_f64());
+        let rss: f64 = std::fs::read_to_string(&rss_file)?
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0.0);
+        rss_kib.push(rss);
+    }
+    let (srv, base, inst, rss) = (
+        median(&mut server),
+        median(&mut baseline),
+        median(&mut install),
+        median(&mut rss_kib),
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let report = format!(
+        "{SECTION}\n\n\
+         Command: `cargo xtask bench install --size-mib {size_mib} --runs {runs}`\n\n\
+         Payload: {size_mib} MiB usr.img (plus 1 MiB kernel and initrd), served from 127.0.0.1 \
+         by the bench's own static server (sendfile); install into a sparse file standing for \
+         the slot; medians of {runs} interleaved runs. Host: {cpu}, {cores} cores.\n\n\
+         | measure | MiB/s |\n|---|---|\n\
+         | server alone: `curl -o /dev/null` | {srv:.0} |\n\
+         | baseline: `curl -s URL \\| tee >(openssl dgst -sha256) > file && sync file` | {base:.0} |\n\
+         | `ballast update apply` (hash while writing, fsync, read back + re-hash, kernel/initrd, entry) | {inst:.0} |\n\n\
+         Ratio install / baseline: **{ratio:.2}** (goal >= 0.90). Peak RSS of the install: \
+         {rss_mib:.1} MiB (`/usr/bin/time -f %M`).\n",
+        size_mib = args.size_mib,
+        runs = args.runs,
+        cores = std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ratio = inst / base,
+        rss_mib = rss / 1024.0,
+    );
+    println!("{report}");
+    if !args.no_record {
+        let path = root.join("BENCHMARKS.md");
+        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+        std::fs::write(&path, replace_section(&old, &report))?;
+        eprintln!("written to {}", path.display());
+    }
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
+/// Replaces this benchmark's section (up to the next `## `), or appends it.
+fn replace_section(old: &str, section: &str) -> String {
+    let Some(start) = old.find(SECTION) else {
+        let sep = if old.ends_with("\n\n") || old.is_empty() {
+            ""
+        } else if old.ends_with('\n') {
+            "\n"
+        } else {
+            "\n\n"
+        };
+        return format!("{old}{sep}{section}");
+    };
+    let rest = &old[start + SECTION.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(old.len(), |i| start + SECTION.len() + i + 1);
+    format!(
+        "{}{section}{}{}",
+        &old[..start],
+        if end < old.len() { "\n" } else { "" },
+        &old[end..]
+    )
+}
+
+pub fn run(args: InstallBenchArgs) -> Result<()> {
+    run_bench(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn section_is_replaced_in_place() {
+        let old = "# B\n\n## Boot to ready\nx\n\n## Install throughput\nold\n\n## Other\ny\n";
+        let new = replace_section(old, "## Install throughput\nnew\n");
+        assert_eq!(
+            new,
+            "# B\n\n## Boot to ready\nx\n\n## Install throughput\nnew\n\n## Other\ny\n"
+        );
+        let appended = replace_section("# B\n", "## Install throughput\nn\n");
+        assert_eq!(appended, "# B\n\n## Install throughput\nn\n");
+    }
 }
