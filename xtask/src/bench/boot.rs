@@ -43,6 +43,8 @@ struct Sample {
     guest_ms: u64,
     /// From QEMU's start to the host reading the event line.
     wall_ms: u64,
+    /// `ms` of the agent's `early-boot` event (its initrd `/init` started).
+    early_ms: Option<u64>,
 }
 
 /// Runs of one kind.
@@ -55,6 +57,9 @@ impl Series {
     }
     fn wall(&self) -> Vec<u64> {
         self.0.iter().map(|s| s.wall_ms).collect()
+    }
+    fn early(&self) -> Vec<u64> {
+        self.0.iter().filter_map(|s| s.early_ms).collect()
     }
 }
 
@@ -85,6 +90,11 @@ fn measure(b: VmBuilder, event: &str, timeout: Duration) -> Result<Sample> {
     let sample = Sample {
         guest_ms: ev.ms().context("event without ms")?,
         wall_ms: u64::try_from(ev.host_elapsed.unwrap_or_default().as_millis()).unwrap_or(u64::MAX),
+        early_ms: vm
+            .events_seen()
+            .iter()
+            .find(|e| e.name == "early-boot")
+            .and_then(|e| e.ms()),
     };
     vm.progress(&format!(
         "{event}: guest {} ms, wall {} ms",
@@ -202,6 +212,7 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
     let (fg, fw) = (median(&fl.guest()), median(&fl.wall()));
     let (dg, dw) = (median(&direct.guest()), median(&direct.wall()));
     let (ug, uw) = (median(&uefi.guest()), median(&uefi.wall()));
+    let de = median(&direct.early());
     let cmd = match args.accel {
         AccelChoice::Tcg => format!("cargo xtask bench boot --arch {arch} --runs {}", args.runs),
         other => format!(
@@ -220,8 +231,10 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
          | floor: same kernel + busybox initramfs, direct kernel boot | {fg} ms | {fw} ms |\n\
          | Ballast: same kernel + our initrd + disk, direct kernel boot | {dg} ms | {dw} ms |\n\
          | **ratio Ballast / floor** | **{rg}** | **{rw}** |\n\
+         | of which: Ballast kernel start → `early-boot` (initrd `/init` running), direct | {de} ms | |\n\
          | Ballast: full UEFI firmware + systemd-boot | {ug} ms | {uw} ms |\n\n\
-         Runs (guest ms / wall ms): floor {fgs:?} / {fws:?}; direct {dgs:?} / {dws:?}; UEFI {ugs:?} / {uws:?}.\n",
+         Runs (guest ms / wall ms): floor {fgs:?} / {fws:?}; direct {dgs:?} / {dws:?}; UEFI {ugs:?} / {uws:?}; \
+         direct early-boot {des:?}.\n",
         accel_name = accel.as_str().to_uppercase(),
         version = image.meta.version,
         kernel = image.meta.kernel_release,
@@ -234,6 +247,7 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         dws = direct.wall(),
         ugs = uefi.guest(),
         uws = uefi.wall(),
+        des = direct.early(),
     ))
 }
 
