@@ -65,7 +65,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Longest log line kept whole; longer output is split at this size.
 const MAX_LOG_LINE: u64 = 16 * 1024;
 /// How often the reaper looks for exits if a SIGCHLD went missing.
-const REAP_FALLBACK_INTERVAL: Duration = Duration::from_millis(500);
+const REAP_FALLBACK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long to wait for a SIGKILLed service to be reaped before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -1398,21 +1398,23 @@ command = ["db"]
         let dir = tempfile::tempdir().unwrap();
         let reaper = Reaper::start(ReapScope::OwnChildren).unwrap();
         let mut services = BTreeMap::new();
-        // Runs 0.4 s (past reset_after = 0.3 s) then fails: every delay is 0.1 s.
+        // Runs 0.4 s (past reset_after = 0.3 s) then fails: every delay is
+        // 0.1 s instead of doubling up to 1.6 s.
         services.insert("slow".to_owned(), spec(&["sh", "-c", "sleep 0.4; exit 1"]));
-        let supervisor = Supervisor::start(&services, options(dir.path()), reaper)
-            .await
-            .unwrap();
+        let mut opts = options(dir.path());
+        opts.backoff.max = Duration::from_secs(5);
+        let supervisor = Supervisor::start(&services, opts, reaper).await.unwrap();
         let handle = supervisor.handle();
         let began = Instant::now();
-        wait_until("three restarts", || {
-            handle.status("slow").unwrap().restarts >= 3
+        wait_until("four restarts", || {
+            handle.status("slow").unwrap().restarts >= 4
         })
         .await;
-        // Without the reset: 3 * 0.4 + 0.1 + 0.2 + 0.4 = 1.9 s; with it 1.5 s.
+        // With the reset: 4 * (0.4 + 0.1) = 2.0 s; without it
+        // 4 * 0.4 + 0.1 + 0.2 + 0.4 + 0.8 = 3.1 s.
         let elapsed = began.elapsed();
         assert!(
-            elapsed < Duration::from_millis(1800),
+            elapsed < Duration::from_millis(2600),
             "backoff did not reset: {elapsed:?}"
         );
         supervisor.stop_all().await;
