@@ -1,6 +1,9 @@
-//! The local HTTP API: `/healthz`, `/status` and `POST /v1/reboot`, on a
-//! Unix socket always and on TCP only when configured. It never exposes
-//! secrets: `/status` is built from an explicit, secret-free struct.
+//! The local HTTP API, on a Unix socket always and on TCP only when
+//! configured: `/healthz` (the agent answers), `/readyz` (the node passes
+//! its health checks: 200, else 503), `/status` (JSON: node, update state,
+//! services, checks), `/metrics` (Prometheus text) and `POST /v1/reboot`.
+//! It never exposes secrets: every answer is built from explicit,
+//! secret-free structs.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +18,11 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
+use crate::health::{HealthChecker, HealthReport};
+use crate::metrics::{self, MetricsInput};
 use crate::power::Action;
+use crate::supervisor::{ServiceStatus, SupervisorHandle};
+use crate::update_loop::{SharedUpdateStatus, UpdateStatus};
 
 pub const SOCKET_PATH: &str = "/run/ballast/api.sock";
 
@@ -29,7 +36,7 @@ pub enum ApiError {
     },
 }
 
-/// What `/status` reports.
+/// The fixed part of `/status`: what this boot is.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub version: String,
@@ -40,19 +47,49 @@ pub struct Status {
     pub config_error: Option<String>,
 }
 
+/// Everything the API reads, shared with PID 1.
 #[derive(Debug)]
-struct Shared {
-    status: Status,
-    power: mpsc::Sender<Action>,
+pub struct Shared {
+    pub status: Status,
+    pub power: mpsc::Sender<Action>,
+    pub update: SharedUpdateStatus,
+    pub services: Option<SupervisorHandle>,
+    pub checker: Option<HealthChecker>,
+    pub boots_total: u64,
 }
 
-/// Starts the listeners; requests for a reboot arrive on `power`.
-pub async fn serve(
-    status: Status,
-    tcp: Option<SocketAddr>,
-    power: mpsc::Sender<Action>,
-) -> Result<(), ApiError> {
-    let shared = Arc::new(Shared { status, power });
+/// `/status` in full.
+#[derive(Debug, Serialize)]
+struct FullStatus<'a> {
+    node: &'a Status,
+    update: Option<UpdateStatus>,
+    services: Vec<ServiceStatus>,
+    health: Option<HealthReport>,
+}
+
+impl Shared {
+    async fn health(&self) -> Option<HealthReport> {
+        match &self.checker {
+            Some(c) => Some(c.run().await),
+            None => None,
+        }
+    }
+
+    fn update_status(&self) -> Option<UpdateStatus> {
+        self.update.lock().ok().map(|s| s.clone())
+    }
+
+    fn services(&self) -> Vec<ServiceStatus> {
+        self.services
+            .as_ref()
+            .map(|s| s.statuses())
+            .unwrap_or_default()
+    }
+}
+
+/// Starts the listeners; requests for a reboot arrive on `shared.power`.
+pub async fn serve(shared: Shared, tcp: Option<SocketAddr>) -> Result<(), ApiError> {
+    let shared = Arc::new(shared);
     let socket = Path::new(SOCKET_PATH);
     let unix = bind_unix(socket).map_err(|source| ApiError::Listen {
         addr: SOCKET_PATH.into(),
@@ -118,15 +155,54 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/status") => match serde_json::to_vec_pretty(&shared.status) {
-            Ok(body) => json(StatusCode::OK, body),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-        },
+        (&Method::GET, "/readyz") => {
+            let report = shared.health().await;
+            let code = if report.as_ref().is_some_and(|r| r.ready) {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            to_json(code, &report)
+        }
+        (&Method::GET, "/status") => {
+            let full = FullStatus {
+                node: &shared.status,
+                update: shared.update_status(),
+                services: shared.services(),
+                health: shared.health().await,
+            };
+            to_json(StatusCode::OK, &full)
+        }
+        (&Method::GET, "/metrics") => {
+            let update = shared.update_status();
+            let input = MetricsInput {
+                version: shared.status.version.clone(),
+                arch: shared.status.arch.clone(),
+                boots_total: shared.boots_total,
+                rollbacks_total: update.as_ref().map_or(0, |u| u.rollbacks),
+                update_state: update
+                    .as_ref()
+                    .map(|u| u.state.name().to_owned())
+                    .unwrap_or_default(),
+                last_update_check: update
+                    .as_ref()
+                    .and_then(|u| u.last_check.as_deref())
+                    .and_then(|t| humantime::parse_rfc3339(t).ok()),
+                services: shared.services(),
+                health: shared.health().await,
+            };
+            let mut r = text(StatusCode::OK, &metrics::render(&input));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            r
+        }
         (&Method::POST, "/v1/reboot") => match shared.power.try_send(Action::Reboot) {
             Ok(()) => text(StatusCode::ACCEPTED, "rebooting\n"),
             Err(_) => text(StatusCode::CONFLICT, "a shutdown is already under way\n"),
         },
-        (_, "/healthz" | "/status" | "/v1/reboot") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/v1/reboot") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -142,6 +218,13 @@ fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain"),
     );
     r
+}
+
+fn to_json(code: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => json(code, body),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
 }
 
 fn json(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -208,6 +291,10 @@ mod tests {
         let shared = Arc::new(Shared {
             status: status(),
             power: tx,
+            update: crate::update_loop::new_status(),
+            services: None,
+            checker: None,
+            boots_total: 3,
         });
         tokio::spawn(async move {
             loop {
@@ -222,7 +309,20 @@ mod tests {
         let (code, body) = request(path.clone(), Method::GET, "/status").await.unwrap();
         assert_eq!(code, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["version"], "1.0.0");
+        assert_eq!(v["node"]["version"], "1.0.0");
+        assert_eq!(v["update"]["state"]["state"], "disabled");
+        let (code, _) = request(path.clone(), Method::GET, "/readyz").await.unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        let (code, body) = request(path.clone(), Method::GET, "/metrics")
+            .await
+            .unwrap();
+        assert_eq!(code, StatusCode::OK);
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+        assert!(scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "ballast_boots_total"));
         let (code, _) = request(path.clone(), Method::GET, "/v1/reboot")
             .await
             .unwrap();

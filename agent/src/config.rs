@@ -43,6 +43,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
     #[error("{path}: interface {interface}: address {value:?} is not ADDRESS/PREFIX")]
     Address {
         path: PathBuf,
@@ -59,6 +61,12 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    #[serde(default)]
+    pub health: crate::health::HealthConfig,
+    #[serde(default)]
+    pub services: BTreeMap<String, crate::supervisor::ServiceSpec>,
+    #[serde(default)]
+    pub update: crate::update_loop::UpdateConfig,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -108,6 +116,15 @@ impl Config {
             path: path.to_owned(),
             detail,
         })?;
+        let invalid = |detail: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            detail,
+        };
+        config
+            .health
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        crate::supervisor::start_order(&config.services).map_err(|e| invalid(e.to_string()))?;
         for (name, iface) in &config.network.interfaces {
             for a in &iface.addresses {
                 if parse_cidr(a).is_none() {

@@ -19,6 +19,7 @@ mod state_grow;
 mod supervisor;
 mod sys;
 mod system;
+mod update_loop;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

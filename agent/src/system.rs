@@ -17,13 +17,18 @@ use tokio::sync::mpsc;
 
 use crate::bootinfo::{BootInfo, BOOT_INFO_PATH};
 use crate::config::Config;
+use crate::health::{BuiltinSources, HealthChecker};
 use crate::power::Action;
+use crate::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
+use crate::update_loop::UpdateContext;
 use crate::{api, console, mounts};
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
 const FACTORY_ETC: &str = "/usr/share/factory/etc";
 /// Modules PID 1 loads from the slot (missing ones are skipped).
 const RUNTIME_MODULES: &[&str] = &["virtio_net", "i6300esb"];
+/// The agent's own files on STATE.
+const STATE_DIR: &str = "/var/lib/ballast";
 /// How long services get between SIGTERM and SIGKILL at shutdown.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -100,8 +105,54 @@ async fn main_loop() -> Action {
         boot_id: boot_id.clone(),
         config_error,
     };
+
+    // Children: one reaper for every process (we are PID 1, orphans land
+    // here), handing exit statuses of services to the supervisor.
+    let reaper = match Reaper::start(ReapScope::AllChildren) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "no reaper");
+            None
+        }
+    };
+    let supervisor = match &reaper {
+        Some(reaper) => match Supervisor::start(
+            &config.services,
+            SupervisorOptions::default(),
+            reaper.clone(),
+        )
+        .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "services not started");
+                None
+            }
+        },
+        None => None,
+    };
+    let checker = reaper.as_ref().and_then(|reaper| {
+        HealthChecker::new(
+            &config.health,
+            BuiltinSources::default(),
+            supervisor.as_ref().map(Supervisor::handle),
+            reaper.clone(),
+        )
+        .map_err(|e| tracing::error!(error = %e, "health checks not set up"))
+        .ok()
+    });
+
+    let update_status = crate::update_loop::new_status();
     let (power_tx, mut power_rx) = mpsc::channel(1);
-    if let Err(e) = api::serve(status.clone(), config.api.listen, power_tx).await {
+    let shared = api::Shared {
+        status: status.clone(),
+        power: power_tx.clone(),
+        update: update_status.clone(),
+        services: supervisor.as_ref().map(Supervisor::handle),
+        checker: checker.clone(),
+        boots_total: count_boot(),
+    };
+    if let Err(e) = api::serve(shared, config.api.listen).await {
         tracing::error!(error = %crate::error_chain(&e), "API not served");
     }
 
@@ -115,13 +166,58 @@ async fn main_loop() -> Action {
         ],
     );
 
-    wait_for_shutdown(&mut power_rx).await
+    if let Some(checker) = checker {
+        let ctx = UpdateContext {
+            config: config.update.clone(),
+            checker,
+            status: update_status,
+            power: power_tx,
+            node_id: machine_id(),
+        };
+        tokio::spawn(crate::update_loop::run(ctx));
+    }
+
+    let action = wait_for_shutdown(&mut power_rx).await;
+    console::emit("shutdown", &[("action", Value::from(action.to_string()))]);
+    if let Some(supervisor) = supervisor {
+        supervisor.stop_all().await;
+    }
+    action
 }
 
-/// Reaps children until a signal or the API asks for a shutdown.
+/// Counts this boot on STATE; returns the total including this one.
+fn count_boot() -> u64 {
+    let path = Path::new(STATE_DIR).join("boots");
+    let boots = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
+    let _ = std::fs::create_dir_all(STATE_DIR);
+    let _ = std::fs::write(&path, format!("{boots}\n"));
+    boots
+}
+
+/// A random id made at first boot and kept on STATE (FleetLock's node id).
+fn machine_id() -> String {
+    let path = Path::new(STATE_DIR).join("machine-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return id.to_owned();
+        }
+    }
+    let mut bytes = [0u8; 16];
+    let _ = getrandom::getrandom(&mut bytes);
+    let id = hex::encode(bytes);
+    let _ = std::fs::create_dir_all(STATE_DIR);
+    let _ = std::fs::write(&path, format!("{id}\n"));
+    id
+}
+
+/// Waits until a signal or the API asks for a shutdown.
 async fn wait_for_shutdown(power: &mut mpsc::Receiver<Action>) -> Action {
-    let (Ok(mut chld), Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut usr2)) = (
-        signal(SignalKind::child()),
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::user_defined1()),
@@ -130,15 +226,12 @@ async fn wait_for_shutdown(power: &mut mpsc::Receiver<Action>) -> Action {
         tracing::error!("cannot install signal handlers; rebooting");
         return Action::Reboot;
     };
-    loop {
-        tokio::select! {
-            _ = chld.recv() => reap_zombies(),
-            _ = term.recv() => return Action::Reboot,
-            _ = int.recv() => return Action::Reboot,
-            _ = usr1.recv() => return Action::Halt,
-            _ = usr2.recv() => return Action::Poweroff,
-            Some(action) = power.recv() => return action,
-        }
+    tokio::select! {
+        _ = term.recv() => Action::Reboot,
+        _ = int.recv() => Action::Reboot,
+        _ = usr1.recv() => Action::Halt,
+        _ = usr2.recv() => Action::Poweroff,
+        Some(action) = power.recv() => action,
     }
 }
 
@@ -153,7 +246,6 @@ fn reap_zombies() {
 
 /// Stops everything, syncs, unmounts and resets. Never returns.
 fn shutdown(action: Action) -> ! {
-    console::emit("shutdown", &[("action", Value::from(action.to_string()))]);
     // PID 1 is exempt from kill(-1): this reaches every other process.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = std::time::Instant::now() + STOP_GRACE;

@@ -150,6 +150,19 @@ fn partuuid_for(
         .map(|e| e.params.usr_partuuid)
 }
 
+/// The running node's layout, found as `ballast update` finds it without
+/// overrides; the agent's update loop uses it.
+pub fn node_layout() -> anyhow::Result<NodeLayout> {
+    layout(&NodeArgs {
+        esp: None,
+        slot_a: None,
+        slot_b: None,
+        cmdline: "/proc/cmdline".into(),
+        state: DEFAULT_STATE.into(),
+        json: false,
+    })
+}
+
 fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
     let cmdline = std::fs::read_to_string(&args.cmdline)
         .with_context(|| format!("reading {}", args.cmdline.display()))?;
