@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::SystemTime;
 
+use crate::digest::Sha256;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::bootentry::{BootEntry, EntryName, ENTRIES_DIR};
 use crate::cmdline::{BootParams, Slot};
@@ -458,6 +458,7 @@ impl<'a> Install<'a> {
         let slot_path = self.node.layout.slot(self.target).path.clone();
         let mut slot = self.node.storage.open_in_place(&slot_path)?;
         let phase = self.phase;
+        let started = std::time::Instant::now();
         let written = self.download(USR_IMAGE, slot.as_mut(), &mut |done| {
             progress(Progress {
                 phase,
@@ -468,11 +469,18 @@ impl<'a> Install<'a> {
         })?;
         // fsync and the read-back hash overlap: both must succeed before
         // step 3, and the read comes from the same (page-cached) bytes.
+        let streamed = started.elapsed();
         let (synced, read_back) = std::thread::scope(|s| {
             let sync = s.spawn(move || slot.sync());
             let read_back = hash_prefix(self.node.storage, &slot_path, usr.size);
             (sync.join(), read_back)
         });
+        tracing::info!(
+            bytes = usr.size,
+            streamed_ms = streamed.as_millis() as u64,
+            synced_and_verified_ms = (started.elapsed() - streamed).as_millis() as u64,
+            "usr.img written"
+        );
         synced.map_err(|_| InstallError::CopyThread {
             artifact: USR_IMAGE,
         })??;
@@ -683,7 +691,7 @@ pub fn hash_prefix(storage: &dyn Storage, path: &Path, len: u64) -> Result<Strin
             ),
         ));
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hasher.finish_hex())
 }
 
 #[derive(Debug)]
@@ -720,7 +728,7 @@ pub fn pipeline_copy(
                     break;
                 }
             }
-            hex::encode(hasher.finalize())
+            hasher.finish_hex()
         });
         let writer = s.spawn(move || -> Result<(), StorageError> {
             for (buf, n) in writer_rx {
@@ -795,7 +803,7 @@ mod tests {
             calls += 1
         })
         .unwrap();
-        assert_eq!(digest, hex::encode(Sha256::digest(&data)));
+        assert_eq!(digest, crate::digest::sha256_hex(&data));
         assert_eq!(fs.read(Path::new("/x/f")).unwrap(), data);
         assert_eq!(calls, 4);
     }

@@ -10,6 +10,7 @@ pub mod bootentry;
 pub mod bootmodel;
 pub mod cmdline;
 pub mod control;
+pub mod digest;
 pub mod esp;
 pub mod fetch;
 #[cfg(feature = "http")]

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use crate::keys::{SecretKey, TrustedKeys};
 use crate::manifest::{
@@ -87,7 +87,7 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), RepoError> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((size, hex::encode(hasher.finalize())))
+    Ok((size, hasher.finish_hex()))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {

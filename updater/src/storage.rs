@@ -102,19 +102,87 @@ pub fn parent(path: &Path) -> &Path {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
+/// Bytes written in place between early writeback requests.
+const WRITE_BEHIND_BYTES: u64 = 64 << 20;
+
 struct RealFile {
     file: File,
     path: PathBuf,
+    write_behind: Option<WriteBehind>,
+}
+
+/// Flushes a big in-place write to the device while it is still being
+/// written (fdatasync on a second descriptor, in its own thread), so the
+/// final fsync has little left to do: download and disk overlap instead of
+/// following each other.
+struct WriteBehind {
+    since_last: u64,
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl WriteBehind {
+    fn start(file: &File) -> io::Result<Self> {
+        let clone = file.try_clone()?;
+        let (kick, kicks) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("write-behind".into())
+            .spawn(move || {
+                for () in kicks {
+                    clone.sync_data()?;
+                }
+                Ok(())
+            })?;
+        Ok(WriteBehind {
+            since_last: 0,
+            kick: Some(kick),
+            thread: Some(thread),
+        })
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.since_last += n as u64;
+        if self.since_last >= WRITE_BEHIND_BYTES {
+            self.since_last = 0;
+            if let Some(kick) = &self.kick {
+                // Full: a flush is already queued and will cover these bytes.
+                let _ = kick.try_send(());
+            }
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.kick = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("write-behind thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
 }
 
 impl WriteTarget for RealFile {
     fn write_all(&mut self, buf: &[u8]) -> Result<()> {
         self.file
             .write_all(buf)
-            .map_err(|e| StorageError::io("writing", &self.path, e))
+            .map_err(|e| StorageError::io("writing", &self.path, e))?;
+        if let Some(wb) = self.write_behind.as_mut() {
+            wb.wrote(buf.len());
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
+        if let Some(mut wb) = self.write_behind.take() {
+            wb.finish()
+                .map_err(|e| StorageError::io("early writeback of", &self.path, e))?;
+        }
         self.file
             .sync_all()
             .map_err(|e| StorageError::io("fsync of", &self.path, e))
@@ -172,6 +240,7 @@ impl Storage for RealStorage {
         Ok(Box::new(RealFile {
             file,
             path: path.to_owned(),
+            write_behind: None,
         }))
     }
 
@@ -180,9 +249,12 @@ impl Storage for RealStorage {
             .write(true)
             .open(path)
             .map_err(|e| StorageError::io("opening for writing", path, e))?;
+        let write_behind =
+            Some(WriteBehind::start(&file).map_err(|e| StorageError::io("opening", path, e))?);
         Ok(Box::new(RealFile {
             file,
             path: path.to_owned(),
+            write_behind,
         }))
     }
 

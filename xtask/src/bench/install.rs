@@ -36,6 +36,9 @@ pub struct InstallBenchArgs {
     /// Do not write BENCHMARKS.md.
     #[arg(long)]
     pub no_record: bool,
+    /// Keep the work directory (payload, repository, node) afterwards.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 fn handle(root: &Path, stream: TcpStream) -> std::io::Result<()> {
@@ -338,7 +341,9 @@ pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
         std::fs::write(&path, replace_section(&old, &report))?;
         eprintln!("written to {}", path.display());
     }
-    std::fs::remove_dir_all(&work)?;
+    if !args.keep {
+        std::fs::remove_dir_all(&work)?;
+    }
     Ok(())
 }
 
