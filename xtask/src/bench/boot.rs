@@ -19,6 +19,17 @@ use crate::vm_test::{ensure_image, log_dir, resolve_accel, AccelChoice};
 /// Heading of this benchmark's section in BENCHMARKS.md.
 const SECTION: &str = "## Boot to ready";
 
+/// The paragraph under [`SECTION`].
+const INTRO: &str = "Boot to agent-ready against the floor: the same kernel and QEMU booting a \
+busybox initramfs whose /init only prints a marker. Both boot the same way for the ratio: QEMU \
+direct kernel boot (`-kernel/-initrd/-append`) with the command line of the image's boot entry, \
+Ballast with its disk attached (fresh qcow2 overlay per run). The UEFI row is Ballast's full \
+boot through OVMF/AAVMF and systemd-boot. `ms` is the guest kernel's clock (CLOCK_BOOTTIME) \
+when the marker or the agent's `ready` event was printed; wall is measured by the harness from \
+QEMU's start to reading that line. Under TCG on a shared 2-core machine single runs vary by \
+tens of percent: compare the ratio measured within one run, not times across runs. Written by \
+`cargo xtask bench boot`.";
+
 #[derive(Debug, clap::Args)]
 pub struct BootBenchArgs {
     /// Architecture (both, one after the other, when not given).
@@ -222,9 +233,13 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         ),
     };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned());
     Ok(format!(
         "### {arch}\n\n\
-         Command: `{cmd}` — QEMU {accel_name}, 1 GiB, 2 vCPUs, host with {cpus} cores; \
+         Command: `{cmd}` — QEMU {accel_name}, 1 GiB, 2 vCPUs, host with {cpus} cores (1-min load {load} at the end); \
          Ballast {version}, kernel {kernel}; {runs} run(s) of each, interleaved; medians.\n\n\
          | boot | kernel start → marker/ready (guest `ms`) | QEMU start → marker/ready (wall) |\n\
          |---|---|---|\n\
@@ -254,12 +269,7 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
 /// Replaces (or appends) the `### <arch>` subsection of the `## Boot to
 /// ready` section in BENCHMARKS.md text, leaving everything else alone.
 fn replace_arch_section(doc: &str, arch: Arch, report: &str) -> String {
-    let intro = format!(
-        "{SECTION}\n\nBoot to agent-ready against the floor: the same kernel and QEMU booting a busybox \
-         initramfs whose /init only prints a marker. `ms` is the kernel's clock (CLOCK_BOOTTIME) when \
-         the marker or the agent's `ready` event was printed; wall is measured by the harness from \
-         QEMU's start. Written by `cargo xtask bench boot`.\n\n"
-    );
+    let intro = format!("{SECTION}\n\n{INTRO}\n\n");
     let mut doc = if doc.trim().is_empty() {
         "# Benchmarks\n\n".to_owned()
     } else {
