@@ -1,4 +1,5 @@
-//! `cargo xtask run`: builds the image if needed and boots it in QEMU with
+//! `cargo xtask run`: installs missing host packages (`xtask deps`), builds
+//! the image if needed and boots it in QEMU with
 //! the serial console on this terminal (Ctrl-A X quits). The disk is a
 //! qcow2 overlay in `build/<arch>/run/`, so the built image stays as built;
 //! the plain qemu-system command line is printed first.
@@ -28,6 +29,9 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    // README's first command: a fresh machine gets its host packages here.
+    eprintln!("Checking host packages (cargo xtask deps)...");
+    crate::deps::install()?;
     let dir = ensure_image(args.arch)?;
     let image = BuiltImage::load(&dir)?;
     let accel = resolve_accel(args.accel, &image)?;
