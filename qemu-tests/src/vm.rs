@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -580,7 +580,7 @@ impl VmBuilder {
                 source,
             })?;
         let stdout = child.stdout.take();
-        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let tail = Arc::new(Mutex::new(TailBuf::default()));
         let (tx, rx) = mpsc::channel();
         let reader = stdout.map(|out| {
             let tail = Arc::clone(&tail);
@@ -624,39 +624,75 @@ enum SerialMsg {
     Malformed(EventError),
 }
 
-fn read_serial(
-    out: std::process::ChildStdout,
-    mut log: File,
-    tail: Arc<Mutex<VecDeque<String>>>,
+/// The console's last lines, and the line being written (firmware screens
+/// often go a long time without a newline).
+#[derive(Debug, Default)]
+struct TailBuf {
+    lines: VecDeque<String>,
+    partial: Vec<u8>,
+}
+
+impl TailBuf {
+    fn text(&self) -> String {
+        let mut out: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            out.push(events::clean_line(&self.partial));
+        }
+        out.join("\n")
+    }
+}
+
+/// Longest unfinished line kept for the tail.
+const PARTIAL_MAX: usize = 4096;
+
+fn read_serial<R: Read, W: Write>(
+    mut out: R,
+    mut log: W,
+    tail: Arc<Mutex<TailBuf>>,
     tx: mpsc::Sender<SerialMsg>,
     started: Instant,
 ) {
-    let mut reader = BufReader::new(out);
-    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut pending: Vec<u8> = Vec::new();
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let _ = log.write_all(&buf);
-        let line = events::clean_line(&buf);
-        if let Ok(mut t) = tail.lock() {
-            if t.len() == TAIL_LINES {
-                t.pop_front();
-            }
-            t.push_back(line.clone());
-        }
-        let msg = match events::parse_line(&line) {
-            None => continue,
-            Some(Ok(mut ev)) => {
-                ev.host_elapsed = Some(started.elapsed());
-                SerialMsg::Event(ev)
-            }
-            Some(Err(e)) => SerialMsg::Malformed(e),
+        let n = match out.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         };
-        if tx.send(msg).is_err() {
-            break;
+        let _ = log.write_all(&chunk[..n]);
+        pending.extend_from_slice(&chunk[..n]);
+        let mut lines = Vec::new();
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let rest = pending.split_off(nl + 1);
+            lines.push(events::clean_line(&pending));
+            pending = rest;
+        }
+        if pending.len() > PARTIAL_MAX {
+            pending.drain(..pending.len() - PARTIAL_MAX);
+        }
+        if let Ok(mut t) = tail.lock() {
+            for line in &lines {
+                if t.lines.len() == TAIL_LINES {
+                    t.lines.pop_front();
+                }
+                t.lines.push_back(line.clone());
+            }
+            t.partial.clone_from(&pending);
+        }
+        for line in lines {
+            let msg = match events::parse_line(&line) {
+                None => continue,
+                Some(Ok(mut ev)) => {
+                    ev.host_elapsed = Some(started.elapsed());
+                    SerialMsg::Event(ev)
+                }
+                Some(Err(e)) => SerialMsg::Malformed(e),
+            };
+            // Keep draining the console even when nobody listens any more:
+            // a full pipe would stall the guest.
+            let _ = tx.send(msg);
         }
     }
     let _ = log.flush();
@@ -672,7 +708,7 @@ pub struct Vm {
     child: Child,
     started: Instant,
     events: Receiver<SerialMsg>,
-    tail: Arc<Mutex<VecDeque<String>>>,
+    tail: Arc<Mutex<TailBuf>>,
     seen: Vec<Event>,
     log_path: PathBuf,
     stderr_path: PathBuf,
@@ -740,10 +776,7 @@ impl Vm {
 
     /// The last console lines, joined.
     pub fn tail(&self) -> String {
-        self.tail
-            .lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
+        self.tail.lock().map(|t| t.text()).unwrap_or_default()
     }
 
     fn serial_tail(&self) -> Box<SerialTail> {
@@ -937,6 +970,25 @@ mod tests {
             "{line}"
         );
         assert!(vars.exists());
+    }
+
+    #[test]
+    fn serial_reader_splits_lines_logs_bytes_and_keeps_the_partial_line() {
+        let console: &[u8] = b"\x1b[2JBdsDxe: loading\r\nBALLAST-EVENT {\"event\":\"ready\",\"ms\":7}\r\nBALLAST-EVENT {bad\nhalf a line";
+        let tail = Arc::new(Mutex::new(TailBuf::default()));
+        let (tx, rx) = mpsc::channel();
+        let mut log = Vec::new();
+        read_serial(console, &mut log, Arc::clone(&tail), tx, Instant::now());
+        assert_eq!(log, console);
+        let msgs: Vec<SerialMsg> = rx.try_iter().collect();
+        assert_eq!(msgs.len(), 2);
+        assert!(
+            matches!(&msgs[0], SerialMsg::Event(e) if e.name == "ready" && e.host_elapsed.is_some())
+        );
+        assert!(matches!(&msgs[1], SerialMsg::Malformed(_)));
+        let text = tail.lock().unwrap().text();
+        assert!(text.starts_with("[2JBdsDxe: loading\n"), "{text:?}");
+        assert!(text.ends_with("\nhalf a line"), "{text:?}");
     }
 
     #[test]
