@@ -66,6 +66,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const MAX_LOG_LINE: u64 = 16 * 1024;
 /// How often the reaper looks for exits if a SIGCHLD went missing.
 const REAP_FALLBACK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long an ended service's output may take to reach its log.
+const OUTPUT_DRAIN_WAIT: Duration = Duration::from_millis(500);
 /// How long to wait for a SIGKILLed service to be reaped before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
@@ -939,6 +941,18 @@ struct Running {
     pid: u32,
     exit: ExitReceiver,
     started: Instant,
+    /// The tasks copying stdout and stderr into the log.
+    pumps: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Lets the output written before the exit reach the log before the
+    /// supervisor's own line about the exit. Bounded: something the
+    /// service left running may hold the pipes open.
+    async fn drain_output(&mut self) {
+        let pumps = futures_util::future::join_all(self.pumps.iter_mut());
+        let _ = tokio::time::timeout(OUTPUT_DRAIN_WAIT, pumps).await;
+    }
 }
 
 fn spawn_process(context: &ServiceContext) -> Result<Running, SupervisorError> {
@@ -971,13 +985,16 @@ fn spawn_process(context: &ServiceContext) -> Result<Running, SupervisorError> {
         child.stdout.take().map(OwnedFd::from),
         child.stderr.take().map(OwnedFd::from),
     ];
-    for fd in pipes.into_iter().flatten() {
-        tokio::spawn(pump_output(fd, context.log.clone(), name.clone()));
-    }
+    let pumps = pipes
+        .into_iter()
+        .flatten()
+        .map(|fd| tokio::spawn(pump_output(fd, context.log.clone(), name.clone())))
+        .collect();
     Ok(Running {
         pid,
         exit,
         started: Instant::now(),
+        pumps,
     })
 }
 
@@ -1044,11 +1061,13 @@ async fn run_service(
                 tokio::select! {
                     exit = &mut running.exit => {
                         let exit = exit.unwrap_or(ExitInfo { code: None, signal: None });
+                        running.drain_output().await;
                         (Ok(exit), running.started.elapsed())
                     }
                     _ = stop.changed() => {
                         shared.update(&name, |s| s.state = ServiceState::Stopping);
                         let exit = stop_process(&context, &mut running).await;
+                        running.drain_output().await;
                         if let Some(exit) = &exit {
                             write_log(&context.log, &name, format!("-- ballast: stopped, {exit} --\n").as_bytes());
                         }
