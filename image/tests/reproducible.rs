@@ -6,6 +6,8 @@
 //! cryptsetup-bin, dosfstools, mtools, e2fsprogs and gdisk (`cargo xtask
 //! deps`); skipped with a note when they are missing. No root, no network.
 
+#![allow(clippy::unwrap_used)] // test helpers
+
 use std::fs;
 use std::path::Path;
 
