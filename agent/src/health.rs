@@ -7,9 +7,6 @@
 //! User check commands are spawned through the supervisor's [`Reaper`] so
 //! that PID 1's `waitpid(-1)` never steals their exit statuses.
 
-// Until system.rs and api.rs call into this module (the lead wires it).
-#![allow(dead_code)]
-
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

@@ -14,9 +14,6 @@
 //! * `ballast_health_check_ok{check}`, `ballast_health_check_duration_seconds{check}`
 //! * `ballast_node_ready`
 
-// Until api.rs serves `/metrics` (the lead wires it).
-#![allow(dead_code)]
-
 use std::fmt::Write;
 use std::time::SystemTime;
 

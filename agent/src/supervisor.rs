@@ -33,9 +33,6 @@
 //! leave a child in the agent's group; the process group still reaches it at
 //! stop time.
 
-// Until system.rs and api.rs call into this module (the lead wires it).
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write;
@@ -252,6 +249,7 @@ pub enum ReapScope {
     /// `waitpid(-1)`: every child of the process, orphans included (PID 1).
     AllChildren,
     /// `waitpid(pid)` for the children spawned through the reaper only.
+    #[allow(dead_code)] // PID 1 reaps everything; tests and tools use this.
     OwnChildren,
 }
 
@@ -347,10 +345,6 @@ impl Reaper {
         Ok(reaper)
     }
 
-    pub fn scope(&self) -> ReapScope {
-        self.inner.scope
-    }
-
     /// Spawns `command` and records its pid; never call `wait` on the
     /// returned child, await the receiver instead.
     pub fn spawn(
@@ -366,6 +360,7 @@ impl Reaper {
 
     /// Hands over a status reaped elsewhere; true when the pid was spawned
     /// through this reaper.
+    #[allow(dead_code)] // For a caller that keeps its own waitpid(-1) loop.
     pub fn deliver(&self, status: WaitStatus) -> bool {
         Self::deliver_locked(&mut lock(&self.inner.waiters), status)
     }
@@ -804,6 +799,7 @@ impl SupervisorHandle {
         lock(&self.shared.services).values().cloned().collect()
     }
 
+    #[allow(dead_code)] // For callers after one service (tests, a future API).
     pub fn status(&self, service: &str) -> Option<ServiceStatus> {
         lock(&self.shared.services).get(service).cloned()
     }
