@@ -45,6 +45,8 @@ enum Command {
     /// Check for, install and manage updates on this node.
     #[command(subcommand)]
     Update(cli::update::UpdateCommand),
+    /// Show (or follow) a service's log.
+    Logs(cli::logs::LogsArgs),
     /// Check or show the node's configuration.
     #[command(subcommand)]
     Config(cli::config::ConfigCommand),
@@ -79,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Repo(cmd) => cli::repo::run(cmd),
         Command::Update(cmd) => cli::update::run(cmd),
+        Command::Logs(args) => cli::logs::run(args),
         Command::Config(cmd) => cli::config::run(cmd),
         Command::Status { json } => status(json),
         Command::Reboot => signal_init(nix::sys::signal::Signal::SIGTERM),

@@ -5,9 +5,6 @@
 //! name) and truncation. Output that rotates twice between two polls
 //! (more than the cap in 250 ms) skips the middle file.
 
-// Until main.rs dispatches `ballast logs` here (the lead wires it).
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
