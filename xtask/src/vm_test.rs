@@ -51,19 +51,22 @@ pub fn ensure_image(arch: Arch) -> Result<PathBuf> {
         return Ok(dir);
     }
     eprintln!("{} has no disk.raw: building the image", dir.display());
-    // Built through clap so that options added to ImageArgs keep their defaults.
-    let cmd = crate::image::ImageArgs::augment_args(clap::Command::new("image"));
-    let matches = cmd
-        .try_get_matches_from(["image", "--arch", arch.as_str(), "--version", TEST_VERSION])
-        .context("building image arguments")?;
-    let args =
-        crate::image::ImageArgs::from_arg_matches(&matches).context("building image arguments")?;
-    let out = crate::image::run(args)?;
+    let out = crate::image::run(image_args(arch)?)?;
     if out.join("disk.raw").exists() {
         Ok(out)
     } else {
         anyhow::bail!("the image build wrote no disk.raw in {}", out.display())
     }
+}
+
+/// `cargo xtask image --arch <arch> --version 1.0.0`, parsed by clap so
+/// that options added to `ImageArgs` keep their defaults.
+fn image_args(arch: Arch) -> Result<crate::image::ImageArgs> {
+    let cmd = crate::image::ImageArgs::augment_args(clap::Command::new("image"));
+    let matches = cmd
+        .try_get_matches_from(["image", "--arch", arch.as_str(), "--version", TEST_VERSION])
+        .context("building image arguments")?;
+    crate::image::ImageArgs::from_arg_matches(&matches).context("building image arguments")
 }
 
 /// Where serial logs of failed VMs stay.
@@ -155,4 +158,17 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         anyhow::bail!("{failed} VM scenario(s) failed on {}", args.arch);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_arguments_name_the_test_version_and_arch() {
+        let a = image_args(Arch::Aarch64).unwrap();
+        assert_eq!(a.arch, Arch::Aarch64);
+        assert_eq!(a.version, TEST_VERSION);
+        assert!(a.out.is_none());
+    }
 }
