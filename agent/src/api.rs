@@ -58,10 +58,49 @@ pub struct Shared {
     pub boots_total: u64,
 }
 
+/// The agent's own footprint, from `/proc/self`.
+#[derive(Debug, Default, Serialize)]
+pub struct AgentUsage {
+    /// Resident set size.
+    pub rss_kib: u64,
+    /// User plus system CPU time since the agent started.
+    pub cpu_ms: u64,
+}
+
+impl AgentUsage {
+    pub fn read() -> Self {
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0);
+        // Fields 14 and 15 of /proc/self/stat, after the parenthesised name.
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as u64;
+        let cpu_ms = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let utime: u64 = fields.get(11)?.parse().ok()?;
+                let stime: u64 = fields.get(12)?.parse().ok()?;
+                Some((utime + stime) * 1000 / ticks.max(1))
+            })
+            .unwrap_or(0);
+        AgentUsage { rss_kib, cpu_ms }
+    }
+}
+
 /// `/status` in full.
 #[derive(Debug, Serialize)]
 struct FullStatus<'a> {
     node: &'a Status,
+    agent: AgentUsage,
     update: Option<UpdateStatus>,
     services: Vec<ServiceStatus>,
     health: Option<HealthReport>,
@@ -167,6 +206,7 @@ async fn handle(
         (&Method::GET, "/status") => {
             let full = FullStatus {
                 node: &shared.status,
+                agent: AgentUsage::read(),
                 update: shared.update_status(),
                 services: shared.services(),
                 health: shared.health().await,
@@ -310,6 +350,7 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["node"]["version"], "1.0.0");
+        assert!(v["agent"]["rss_kib"].as_u64().unwrap() > 0);
         assert_eq!(v["update"]["state"]["state"], "disabled");
         let (code, _) = request(path.clone(), Method::GET, "/readyz").await.unwrap();
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);

@@ -5,7 +5,8 @@
 //! node's user-data, `/run/ballast/config.d/*.toml`,
 //! `/etc/ballast/config.d/*.toml`; files in a directory apply in name order.
 //! User-data arrives at first boot through QEMU's fw_cfg
-//! (`opt/ballast/user-data`) and is kept on STATE so later boots need no
+//! (`opt/ballast/user-data`) or a FAT volume labelled `CIDATA` holding a
+//! `user-data` file, and is kept on STATE so later boots need no
 //! source. Every file is validated on its own first, so unknown keys and
 //! wrong types are errors naming the file, line and key; a bad config leaves
 //! the last good one in force.
@@ -224,21 +225,30 @@ pub fn redact(table: &toml::Table) -> toml::Table {
         .collect()
 }
 
-/// Finds user-data: fw_cfg first (and keeps a copy on STATE), else the
-/// copy from an earlier boot. Returns the text and where it came from.
+/// Finds user-data: QEMU's fw_cfg first, then a `CIDATA` volume; either
+/// is kept on STATE. Without a source, the copy from an earlier boot.
 pub fn find_user_data() -> Option<Layer> {
-    if let Ok(text) = std::fs::read_to_string(FW_CFG_USER_DATA) {
+    let fresh = std::fs::read_to_string(FW_CFG_USER_DATA)
+        .ok()
+        .map(|text| Layer {
+            source: FW_CFG_USER_DATA.into(),
+            text,
+        })
+        .or_else(|| {
+            crate::cidata::find().map(|(text, device)| Layer {
+                source: device,
+                text,
+            })
+        });
+    if let Some(layer) = fresh {
         let saved = Path::new(SAVED_USER_DATA);
         if let Some(dir) = saved.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        if let Err(e) = std::fs::write(saved, &text) {
+        if let Err(e) = std::fs::write(saved, &layer.text) {
             tracing::warn!(error = %e, "user-data not kept on STATE");
         }
-        return Some(Layer {
-            source: FW_CFG_USER_DATA.into(),
-            text,
-        });
+        return Some(layer);
     }
     std::fs::read_to_string(SAVED_USER_DATA)
         .ok()

@@ -4,6 +4,7 @@
 
 mod api;
 mod bootinfo;
+mod cidata;
 mod cli;
 mod config;
 mod console;
