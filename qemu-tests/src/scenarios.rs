@@ -137,8 +137,18 @@ pub fn boot(ctx: &Context) -> Result<(), ScenarioError> {
     let size = disk::file_size(&ctx.image.disk)?;
     // A disk larger than the image, as a cloud volume would be: STATE grows.
     let mut vm = ctx.vm("boot").disk_size(size + (1 << 30)).spawn()?;
-    wait_ready(&mut vm, ctx)?;
-    Ok(())
+    let ready = wait_ready(&mut vm, ctx)?;
+    // The initrd's /init announces itself before anything else.
+    let early = vm.events_seen().iter().find(|e| e.name == "early-boot");
+    match early.and_then(Event::ms) {
+        Some(ms) if Some(ms) <= ready.ms() => Ok(()),
+        _ => Err(vm
+            .fail(format!(
+                "expected an early-boot event with ms before ready's, saw {:?}",
+                early.map(Event::json)
+            ))
+            .into()),
+    }
 }
 
 /// `reboot`: the agent's API reboots the node and it comes back.
