@@ -29,6 +29,10 @@ pub struct VmTestArgs {
     /// Longest wait for one boot to reach ready, in seconds.
     #[arg(long, default_value_t = 300)]
     pub boot_timeout: u64,
+    /// Test this built image directory (disk.raw + payload/) instead of
+    /// build/<arch>/1.0.0.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
     /// Scenarios to run (all when empty): boot, reboot, verity.
     pub scenarios: Vec<String>,
 }
@@ -113,8 +117,18 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             })
             .collect::<Result<_>>()?
     };
-    let dir = ensure_image(args.arch)?;
+    let dir = match &args.image {
+        Some(dir) => dir.clone(),
+        None => ensure_image(args.arch)?,
+    };
     let image = BuiltImage::load(&dir)?;
+    anyhow::ensure!(
+        image.meta.arch == args.arch,
+        "{} holds an {} image, not {}",
+        dir.display(),
+        image.meta.arch,
+        args.arch
+    );
     let accel = resolve_accel(args.accel, &image)?;
     let ctx = Context {
         arch: args.arch,
