@@ -9,8 +9,14 @@ use std::path::{Path, PathBuf};
 use crate::cpio::{Archive, CpioError, Node};
 use crate::kmod::{ModulesDep, Selection};
 
-/// Modules early boot needs (closure added; built-in ones skipped).
+/// Modules early boot needs (closure added; built-in ones skipped). The load
+/// order follows this list wherever dependencies allow.
 pub const EARLY_MODULES: &[&str] = &[
+    // libcrc32c (erofs, ext4) has `softdep pre: crc32c`, which modules.dep
+    // does not carry: load it before anything else. The generic kernel builds
+    // it as a module, the cloud kernel in. The C version, not crc32c_intel,
+    // which fails with ENODEV on CPUs without SSE4.2.
+    "crc32c_generic",
     "virtio_pci",
     "virtio_blk",
     "dm_verity",
