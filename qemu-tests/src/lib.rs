@@ -3,7 +3,8 @@
 //! ([`events`]), disk overlays and GPT reading ([`disk`]), the busybox
 //! boot-time floor ([`floor`]), the built image under test ([`image`]), a
 //! tiny HTTP client for the agent's API ([`http`]) and the scenarios
-//! `cargo xtask vm-test` runs ([`scenarios`]).
+//! `cargo xtask vm-test` runs ([`scenarios`], and the automatic-update
+//! ones in [`update`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -14,6 +15,7 @@ pub mod floor;
 pub mod http;
 pub mod image;
 pub mod scenarios;
+pub mod update;
 pub mod vm;
 
 pub use events::Event;

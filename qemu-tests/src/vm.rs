@@ -237,6 +237,8 @@ pub struct VmBuilder {
     log_dir: PathBuf,
     keep_log: bool,
     quiet: bool,
+    resume: bool,
+    cache: &'static str,
 }
 
 impl VmBuilder {
@@ -260,6 +262,8 @@ impl VmBuilder {
             log_dir: PathBuf::from("target/vm-logs"),
             keep_log: false,
             quiet: false,
+            resume: false,
+            cache: "unsafe",
         }
     }
 
@@ -300,6 +304,22 @@ impl VmBuilder {
     /// instead of a temporary directory removed on drop.
     pub fn work_dir(mut self, dir: &Path) -> Self {
         self.work_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// With [`VmBuilder::work_dir`]: keeps the overlay and firmware vars
+    /// already there (a VM started again after a power cut) instead of
+    /// starting from fresh copies.
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.resume = resume;
+        self
+    }
+
+    /// The disk's cache mode: `unsafe` (default, fastest: guest flushes are
+    /// ignored) or `writeback` (flushes reach the host file, so killing
+    /// QEMU is a fair power cut).
+    pub fn cache(mut self, mode: &'static str) -> Self {
+        self.cache = mode;
         self
     }
 
@@ -437,7 +457,9 @@ impl VmBuilder {
                 });
                 // A fresh variable store per VM: boot entries and boot
                 // counters must not leak between tests.
-                self.copy_padded(&fw.vars_template, &vars)?;
+                if !(self.resume && vars.exists()) {
+                    self.copy_padded(&fw.vars_template, &vars)?;
+                }
                 push(&[
                     "-drive",
                     &format!(
@@ -465,19 +487,22 @@ impl VmBuilder {
 
         if let Some(image) = &self.disk {
             let overlay = work_dir.join("overlay.qcow2");
-            if overlay.exists() {
-                std::fs::remove_file(&overlay).map_err(self.io_err("removing", &overlay))?;
-            }
-            disk::create_overlay(image, &overlay, self.disk_size).map_err(|source| {
-                VmError::Disk {
-                    vm: self.name.clone(),
-                    source,
+            if !(self.resume && overlay.exists()) {
+                if overlay.exists() {
+                    std::fs::remove_file(&overlay).map_err(self.io_err("removing", &overlay))?;
                 }
-            })?;
+                disk::create_overlay(image, &overlay, self.disk_size).map_err(|source| {
+                    VmError::Disk {
+                        vm: self.name.clone(),
+                        source,
+                    }
+                })?;
+            }
             push(&[
                 "-drive",
                 &format!(
-                    "if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap,file={}",
+                    "if=none,id=disk0,format=qcow2,cache={},discard=unmap,file={}",
+                    self.cache,
                     overlay.display()
                 ),
                 "-device",
@@ -738,6 +763,11 @@ impl Vm {
         self.arch
     }
 
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Time since QEMU started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
@@ -805,6 +835,26 @@ impl Vm {
 
     /// Waits for the next event whose name is one of `names`.
     pub fn wait_for_any(&mut self, names: &[&str], timeout: Duration) -> Result<Event, VmError> {
+        match self.try_wait_for_any(names, timeout)? {
+            Some(ev) => Ok(ev),
+            None => {
+                self.failed = true;
+                Err(VmError::Timeout {
+                    wanted: names.join(" or "),
+                    timeout,
+                    at: self.serial_tail(),
+                })
+            }
+        }
+    }
+
+    /// Like [`Vm::wait_for_any`], but running out of time is an answer
+    /// (`None`), not a failure: for checks that something does not happen.
+    pub fn try_wait_for_any(
+        &mut self,
+        names: &[&str],
+        timeout: Duration,
+    ) -> Result<Option<Event>, VmError> {
         let wanted = names.join(" or ");
         let deadline = Instant::now() + timeout;
         loop {
@@ -814,20 +864,13 @@ impl Vm {
                     self.progress(&format!("event {} {}", ev.name, ev.json()));
                     self.seen.push(ev.clone());
                     if names.contains(&ev.name.as_str()) {
-                        return Ok(ev);
+                        return Ok(Some(ev));
                     }
                 }
                 Ok(SerialMsg::Malformed(e)) => {
                     self.progress(&format!("warning: malformed event line: {e}"));
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.failed = true;
-                    return Err(VmError::Timeout {
-                        wanted,
-                        timeout,
-                        at: self.serial_tail(),
-                    });
-                }
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
                 Err(RecvTimeoutError::Disconnected) => {
                     self.failed = true;
                     // The console closed: QEMU exited (or is about to).

@@ -1,9 +1,10 @@
-//! `cargo xtask vm-test`: builds the image if it is missing, boots it and
-//! runs the scenarios of `qemu-tests`, one line per scenario, then
-//! `N passed, M failed`. Also the helpers `run` and `bench boot` share:
+//! `cargo xtask vm-test`: builds the image if it is missing (trusting the
+//! test key in `build/test-keys/`, and releases 1.1.0 and 1.2.0 when an
+//! update scenario runs), boots it and runs the scenarios of `qemu-tests`,
+//! one line per scenario, then `N passed, M failed`. Also the helpers `run` and `bench boot` share:
 //! finding or building the image, choosing the accelerator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -11,6 +12,7 @@ use ballast_updater::payload::Arch;
 use clap::{Args, FromArgMatches};
 use qemu_tests::image::BuiltImage;
 use qemu_tests::scenarios::{self, Context};
+use qemu_tests::update::{self, fixture};
 use qemu_tests::vm::Accel;
 
 /// Version the test image is built as.
@@ -33,7 +35,9 @@ pub struct VmTestArgs {
     /// build/<arch>/1.0.0.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// Scenarios to run (all when empty): boot, reboot, verity.
+    /// Scenarios to run (default set when empty): boot, reboot, verity,
+    /// update, update-unhealthy, update-never-boots, update-power-cut,
+    /// update-tampered, update-fleetlock; update-all for every update one.
     pub scenarios: Vec<String>,
 }
 
@@ -44,31 +48,75 @@ pub enum AccelChoice {
     Auto,
 }
 
-/// `build/<arch>/1.0.0`, built with `cargo xtask image` when its disk.raw
-/// is missing.
+/// Versions built besides the test image for the update scenarios (only
+/// their payloads are used).
+pub const UPDATE_VERSIONS: &[&str] = &["1.1.0", "1.2.0"];
+
+/// `build/<arch>/1.0.0`, built with `cargo xtask image` trusting the test
+/// key (`build/test-keys/`, generated when missing) when its disk.raw is
+/// missing or it was built without that key.
 pub fn ensure_image(arch: Arch) -> Result<PathBuf> {
-    let dir = crate::workspace_root()
-        .join("build")
-        .join(arch.as_str())
-        .join(TEST_VERSION);
-    if dir.join("disk.raw").exists() {
-        return Ok(dir);
-    }
-    eprintln!("{} has no disk.raw: building the image", dir.display());
-    let out = crate::image::run(image_args(arch)?)?;
-    if out.join("disk.raw").exists() {
-        Ok(out)
-    } else {
-        anyhow::bail!("the image build wrote no disk.raw in {}", out.display())
-    }
+    ensure_version(arch, TEST_VERSION)
 }
 
-/// `cargo xtask image --arch <arch> --version 1.0.0`, parsed by clap so
-/// that options added to `ImageArgs` keep their defaults.
-fn image_args(arch: Arch) -> Result<crate::image::ImageArgs> {
+/// `build/<arch>/<version>`, built like [`ensure_image`]: into a scratch
+/// directory first, then moved into place with a stamp naming the key.
+pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
+    let dir = root.join("build").join(arch.as_str()).join(version);
+    if dir.join("disk.raw").exists() && fixture::trusts(&dir, &public) {
+        return Ok(dir);
+    }
+    eprintln!(
+        "{}: no disk.raw, or not built trusting {}: building the image",
+        dir.display(),
+        public.display()
+    );
+    let tmp = dir.with_extension("new");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    let out = crate::image::run(image_args(arch, version, &public, &tmp)?)?;
+    anyhow::ensure!(
+        out.join("disk.raw").exists(),
+        "the image build wrote no disk.raw in {}",
+        out.display()
+    );
+    let stamp = fixture::trust_stamp(&out, &public)?;
+    std::fs::write(out.join(fixture::TRUST_STAMP), stamp)
+        .with_context(|| format!("writing the trust stamp in {}", out.display()))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::rename(&out, &dir)
+        .with_context(|| format!("moving {} to {}", out.display(), dir.display()))?;
+    Ok(dir)
+}
+
+/// `cargo xtask image --arch A --version V --trust KEY --out DIR`, parsed
+/// by clap so that options added to `ImageArgs` keep their defaults.
+fn image_args(
+    arch: Arch,
+    version: &str,
+    trust: &Path,
+    out: &Path,
+) -> Result<crate::image::ImageArgs> {
     let cmd = crate::image::ImageArgs::augment_args(clap::Command::new("image"));
+    let trust = trust.to_string_lossy();
+    let out = out.to_string_lossy();
     let matches = cmd
-        .try_get_matches_from(["image", "--arch", arch.as_str(), "--version", TEST_VERSION])
+        .try_get_matches_from([
+            "image",
+            "--arch",
+            arch.as_str(),
+            "--version",
+            version,
+            "--trust",
+            &trust,
+            "--out",
+            &out,
+        ])
         .context("building image arguments")?;
     crate::image::ImageArgs::from_arg_matches(&matches).context("building image arguments")
 }
@@ -103,20 +151,44 @@ pub fn resolve_accel(choice: AccelChoice, image: &BuiltImage) -> Result<Accel> {
     })
 }
 
-pub fn run(args: VmTestArgs) -> Result<()> {
-    let selected: Vec<&scenarios::Scenario> = if args.scenarios.is_empty() {
-        scenarios::ALL.iter().collect()
-    } else {
-        args.scenarios
+/// The scenarios named (`update-all`: every update scenario), or by
+/// default the base ones and the update ones that run by default on `arch`.
+fn select(names: &[String], arch: Arch) -> Result<Vec<&'static scenarios::Scenario>> {
+    if names.is_empty() {
+        let updates = update::UPDATE
             .iter()
-            .map(|n| {
-                scenarios::find(n).with_context(|| {
-                    let names: Vec<&str> = scenarios::ALL.iter().map(|s| s.name).collect();
-                    format!("unknown scenario {n:?} (known: {})", names.join(", "))
-                })
-            })
-            .collect::<Result<_>>()?
-    };
+            .filter(|s| update::runs_by_default(s.name, arch));
+        return Ok(scenarios::ALL.iter().chain(updates).collect());
+    }
+    let mut out = Vec::new();
+    for n in names {
+        if n == update::GROUP_ALL {
+            out.extend(update::UPDATE.iter());
+            continue;
+        }
+        let s = scenarios::find(n)
+            .or_else(|| update::find(n))
+            .with_context(|| {
+                let known: Vec<&str> = scenarios::ALL
+                    .iter()
+                    .chain(update::UPDATE)
+                    .map(|s| s.name)
+                    .chain([update::GROUP_ALL])
+                    .collect();
+                format!("unknown scenario {n:?} (known: {})", known.join(", "))
+            })?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+pub fn run(args: VmTestArgs) -> Result<()> {
+    let selected = select(&args.scenarios, args.arch)?;
+    if args.image.is_none() && selected.iter().any(|s| update::find(s.name).is_some()) {
+        for v in UPDATE_VERSIONS {
+            ensure_version(args.arch, v)?;
+        }
+    }
     let dir = match &args.image {
         Some(dir) => dir.clone(),
         None => ensure_image(args.arch)?,
@@ -180,9 +252,30 @@ mod tests {
 
     #[test]
     fn image_arguments_name_the_test_version_and_arch() {
-        let a = image_args(Arch::Aarch64).unwrap();
+        let a = image_args(
+            Arch::Aarch64,
+            TEST_VERSION,
+            Path::new("k.pub"),
+            Path::new("out"),
+        )
+        .unwrap();
         assert_eq!(a.arch, Arch::Aarch64);
         assert_eq!(a.version, TEST_VERSION);
-        assert!(a.out.is_none());
+        assert_eq!(a.trust, vec![PathBuf::from("k.pub")]);
+        assert_eq!(a.out, Some(PathBuf::from("out")));
+    }
+
+    #[test]
+    fn update_scenarios_are_selected_by_name_group_and_arch_default() {
+        let names = |v: Vec<&scenarios::Scenario>| v.iter().map(|s| s.name).collect::<Vec<_>>();
+        let x86 = names(select(&[], Arch::X86_64).unwrap());
+        assert!(x86.contains(&"boot") && x86.contains(&"update-fleetlock"));
+        let arm = names(select(&[], Arch::Aarch64).unwrap());
+        assert!(arm.contains(&"update") && !arm.contains(&"update-fleetlock"));
+        let all = names(select(&["update-all".into()], Arch::Aarch64).unwrap());
+        assert_eq!(all.len(), update::UPDATE.len());
+        let one = names(select(&["update-tampered".into()], Arch::Aarch64).unwrap());
+        assert_eq!(one, vec!["update-tampered"]);
+        assert!(select(&["nope".into()], Arch::X86_64).is_err());
     }
 }

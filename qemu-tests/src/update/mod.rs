@@ -1,0 +1,131 @@
+//! The automatic-update VM scenarios (issue 5): a node boots 1.0.0 from
+//! the test image and updates itself from a signed repository the test
+//! serves on 127.0.0.1 ([`server`]), reached through guestfwd at
+//! `10.0.2.100:80`; the FleetLock scenario adds a lock server
+//! ([`fleetlock`]) at `10.0.2.101:80`. Keys, release payloads and
+//! repositories come from [`fixture`]; the scenario bodies are in
+//! [`scenarios`]. This module owns the list `vm-test` runs and which of
+//! them run by default on each architecture.
+
+pub mod fixture;
+pub mod fleetlock;
+pub mod scenarios;
+pub mod server;
+
+use ballast_updater::payload::Arch;
+
+use crate::scenarios::{Scenario, ScenarioError};
+use crate::{disk::DiskError, http::HttpError, vm::VmError};
+
+/// Errors of the update scenarios.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("talking to the agent's API")]
+    Http(#[from] HttpError),
+    #[error("preparing keys, releases or the repository")]
+    Fixture(#[from] fixture::FixtureError),
+    #[error("the repository server")]
+    Server(#[from] server::ServerError),
+    #[error("the FleetLock server")]
+    FleetLock(#[from] fleetlock::FleetLockError),
+    #[error("preparing a disk")]
+    Disk(#[from] DiskError),
+    #[error("creating a scratch directory")]
+    Scratch(#[source] std::io::Error),
+    #[error("a VM thread of the FleetLock scenario panicked")]
+    Thread,
+}
+
+impl From<UpdateError> for ScenarioError {
+    fn from(e: UpdateError) -> Self {
+        match e {
+            UpdateError::Vm(e) => ScenarioError::Vm(e),
+            UpdateError::Http(e) => ScenarioError::Http(e),
+            UpdateError::Disk(e) => ScenarioError::Disk(e),
+            other => ScenarioError::Setup(error_chain(&other)),
+        }
+    }
+}
+
+/// `a: b: c` from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// Name that selects every update scenario on the command line.
+pub const GROUP_ALL: &str = "update-all";
+
+/// The update scenarios, in the order `vm-test` runs them.
+pub const UPDATE: &[Scenario] = &[
+    Scenario {
+        name: "update",
+        about: "1.0.0 finds 1.1.0: installed, rebooted, committed on slot b; then 1.2.0 back to slot a",
+        run: scenarios::update,
+    },
+    Scenario {
+        name: "update-unhealthy",
+        about: "1.1.0's health check answers 503: trial-failed, back on 1.0.0, rolled-back reported, no retry",
+        run: scenarios::unhealthy,
+    },
+    Scenario {
+        name: "update-never-boots",
+        about: "1.1.0 with a wrong verity root hash: boot-failed on each try, systemd-boot falls back, rolled-back",
+        run: scenarios::never_boots,
+    },
+    Scenario {
+        name: "update-power-cut",
+        about: "QEMU killed at a random moment of the install (BALLAST_TEST_SEED replays), restarted: 1.0.0 ready, then committed 1.1.0",
+        run: scenarios::power_cut,
+    },
+    Scenario {
+        name: "update-tampered",
+        about: "one byte of usr.img flipped by the server: update-error on the hash, nothing installed, ESP entries unchanged",
+        run: scenarios::tampered,
+    },
+    Scenario {
+        name: "update-fleetlock",
+        about: "two nodes with strategy fleetlock share one lock slot: reboot windows never overlap, both committed",
+        run: scenarios::fleetlock,
+    },
+];
+
+/// Update scenarios that run by default (no names given) on `arch`. All
+/// of them run on x86_64; on aarch64, whose TCG boots are slower, the
+/// default is the ones covering the most agent code per minute (the rest
+/// run on aarch64 when named).
+pub fn runs_by_default(name: &str, arch: Arch) -> bool {
+    match arch {
+        Arch::X86_64 => true,
+        Arch::Aarch64 => matches!(name, "update" | "update-unhealthy" | "update-tampered"),
+    }
+}
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    UPDATE.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_do_not_clash_with_the_base_scenarios() {
+        for s in UPDATE {
+            assert_eq!(find(s.name).map(|f| f.name), Some(s.name));
+            assert!(crate::scenarios::find(s.name).is_none(), "{}", s.name);
+            assert!(runs_by_default(s.name, Arch::X86_64));
+        }
+        assert!(find(GROUP_ALL).is_none());
+        assert!(runs_by_default("update", Arch::Aarch64));
+        assert!(!runs_by_default("update-fleetlock", Arch::Aarch64));
+    }
+}

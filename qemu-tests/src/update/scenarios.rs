@@ -1,0 +1,848 @@
+//! Bodies of the update scenarios listed in [`super::UPDATE`]. Each starts
+//! a repository server over a scratch repository signed with the test key,
+//! boots the 1.0.0 test image with `[update]` user-data pointing at it and
+//! follows the agent's console events (update-found, install-progress,
+//! installed, rebooting, trial-boot, committed, trial-failed, rolled-back,
+//! update-error), checking versions and slots at each step.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::events::Event;
+use crate::http;
+use crate::scenarios::{Context, ScenarioError};
+use crate::vm::{GuestFwd, Vm, VmBuilder};
+
+use super::fixture::{self, Releases, TestRepo};
+use super::fleetlock::{self, FleetLockServer};
+use super::server::{Flip, RepoServer};
+use super::UpdateError;
+
+/// Where guests reach the repository server.
+pub const REPO_GUEST_ADDR: &str = "10.0.2.100:80";
+/// Where guests reach the FleetLock server.
+pub const LOCK_GUEST_ADDR: &str = "10.0.2.101:80";
+/// Poll interval the scenarios configure.
+const INTERVAL: Duration = Duration::from_secs(10);
+/// Events that end a happy path at once.
+const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
+/// Longest wait for a download and install (TCG, 2 busy cores).
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// User-data: API on all addresses, static address, `[update]` against the
+/// test repository, then `extra` (more tables).
+pub fn user_data(strategy: &str, health_deadline: &str, extra: &str) -> String {
+    format!(
+        "[api]\nlisten = \"0.0.0.0:9465\"\n\
+         [network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
+         [update]\nrepository = \"http://{REPO_GUEST_ADDR}/\"\ninterval = \"{}s\"\n\
+         strategy = \"{strategy}\"\nhealth_deadline = \"{health_deadline}\"\n{extra}",
+        INTERVAL.as_secs()
+    )
+}
+
+/// A started repository server over a scratch repository.
+struct Setup {
+    releases: Releases,
+    repo: TestRepo,
+    server: RepoServer,
+}
+
+impl Setup {
+    /// Repository with `versions` added and signed once.
+    fn new(ctx: &Context, versions: &[&str]) -> Result<Self, UpdateError> {
+        let releases = Releases::beside(&ctx.image.dir)?;
+        let repo = TestRepo::new(releases.key()?)?;
+        for v in versions {
+            repo.add(&releases.payload(v)?)?;
+        }
+        let seq = repo.sign()?;
+        let server = RepoServer::start(repo.path())?;
+        eprintln!(
+            "  [{}] repository {} (sequence {seq}, releases {versions:?}) on 127.0.0.1:{}",
+            ctx.arch,
+            repo.path().display(),
+            server.port()
+        );
+        Ok(Setup {
+            releases,
+            repo,
+            server,
+        })
+    }
+
+    /// Adds `version` and signs again (sequence + 1).
+    fn publish(&self, version: &str) -> Result<(), UpdateError> {
+        self.repo.add(&self.releases.payload(version)?)?;
+        let seq = self.repo.sign()?;
+        eprintln!("  published {version} (sequence {seq})");
+        Ok(())
+    }
+
+    fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
+        ctx.vm(name)
+            .forward_api()
+            .guestfwd(GuestFwd {
+                guest_addr: REPO_GUEST_ADDR.into(),
+                host_port: self.server.port(),
+            })
+            .user_data(user_data.as_bytes())
+    }
+}
+
+/// Waits for `want` (optionally with `version`), failing on any of `bad`.
+fn step(
+    vm: &mut Vm,
+    want: &str,
+    version: Option<&str>,
+    bad: &[&str],
+    timeout: Duration,
+) -> Result<Event, UpdateError> {
+    let names: Vec<&str> = std::iter::once(want)
+        .chain(bad.iter().copied().filter(|b| *b != want))
+        .collect();
+    let ev = vm.wait_for_any(&names, timeout)?;
+    if ev.name != want {
+        return Err(vm
+            .fail(format!(
+                "waiting for {want}, got {}: {}",
+                ev.name,
+                ev.json()
+            ))
+            .into());
+    }
+    if let Some(v) = version {
+        if ev.str_field("version") != Some(v) {
+            return Err(vm
+                .fail(format!("{want} for version {v} expected: {}", ev.json()))
+                .into());
+        }
+    }
+    Ok(ev)
+}
+
+/// Waits for `ready`, failing on `boot-failed`, and checks version and slot.
+fn ready(vm: &mut Vm, ctx: &Context, version: &str, slot: &str) -> Result<Event, UpdateError> {
+    let ev = step(vm, "ready", None, &["boot-failed"], ctx.boot_timeout)?;
+    check_field(vm, &ev, "version", version)?;
+    check_field(vm, &ev, "slot", slot)?;
+    Ok(ev)
+}
+
+fn check_field(vm: &mut Vm, ev: &Event, key: &str, want: &str) -> Result<(), UpdateError> {
+    if ev.str_field(key) == Some(want) {
+        Ok(())
+    } else {
+        Err(vm
+            .fail(format!(
+                "{} event has {key} {:?}, expected {want:?}: {}",
+                ev.name,
+                ev.str_field(key),
+                ev.json()
+            ))
+            .into())
+    }
+}
+
+/// An event named `name` seen since index `mark`, else the next one.
+fn seen_or_wait(
+    vm: &mut Vm,
+    mark: usize,
+    name: &str,
+    bad: &[&str],
+    timeout: Duration,
+) -> Result<Event, UpdateError> {
+    if let Some(ev) = vm.events_seen()[mark.min(vm.events_seen().len())..]
+        .iter()
+        .find(|e| e.name == name)
+    {
+        return Ok(ev.clone());
+    }
+    step(vm, name, None, bad, timeout)
+}
+
+/// The whole cycle from a running `from` to a committed `to`.
+fn update_cycle(
+    vm: &mut Vm,
+    ctx: &Context,
+    to: &str,
+    to_slot: &str,
+    bad_before_found: &[&str],
+) -> Result<(), UpdateError> {
+    let t = Instant::now();
+    step(
+        vm,
+        "update-found",
+        Some(to),
+        bad_before_found,
+        INSTALL_TIMEOUT,
+    )?;
+    let found = t.elapsed();
+    let installed = step(vm, "installed", Some(to), UNHAPPY, INSTALL_TIMEOUT)?;
+    check_field(vm, &installed, "slot", to_slot)?;
+    let install = t.elapsed() - found;
+    step(vm, "rebooting", Some(to), UNHAPPY, Duration::from_secs(60))?;
+    let mark = vm.events_seen().len();
+    ready(vm, ctx, to, to_slot)?;
+    seen_or_wait(vm, mark, "trial-boot", UNHAPPY, Duration::from_secs(60))?;
+    let committed = seen_or_wait(vm, mark, "committed", UNHAPPY, Duration::from_secs(120))?;
+    check_field(vm, &committed, "version", to)?;
+    check_field(vm, &committed, "slot", to_slot)?;
+    vm.progress(&format!(
+        "{to} committed on slot {to_slot}: found after {:.1} s, install {:.1} s, reboot+trial {:.1} s",
+        found.as_secs_f64(),
+        install.as_secs_f64(),
+        (t.elapsed() - found - install).as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// `GET /status` as JSON, retried while the API comes up.
+fn status(vm: &mut Vm) -> Result<serde_json::Value, UpdateError> {
+    let port = vm
+        .api_port()
+        .ok_or_else(|| vm.fail("no API port forwarded"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http::request(port, "GET", "/status", None, Duration::from_secs(10));
+        match r {
+            Ok(r) if r.status == 200 => {
+                if let Ok(v) = serde_json::from_str(&r.body) {
+                    return Ok(v);
+                }
+            }
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(vm.fail("GET /status never answered 200 with JSON").into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn run(f: impl FnOnce() -> Result<(), UpdateError>) -> Result<(), ScenarioError> {
+    f().map_err(ScenarioError::from)
+}
+
+/// Scenario 1, `update`: 1.0.0 → 1.1.0 on slot b → 1.2.0 on slot a.
+pub fn update(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &["1.1.0"])?;
+        let ud = user_data("immediate", "60s", "");
+        let mut vm = setup.vm(ctx, "update", &ud).spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        update_cycle(&mut vm, ctx, "1.1.0", "b", UNHAPPY)?;
+        setup.publish("1.2.0")?;
+        // A poll may catch the repository between manifest and signature
+        // being rewritten: an update-error then is the test's doing.
+        update_cycle(
+            &mut vm,
+            ctx,
+            "1.2.0",
+            "a",
+            &["trial-failed", "boot-failed", "rolled-back"],
+        )?;
+        let st = status(&mut vm)?;
+        vm.progress(&format!("status update: {}", st["update"]));
+        Ok(())
+    })
+}
+
+/// `[[health.checks]]` against the repository server's `/health`.
+const HEALTH_CHECK: &str = "[[health.checks]]\nname = \"app\"\n\
+    http = \"http://10.0.2.100/health\"\ntimeout = \"2s\"\n";
+
+/// Scenario 2, `update-unhealthy`: 1.1.0 fails its health gate and is rolled back.
+pub fn unhealthy(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &["1.1.0"])?;
+        setup.server.set_health(503);
+        let ud = user_data("immediate", "20s", HEALTH_CHECK);
+        let mut vm = setup.vm(ctx, "update-unhealthy", &ud).spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        step(
+            &mut vm,
+            "update-found",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        let inst = step(
+            &mut vm,
+            "installed",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        check_field(&mut vm, &inst, "slot", "b")?;
+        step(
+            &mut vm,
+            "rebooting",
+            Some("1.1.0"),
+            UNHAPPY,
+            Duration::from_secs(60),
+        )?;
+        let mark = vm.events_seen().len();
+        ready(&mut vm, ctx, "1.1.0", "b")?;
+        seen_or_wait(
+            &mut vm,
+            mark,
+            "trial-boot",
+            &["committed"],
+            Duration::from_secs(60),
+        )?;
+        let failed = seen_or_wait(
+            &mut vm,
+            mark,
+            "trial-failed",
+            &["committed"],
+            Duration::from_secs(120),
+        )?;
+        check_field(&mut vm, &failed, "version", "1.1.0")?;
+        step(
+            &mut vm,
+            "rebooting",
+            None,
+            &["committed"],
+            Duration::from_secs(60),
+        )?;
+        let mark = vm.events_seen().len();
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        let rb = seen_or_wait(&mut vm, mark, "rolled-back", &[], Duration::from_secs(60))?;
+        check_field(&mut vm, &rb, "from", "1.1.0")?;
+        check_field(&mut vm, &rb, "to", "1.0.0")?;
+        let st = status(&mut vm)?;
+        let rollbacks = st["update"]["rollbacks"].as_u64().unwrap_or(0);
+        vm.progress(&format!("status update: {}", st["update"]));
+        if rollbacks < 1 {
+            return Err(vm
+                .fail(format!(
+                    "/status update.rollbacks is {rollbacks}, expected >= 1: {st}"
+                ))
+                .into());
+        }
+        // Two intervals and some: the bad release must not come back.
+        let quiet = INTERVAL * 2 + Duration::from_secs(5);
+        let again = vm.try_wait_for_any(&["update-found", "installed", "rebooting"], quiet)?;
+        if let Some(ev) = again {
+            return Err(vm
+                .fail(format!(
+                    "the rolled-back release is tried again: {}",
+                    ev.json()
+                ))
+                .into());
+        }
+        vm.progress(&format!(
+            "no new install within {} s after the rollback",
+            quiet.as_secs()
+        ));
+        Ok(())
+    })
+}
+
+/// systemd-boot tries a new entry this many times (`+3`).
+const BOOT_TRIES: usize = 3;
+
+/// Scenario 3, `update-never-boots`: a release whose verity root hash is wrong.
+pub fn never_boots(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let scratch = tempfile::Builder::new()
+            .prefix("ballast-never-boots-")
+            .tempdir()
+            .map_err(UpdateError::Scratch)?;
+        let releases = Releases::beside(&ctx.image.dir)?;
+        let bad_payload = scratch.path().join("payload");
+        let root = fixture::wrong_verity_payload(&releases.payload("1.1.0")?, &bad_payload)?;
+        eprintln!(
+            "  [{}] 1.1.0 published with verity root hash {root}",
+            ctx.arch
+        );
+        let repo = TestRepo::new(releases.key()?)?;
+        repo.add(&bad_payload)?;
+        repo.sign()?;
+        let server = RepoServer::start(repo.path())?;
+        let ud = user_data("immediate", "60s", "");
+        let mut vm = ctx
+            .vm("update-never-boots")
+            .forward_api()
+            .guestfwd(GuestFwd {
+                guest_addr: REPO_GUEST_ADDR.into(),
+                host_port: server.port(),
+            })
+            .user_data(ud.as_bytes())
+            .spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        step(
+            &mut vm,
+            "update-found",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        let inst = step(
+            &mut vm,
+            "installed",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        check_field(&mut vm, &inst, "slot", "b")?;
+        step(
+            &mut vm,
+            "rebooting",
+            Some("1.1.0"),
+            UNHAPPY,
+            Duration::from_secs(60),
+        )?;
+        let mut failures = 0;
+        let back = loop {
+            // Each failed try waits 10 s before rebooting.
+            let ev = vm.wait_for_any(&["boot-failed", "ready"], ctx.boot_timeout)?;
+            if ev.name == "ready" {
+                break ev;
+            }
+            failures += 1;
+            let reason = ev.str_field("reason").unwrap_or("").to_lowercase();
+            if !reason.contains("verity") {
+                return Err(vm
+                    .fail(format!(
+                        "boot-failed does not name dm-verity: {}",
+                        ev.json()
+                    ))
+                    .into());
+            }
+            if failures > BOOT_TRIES {
+                return Err(vm
+                    .fail(format!(
+                        "more than {BOOT_TRIES} failed boots: the boot counter does not run out"
+                    ))
+                    .into());
+            }
+        };
+        let mark = vm.events_seen().len();
+        check_field(&mut vm, &back, "version", "1.0.0")?;
+        check_field(&mut vm, &back, "slot", "a")?;
+        if failures != BOOT_TRIES {
+            return Err(vm
+                .fail(format!(
+                    "{failures} failed boot(s) of 1.1.0 before falling back, expected {BOOT_TRIES} (entry +{BOOT_TRIES})"
+                ))
+                .into());
+        }
+        let rb = seen_or_wait(&mut vm, mark, "rolled-back", &[], Duration::from_secs(60))?;
+        check_field(&mut vm, &rb, "from", "1.1.0")?;
+        let st = status(&mut vm)?;
+        vm.progress(&format!("status update: {}", st["update"]));
+        Ok(())
+    })
+}
+
+/// A small deterministic generator (splitmix64) for replayable choices.
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed: `BALLAST_TEST_SEED`, else the clock.
+fn seed() -> u64 {
+    std::env::var("BALLAST_TEST_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}
+
+/// Latest cut after `update-found`, in ms: a little under the shortest
+/// found-to-installed time measured under TCG (`BALLAST_POWER_CUT_MAX_MS`
+/// overrides).
+fn cut_window_ms(arch: ballast_updater::payload::Arch) -> u64 {
+    std::env::var("BALLAST_POWER_CUT_MAX_MS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(match arch {
+            ballast_updater::payload::Arch::X86_64 => 3000,
+            ballast_updater::payload::Arch::Aarch64 => 3000,
+        })
+}
+
+/// Scenario 4, `update-power-cut`: QEMU killed during the install, restarted
+/// on the same disk and firmware variables.
+pub fn power_cut(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &["1.1.0"])?;
+        let work = tempfile::Builder::new()
+            .prefix("ballast-power-cut-")
+            .tempdir()
+            .map_err(UpdateError::Scratch)?;
+        let seed = seed();
+        let window = cut_window_ms(ctx.arch);
+        let delay = Duration::from_millis(splitmix(seed) % window.max(1));
+        eprintln!(
+            "  [{}] power cut {} ms after update-found (of 0..{window} ms); replay with BALLAST_TEST_SEED={seed}",
+            ctx.arch,
+            delay.as_millis()
+        );
+        let ud = user_data("immediate", "60s", "");
+        // writeback: guest flushes reach the overlay file, as they would a disk.
+        let builder = setup
+            .vm(ctx, "update-power-cut", &ud)
+            .work_dir(work.path())
+            .cache("writeback");
+        let mut vm = builder.clone().spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        step(
+            &mut vm,
+            "update-found",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        let done = vm.try_wait_for_any(&["installed"], delay)?;
+        let last = vm
+            .events_seen()
+            .last()
+            .map(|e| e.json())
+            .unwrap_or_default();
+        vm.progress(&format!(
+            "SIGKILL to QEMU pid {} (last event {last})",
+            vm.pid()
+        ));
+        vm.kill();
+        drop(vm);
+        let cut_after_install = done.is_some();
+        if cut_after_install {
+            eprintln!(
+                "  [{}] note: the install finished before the cut (delay {} ms): the restart boots 1.1.0's trial",
+                ctx.arch,
+                delay.as_millis()
+            );
+        }
+
+        let mut vm = builder.resume(true).spawn()?;
+        if cut_after_install {
+            let mark = vm.events_seen().len();
+            ready(&mut vm, ctx, "1.1.0", "b")?;
+            let c = seen_or_wait(
+                &mut vm,
+                mark,
+                "committed",
+                UNHAPPY,
+                Duration::from_secs(120),
+            )?;
+            check_field(&mut vm, &c, "version", "1.1.0")?;
+            return Ok(());
+        }
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        update_cycle(&mut vm, ctx, "1.1.0", "b", UNHAPPY)?;
+        Ok(())
+    })
+}
+
+/// Words the refusal of a tampered object is expected to use (lowercase).
+const HASH_WORDS: &[&str] = &["sha256", "sha-256", "hash", "mismatch", "does not match"];
+
+/// Scenario 5, `update-tampered`: one byte of usr.img flipped in transit.
+pub fn tampered(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &["1.1.0"])?;
+        let payload = setup.releases.payload("1.1.0")?;
+        let object = TestRepo::object_path(&payload, "usr.img")?;
+        let size = crate::disk::file_size(&payload.join("usr.img"))?;
+        let offset = size / 2 + 17;
+        setup.server.set_flip(Some(Flip {
+            path: object.clone(),
+            offset,
+        }));
+        eprintln!(
+            "  [{}] serving {object} with byte {offset} flipped",
+            ctx.arch
+        );
+        let work = tempfile::Builder::new()
+            .prefix("ballast-tampered-")
+            .tempdir()
+            .map_err(UpdateError::Scratch)?;
+        let ud = user_data("immediate", "60s", "");
+        let mut vm = setup
+            .vm(ctx, "update-tampered", &ud)
+            .work_dir(work.path())
+            .spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        step(
+            &mut vm,
+            "update-found",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        let err = step(
+            &mut vm,
+            "update-error",
+            None,
+            &["installed", "rebooting", "boot-failed"],
+            INSTALL_TIMEOUT,
+        )?;
+        let reason = err.str_field("reason").unwrap_or("").to_lowercase();
+        if !HASH_WORDS.iter().any(|w| reason.contains(w)) {
+            return Err(vm
+                .fail(format!(
+                    "update-error does not name the hash mismatch: {}",
+                    err.json()
+                ))
+                .into());
+        }
+        let tampered = setup.server.log().iter().filter(|s| s.tampered).count();
+        if tampered == 0 {
+            return Err(vm
+                .fail("the node refused, but no tampered byte was ever served")
+                .into());
+        }
+        // Still up and serving, on 1.0.0.
+        let st = status(&mut vm)?;
+        vm.progress(&format!(
+            "status update: {} ({tampered} tampered response(s) served)",
+            st["update"]
+        ));
+        // The next poll must refuse again, not install.
+        let next = vm.try_wait_for_any(
+            &["installed", "rebooting"],
+            INTERVAL + Duration::from_secs(10),
+        )?;
+        if let Some(ev) = next {
+            return Err(vm
+                .fail(format!("a tampered release was installed: {}", ev.json()))
+                .into());
+        }
+        vm.kill();
+        let before = fixture::esp_entries(&ctx.image.disk)?;
+        let raw = work.path().join("after.raw");
+        fixture::overlay_to_raw(&work.path().join("overlay.qcow2"), &raw)?;
+        let after = fixture::esp_entries(&raw)?;
+        if before != after {
+            return Err(vm
+                .fail(format!(
+                    "ESP boot entries changed: {before:?} before, {after:?} after"
+                ))
+                .into());
+        }
+        vm.progress(&format!("ESP boot entries unchanged: {after:?}"));
+        Ok(())
+    })
+}
+
+/// What one FleetLock node went through, in host time.
+#[derive(Debug)]
+struct Timeline {
+    name: String,
+    rebooting: Instant,
+    committed: Instant,
+}
+
+fn host_time(vm: &Vm, ev: &Event) -> Instant {
+    let start = Instant::now() - vm.elapsed();
+    start + ev.host_elapsed.unwrap_or_default()
+}
+
+fn fleetlock_node(mut vm: Vm, ctx: &Context) -> Result<Timeline, UpdateError> {
+    ready(&mut vm, ctx, "1.0.0", "a")?;
+    step(
+        &mut vm,
+        "update-found",
+        Some("1.1.0"),
+        UNHAPPY,
+        INSTALL_TIMEOUT,
+    )?;
+    step(
+        &mut vm,
+        "installed",
+        Some("1.1.0"),
+        UNHAPPY,
+        INSTALL_TIMEOUT,
+    )?;
+    // The other node may hold the lock through its reboot and trial.
+    let rb = step(
+        &mut vm,
+        "rebooting",
+        Some("1.1.0"),
+        UNHAPPY,
+        ctx.boot_timeout * 2 + INSTALL_TIMEOUT,
+    )?;
+    let rebooting = host_time(&vm, &rb);
+    let mark = vm.events_seen().len();
+    ready(&mut vm, ctx, "1.1.0", "b")?;
+    let c = seen_or_wait(
+        &mut vm,
+        mark,
+        "committed",
+        UNHAPPY,
+        Duration::from_secs(120),
+    )?;
+    let committed = host_time(&vm, &c);
+    // Give the steady-state call a moment to reach the server.
+    std::thread::sleep(Duration::from_secs(5));
+    Ok(Timeline {
+        name: vm.name().to_owned(),
+        rebooting,
+        committed,
+    })
+}
+
+/// Scenario 6, `update-fleetlock`: two nodes, one lock slot.
+pub fn fleetlock(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &["1.1.0"])?;
+        let lock = FleetLockServer::start()?;
+        eprintln!(
+            "  [{}] FleetLock server on 127.0.0.1:{}",
+            ctx.arch,
+            lock.port()
+        );
+        let extra = format!(
+            "[update.fleetlock]\nurl = \"http://{LOCK_GUEST_ADDR}/\"\ngroup = \"default\"\n"
+        );
+        let ud = user_data("fleetlock", "60s", &extra);
+        let mut vms = Vec::new();
+        for name in ["update-fleetlock-1", "update-fleetlock-2"] {
+            let vm = setup
+                .vm(ctx, name, &ud)
+                .cpus(1)
+                .guestfwd(GuestFwd {
+                    guest_addr: LOCK_GUEST_ADDR.into(),
+                    host_port: lock.port(),
+                })
+                .spawn()?;
+            vms.push(vm);
+        }
+        let results: Vec<Result<Timeline, UpdateError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = vms
+                .into_iter()
+                .map(|vm| s.spawn(move || fleetlock_node(vm, ctx)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(UpdateError::Thread)))
+                .collect()
+        });
+        let mut lines = Vec::new();
+        for r in results {
+            lines.push(r?);
+        }
+        let log = lock.log();
+        let holds = fleetlock::holds(&log, "default")?;
+        let denied = log
+            .iter()
+            .filter(|e| e.op == fleetlock::LockOp::Deny)
+            .count();
+        let t0 = log.first().map(|e| e.at).unwrap_or_else(Instant::now);
+        let secs = |t: Instant| t.saturating_duration_since(t0).as_secs_f64();
+        for (id, granted, released) in &holds {
+            eprintln!(
+                "  [fleetlock] node {id}: held {:.1} s .. {}",
+                secs(*granted),
+                released.map_or("still held".into(), |r| format!("{:.1} s", secs(r)))
+            );
+        }
+        for l in &lines {
+            eprintln!(
+                "  [{}] rebooting at {:.1} s, committed at {:.1} s",
+                l.name,
+                secs(l.rebooting),
+                secs(l.committed)
+            );
+        }
+        eprintln!("  [fleetlock] {denied} pre-reboot request(s) refused while the slot was held");
+        let fail = |m: String| UpdateError::FleetLock(fleetlock::FleetLockError::Log(m));
+        if holds.len() != 2 || holds[0].0 == holds[1].0 {
+            return Err(fail(format!(
+                "expected two grants to two nodes, log has {holds:?}"
+            )));
+        }
+        // Each node's reboot window (rebooting .. committed) lies inside
+        // one hold, the two in different holds: so they never overlap.
+        let slack = Duration::from_secs(2);
+        let mut owner = Vec::new();
+        for l in &lines {
+            let i = holds.iter().position(|(_, g, r)| {
+                *g <= l.rebooting && r.is_some_and(|r| l.committed <= r + slack)
+            });
+            let Some(i) = i else {
+                return Err(fail(format!(
+                    "{}'s reboot ({:.1} s .. {:.1} s) is not inside a lock hold",
+                    l.name,
+                    secs(l.rebooting),
+                    secs(l.committed)
+                )));
+            };
+            owner.push(i);
+        }
+        if owner[0] == owner[1] {
+            return Err(fail("both nodes rebooted under the same hold".into()));
+        }
+        let (a, b) = if lines[0].rebooting < lines[1].rebooting {
+            (&lines[0], &lines[1])
+        } else {
+            (&lines[1], &lines[0])
+        };
+        if b.rebooting < a.committed {
+            return Err(fail(format!(
+                "{} rebooted at {:.1} s before {} committed at {:.1} s",
+                b.name,
+                secs(b.rebooting),
+                a.name,
+                secs(a.committed)
+            )));
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_is_the_documented_toml() {
+        let ud = user_data("fleetlock", "20s", HEALTH_CHECK);
+        let v: toml_like::Doc = toml_like::parse(&ud);
+        assert_eq!(
+            v.get("update.repository"),
+            Some("\"http://10.0.2.100:80/\"")
+        );
+        assert_eq!(v.get("update.strategy"), Some("\"fleetlock\""));
+        assert_eq!(v.get("update.health_deadline"), Some("\"20s\""));
+        assert!(ud.contains("[[health.checks]]\nname = \"app\"\n"));
+    }
+
+    #[test]
+    fn seeds_replay() {
+        assert_eq!(splitmix(42), splitmix(42));
+        assert_ne!(splitmix(42), splitmix(43));
+    }
+
+    /// Just enough TOML reading for the test above: `table.key` → raw value.
+    mod toml_like {
+        pub struct Doc(Vec<(String, String)>);
+        impl Doc {
+            pub fn get(&self, k: &str) -> Option<&str> {
+                self.0.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
+            }
+        }
+        pub fn parse(text: &str) -> Doc {
+            let mut table = String::new();
+            let mut out = Vec::new();
+            for l in text.lines() {
+                if let Some(t) = l.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+                    table = t.trim_matches(['[', ']']).to_owned();
+                } else if let Some((k, v)) = l.split_once(" = ") {
+                    out.push((format!("{table}.{k}"), v.to_owned()));
+                }
+            }
+            Doc(out)
+        }
+    }
+}
