@@ -25,8 +25,9 @@ use crate::{api, console, mounts};
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
 const FACTORY_ETC: &str = "/usr/share/factory/etc";
-/// Modules PID 1 loads from the slot (missing ones are skipped).
-const RUNTIME_MODULES: &[&str] = &["virtio_net", "i6300esb"];
+/// Modules PID 1 loads from the slot, one name per line in load order
+/// (written by the image build for the image's profile).
+const RUNTIME_MODULES: &str = "/usr/lib/ballast/modules-load";
 /// The agent's own files on STATE.
 const STATE_DIR: &str = "/var/lib/ballast";
 /// How long services get between SIGTERM and SIGKILL at shutdown.
@@ -74,9 +75,11 @@ async fn main_loop() -> Action {
         mount_esp(info);
     }
     let dir = crate::modules::running_kernel_dir();
-    for m in RUNTIME_MODULES {
+    let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
+    for m in wanted.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        // One at a time: a driver for absent hardware must not stop the rest.
         if let Err(e) = crate::modules::load(&dir, &[m]) {
-            tracing::debug!(module = m, error = %crate::error_chain(&e), "module not loaded");
+            tracing::warn!(module = m, error = %crate::error_chain(&e), "module not loaded");
         }
     }
 
