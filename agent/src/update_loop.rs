@@ -345,6 +345,9 @@ async fn settle_running_version(
     }
 
     set_state(&ctx.status, UpdateState::Trial { version: running });
+    // A hung trial must fall back too: with a hardware watchdog, stop
+    // petting it and the machine resets, spending one boot try.
+    let watchdog = TrialWatchdog::arm();
     console::emit(
         "trial-boot",
         &[
@@ -365,6 +368,9 @@ async fn settle_running_version(
                 control::mark_good(&RealStorage, &l, SystemTime::now())
             })
             .await??;
+            if let Some(w) = watchdog {
+                w.disarm();
+            }
             console::emit(
                 "committed",
                 &[
@@ -428,6 +434,43 @@ async fn settle_running_version(
     // PID 1 is shutting down; never go on to poll.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// `/dev/watchdog` kept alive by a task while a trial runs.
+#[derive(Debug)]
+struct TrialWatchdog {
+    pet: tokio::task::JoinHandle<()>,
+    device: Arc<std::fs::File>,
+}
+
+impl TrialWatchdog {
+    const DEVICE: &'static str = "/dev/watchdog";
+
+    /// Opens the watchdog (which starts it) and pets it every 5 s; `None`
+    /// when the machine has none.
+    fn arm() -> Option<Self> {
+        let device = Arc::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(Self::DEVICE)
+                .ok()?,
+        );
+        console::emit("watchdog-armed", &[("device", Value::from(Self::DEVICE))]);
+        let d = device.clone();
+        let pet = tokio::spawn(async move {
+            loop {
+                let _ = std::io::Write::write_all(&mut &*d, b"\0");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        Some(TrialWatchdog { pet, device })
+    }
+
+    /// Stops it with the magic close, so it does not reset the machine.
+    fn disarm(self) {
+        self.pet.abort();
+        let _ = std::io::Write::write_all(&mut &*self.device, b"V");
+    }
 }
 
 /// True the first time a rollback from `failed` is seen on this node
