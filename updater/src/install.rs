@@ -297,6 +297,14 @@ fn decide(
         }
         Selection::UpToDate { running } => {
             report.reason = format!("no release newer than the running {running} applies");
+            if !facts.rejected.is_empty() {
+                let rejected: Vec<String> =
+                    facts.rejected.iter().map(ToString::to_string).collect();
+                report.reason += &format!(
+                    " (not retrying releases that failed here: {})",
+                    rejected.join(", ")
+                );
+            }
             None
         }
         Selection::Waiting { version } => {
