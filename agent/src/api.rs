@@ -39,6 +39,7 @@ pub enum ApiError {
 /// The fixed part of `/status`: what this boot is.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    pub hostname: String,
     pub version: String,
     pub arch: String,
     pub slot: String,
@@ -314,6 +315,7 @@ mod tests {
 
     fn status() -> Status {
         Status {
+            hostname: "node-1".into(),
             version: "1.0.0".into(),
             arch: "x86_64".into(),
             slot: "a".into(),

@@ -76,7 +76,11 @@ async fn main_loop() -> Action {
     }
     let dir = crate::modules::running_kernel_dir();
     let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
-    for m in wanted.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for m in wanted
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         // One at a time: a driver for absent hardware must not stop the rest.
         if let Err(e) = crate::modules::load(&dir, &[m]) {
             tracing::warn!(module = m, error = %crate::error_chain(&e), "module not loaded");
@@ -99,6 +103,9 @@ async fn main_loop() -> Action {
         .trim()
         .to_owned();
     let status = api::Status {
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         version: info.as_ref().map(|i| i.version.clone()).unwrap_or_default(),
         arch: ballast_updater::payload::Arch::native().to_string(),
         slot: info
