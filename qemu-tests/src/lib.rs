@@ -14,6 +14,7 @@ pub mod events;
 pub mod floor;
 pub mod http;
 pub mod image;
+pub mod runtime;
 pub mod scenarios;
 pub mod update;
 pub mod vm;

@@ -83,6 +83,11 @@ pub const ALL: &[Scenario] = &[
         about: "one flipped byte in USR-A data: boot-failed from dm-verity, never ready",
         run: verity,
     },
+    Scenario {
+        name: "runtime",
+        about: "CIDATA user-data (hostname, static address, TCP API, HTTP check): /readyz, /status, /metrics from the host",
+        run: crate::runtime::runtime,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {

@@ -233,6 +233,7 @@ pub struct VmBuilder {
     forward_api: bool,
     guestfwd: Vec<GuestFwd>,
     user_data: Option<Vec<u8>>,
+    extra_drives: Vec<PathBuf>,
     watchdog: bool,
     log_dir: PathBuf,
     keep_log: bool,
@@ -258,6 +259,7 @@ impl VmBuilder {
             forward_api: false,
             guestfwd: Vec::new(),
             user_data: None,
+            extra_drives: Vec::new(),
             watchdog: false,
             log_dir: PathBuf::from("target/vm-logs"),
             keep_log: false,
@@ -331,6 +333,13 @@ impl VmBuilder {
 
     pub fn guestfwd(mut self, rule: GuestFwd) -> Self {
         self.guestfwd.push(rule);
+        self
+    }
+
+    /// Attaches `image` (raw) read-only as another virtio-blk disk, e.g. a
+    /// `CIDATA` volume.
+    pub fn extra_drive(mut self, image: &Path) -> Self {
+        self.extra_drives.push(image.to_owned());
         self
     }
 
@@ -512,6 +521,18 @@ impl VmBuilder {
                     Boot::Uefi => "virtio-blk-pci,drive=disk0,bootindex=0",
                     Boot::Direct { .. } => "virtio-blk-pci,drive=disk0",
                 },
+            ]);
+        }
+
+        for (i, image) in self.extra_drives.iter().enumerate() {
+            push(&[
+                "-drive",
+                &format!(
+                    "if=none,id=extra{i},format=raw,readonly=on,file={}",
+                    image.display()
+                ),
+                "-device",
+                &format!("virtio-blk-pci,drive=extra{i}"),
             ]);
         }
 
