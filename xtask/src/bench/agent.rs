@@ -24,6 +24,9 @@ const USER_DATA: &str = "[api]\nlisten = \"0.0.0.0:9465\"\n\
 pub struct AgentBenchArgs {
     #[arg(long, value_parser = crate::parse_arch, default_value = "x86_64")]
     pub arch: Arch,
+    /// Use this built image directory instead of `build/<arch>/1.0.0`.
+    #[arg(long)]
+    pub image: Option<std::path::PathBuf>,
     /// Seconds between the two samples.
     #[arg(long, default_value_t = 60)]
     pub idle_seconds: u64,
@@ -75,7 +78,10 @@ fn hello_world_size(arch: Arch, dir: &Path) -> Result<u64> {
 }
 
 pub fn run(args: AgentBenchArgs) -> Result<()> {
-    let image = ensure_image(args.arch)?;
+    let image = match &args.image {
+        Some(dir) => dir.clone(),
+        None => ensure_image(args.arch)?,
+    };
     let agent_bin = crate::workspace_root()
         .join("target")
         .join(format!("{}-unknown-linux-musl", args.arch.as_str()))
