@@ -332,9 +332,22 @@ pub fn unhealthy(ctx: &Context) -> Result<(), ScenarioError> {
                 ))
                 .into());
         }
+        // ... because it was skipped, not because nobody looked.
+        let st = status(&mut vm)?;
+        let checked = st["update"]["last_check"].is_string();
+        let error = &st["update"]["last_error"];
+        if !checked || !error.is_null() {
+            return Err(vm
+                .fail(format!(
+                    "no repository check succeeded after the rollback: {}",
+                    st["update"]
+                ))
+                .into());
+        }
         vm.progress(&format!(
-            "no new install within {} s after the rollback",
-            quiet.as_secs()
+            "no new install within {} s after the rollback; status update: {}",
+            quiet.as_secs(),
+            st["update"]
         ));
         Ok(())
     })
@@ -466,8 +479,9 @@ fn cut_window_ms(arch: ballast_updater::payload::Arch) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(match arch {
-            ballast_updater::payload::Arch::X86_64 => 3000,
-            ballast_updater::payload::Arch::Aarch64 => 3000,
+            // found -> installed took 7-10 s on x86_64.
+            ballast_updater::payload::Arch::X86_64 => 6000,
+            ballast_updater::payload::Arch::Aarch64 => 6000,
         })
 }
 
