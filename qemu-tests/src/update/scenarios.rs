@@ -479,9 +479,9 @@ fn cut_window_ms(arch: ballast_updater::payload::Arch) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(match arch {
-            // found -> installed took 7-10 s on x86_64.
+            // found -> installed took 7-10 s on x86_64, 13 s on aarch64.
             ballast_updater::payload::Arch::X86_64 => 6000,
-            ballast_updater::payload::Arch::Aarch64 => 6000,
+            ballast_updater::payload::Arch::Aarch64 => 10000,
         })
 }
 
