@@ -73,7 +73,7 @@ pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
         dir.display(),
         public.display()
     );
-    let tmp = dir.with_extension("new");
+    let tmp = dir.with_file_name(format!("{version}.new"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
