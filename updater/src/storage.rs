@@ -259,7 +259,20 @@ impl Storage for RealStorage {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        std::fs::rename(from, to).map_err(|e| StorageError::io("renaming", from, e))
+        std::fs::rename(from, to).map_err(|e| StorageError::io("renaming", from, e))?;
+        // On FAT (the ESP) a rename writes the new directory entry with no
+        // start cluster and size; Linux fills them in only when the moved
+        // file's inode is written back. An fsync of the directory alone
+        // leaves an empty file behind after a power cut (seen in the
+        // update-power-cut VM test: the new entry vanished and the node
+        // booted the old version), so the file itself is synced at its new
+        // name before the caller syncs the directory.
+        let file = File::open(to).map_err(|e| StorageError::io("opening", to, e))?;
+        if file.metadata().is_ok_and(|m| m.is_file()) {
+            file.sync_all()
+                .map_err(|e| StorageError::io("fsync after rename", to, e))?;
+        }
+        Ok(())
     }
 
     fn remove_file(&self, path: &Path) -> Result<()> {
