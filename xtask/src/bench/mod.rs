@@ -4,6 +4,7 @@
 mod agent;
 mod boot;
 mod install;
+mod update;
 
 use anyhow::Result;
 
@@ -21,6 +22,8 @@ pub enum Bench {
     Install(install::InstallBenchArgs),
     /// The agent's idle RSS and CPU in a VM, and its binary size.
     Agent(agent::AgentBenchArgs),
+    /// One update cycle in a VM, split into install, reboot and health gate.
+    Update(update::UpdateBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -28,6 +31,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Boot(a) => boot::run(a),
         Bench::Install(a) => install::run(a),
         Bench::Agent(a) => agent::run(a),
+        Bench::Update(a) => update::run(a),
     }
 }
 
