@@ -46,7 +46,9 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DiskErr
     move |source| DiskError::Io { what, path, source }
 }
 
-fn run(cmd: &mut Command) -> Result<(), DiskError> {
+/// Runs `cmd`, turning a spawn failure or a non-zero exit into an error
+/// that shows the command line and its stderr.
+pub fn run(cmd: &mut Command) -> Result<(), DiskError> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().map_err(|source| DiskError::Spawn {
         cmd: shown.clone(),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::disk;
 use crate::http;
 use crate::scenarios::{Context, ScenarioError};
 use crate::vm::GuestFwd;
@@ -86,27 +87,19 @@ fn make_cidata(dir: &Path, user_data: &str) -> Result<std::path::PathBuf, Scenar
     let img = dir.join("cidata.img");
     let ud = dir.join("user-data");
     std::fs::write(&ud, user_data).map_err(ScenarioError::Scratch)?;
-    let run = |cmd: &mut Command| -> Result<(), ScenarioError> {
-        let out = cmd
-            .output()
-            .map_err(|e| ScenarioError::Setup(format!("{cmd:?}: {e}")))?;
-        if !out.status.success() {
-            return Err(ScenarioError::Setup(format!(
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
-    };
-    run(Command::new("mkfs.vfat")
-        .args(["-C", "-n", "CIDATA"])
-        .arg(&img)
-        .arg("2048"))?;
-    run(Command::new("mcopy")
-        .arg("-i")
-        .arg(&img)
-        .arg(&ud)
-        .arg("::user-data"))?;
+    disk::run(
+        Command::new("mkfs.vfat")
+            .args(["-C", "-n", "CIDATA"])
+            .arg(&img)
+            .arg("2048"),
+    )?;
+    disk::run(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&img)
+            .arg(&ud)
+            .arg("::user-data"),
+    )?;
     Ok(img)
 }
 
