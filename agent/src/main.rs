@@ -11,6 +11,7 @@ mod console;
 mod disks;
 mod early_boot;
 mod health;
+mod kubernetes;
 mod metrics;
 mod modules;
 mod mounts;
