@@ -58,6 +58,10 @@ pub struct UpdateConfig {
     /// built into the image.
     #[serde(default)]
     pub trust: Vec<PathBuf>,
+    /// Release channel to follow (`stable`, `beta`, ...): the node
+    /// installs only releases the manifest lists in it.
+    #[serde(default = "default_channel", deserialize_with = "channel_name")]
+    pub channel: String,
     /// Install exactly this version and nothing newer.
     pub version_lock: Option<Version>,
     /// FleetLock server for `strategy = "fleetlock"`.
@@ -74,10 +78,26 @@ impl Default for UpdateConfig {
             strategy: Strategy::default(),
             health_deadline: default_deadline(),
             trust: Vec::new(),
+            channel: default_channel(),
             version_lock: None,
             fleetlock: None,
             window: None,
         }
+    }
+}
+
+fn default_channel() -> String {
+    ballast_updater::manifest::DEFAULT_CHANNEL.to_owned()
+}
+
+fn channel_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if ballast_updater::manifest::valid_channel(&name) {
+        Ok(name)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "channel {name:?}: names are 1-32 of a-z, 0-9 and '-', not starting with '-'"
+        )))
     }
 }
 
@@ -510,6 +530,7 @@ async fn check_and_install(
                 .map(|v| v.trim_matches('"').to_owned())
         })
         .unwrap_or_else(|| "base".into());
+    let channel = ctx.config.channel.clone();
     let opts = ApplyOptions {
         version: ctx.config.version_lock,
         allow_downgrade: false,
@@ -523,6 +544,7 @@ async fn check_and_install(
                 layout: &l,
                 arch: Arch::native(),
                 variant,
+                channel,
                 now: SystemTime::now(),
             };
             let source = Source {
@@ -699,6 +721,11 @@ mod tests {
         assert_eq!(c.health_deadline, Duration::from_secs(120));
         assert!(toml::from_str::<UpdateConfig>("strategy = \"sometimes\"\n").is_err());
         assert!(toml::from_str::<UpdateConfig>("interval = \"soon\"\n").is_err());
+        assert_eq!(c.channel, "stable");
+        let beta: UpdateConfig = toml::from_str("channel = \"beta\"\n").unwrap();
+        assert_eq!(beta.channel, "beta");
+        let err = toml::from_str::<UpdateConfig>("channel = \"Beta 2\"\n").unwrap_err();
+        assert!(err.to_string().contains("channel \"Beta 2\""), "{err}");
     }
 
     #[test]

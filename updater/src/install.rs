@@ -12,7 +12,9 @@
 //! 4. write `ballast-<ver>+3.conf` under a temporary name, fsync, rename,
 //!    fsync the directory: the commit point.
 //!
-//! Every refusal is decided before step 1 and changes nothing. The
+//! Every refusal is decided before step 1 and changes nothing. Kernel and
+//! initrd are downloaded and checked once, in preflight, and kept (see
+//! [`STAGE_IN_MEMORY_MAX`]) until step 3 copies them to the ESP. The
 //! lifecycle is the explicit [`InstallPhase`] machine.
 
 use std::io::{self, Read};
@@ -45,6 +47,17 @@ pub const COPY_BUFFER_BYTES: usize = 1 << 20;
 pub const COPY_BUFFERS: usize = 6;
 /// Re-requests in a row without progress before a download fails.
 pub const MAX_RESUMES: u32 = 8;
+/// Kernel and initrd checked in preflight stay in memory until step 3 when
+/// they are at most this big (one copy buffer), else they wait in a spool
+/// file under [`STAGING_DIR`] on STATE. Real kernels and initrds are 8-30
+/// MB each: holding them would multiply the install's memory (the copy
+/// pipeline's [`COPY_BUFFERS`] MiB), while STATE is ext4 with room to spare
+/// and, unlike the ESP, is not what the firmware boots from.
+pub const STAGE_IN_MEMORY_MAX: u64 = COPY_BUFFER_BYTES as u64;
+/// Spool directory for staged artifacts, under the node's state directory.
+/// Its files live for one install; a crash leaves at most two, which the
+/// next install overwrites.
+pub const STAGING_DIR: &str = "staging";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -157,6 +170,8 @@ pub struct Node<'a> {
     pub layout: &'a NodeLayout,
     pub arch: Arch,
     pub variant: String,
+    /// The release channel the node follows.
+    pub channel: String,
     pub now: SystemTime,
 }
 
@@ -166,6 +181,7 @@ impl std::fmt::Debug for Node<'_> {
             .field("layout", &self.layout)
             .field("arch", &self.arch)
             .field("variant", &self.variant)
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -261,6 +277,7 @@ fn decide(
     let facts = NodeFacts {
         arch: node.arch,
         variant: node.variant.clone(),
+        channel: node.channel.clone(),
         running,
         bucket: if has_waves { state.bucket()? } else { 0 },
         rejected: state.rejected()?,
@@ -367,6 +384,38 @@ pub struct Install<'a> {
     target: Slot,
     phase: InstallPhase,
     resumes: std::cell::Cell<u32>,
+    /// Kernel and initrd as preflight checked them.
+    staged: Vec<(&'static str, Staged)>,
+}
+
+/// An artifact whose bytes preflight checked, kept for step 3.
+#[derive(Debug)]
+enum Staged {
+    Memory(Vec<u8>),
+    /// Not fsynced: only this install reads it, from the page cache, and
+    /// re-hashes what it reads.
+    Spool(PathBuf),
+}
+
+/// Collects a small artifact in memory; [`Install::stage`] bounds it by
+/// the signed size.
+struct MemoryTarget(Vec<u8>);
+
+impl WriteTarget for MemoryTarget {
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), StorageError> {
+        self.0.extend_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+impl Drop for Install<'_> {
+    /// Spool files never outlive their install, whatever ended it.
+    fn drop(&mut self) {
+        self.discard_staged();
+    }
 }
 
 impl std::fmt::Debug for Install<'_> {
@@ -426,20 +475,63 @@ impl<'a> Install<'a> {
                 capacity,
             });
         }
-        let install = Install {
+        let mut install = Install {
             node,
             source,
             meta,
             target,
             phase: InstallPhase::Preflighted,
             resumes: std::cell::Cell::new(0),
+            staged: Vec::new(),
         };
         // Kernel and initrd are small: check their bytes before touching
-        // anything, so a corrupt object is refused with nothing changed.
+        // anything, so a corrupt object is refused with nothing changed,
+        // and keep them for step 3 so each is downloaded once. On an error
+        // the install is dropped, which removes what was spooled.
         for name in [KERNEL, INITRD] {
-            install.download(name, &mut NullTarget, &mut |_| {})?;
+            let staged = install.stage(name, STAGE_IN_MEMORY_MAX)?;
+            install.staged.push((name, staged));
         }
         Ok(install)
+    }
+
+    /// Frees what preflight kept. A spool file that cannot be removed is
+    /// left for the next install to overwrite: not worth failing over.
+    fn discard_staged(&mut self) {
+        for (_, staged) in self.staged.drain(..) {
+            if let Staged::Spool(path) = staged {
+                if let Err(e) = self.node.storage.remove_file(&path) {
+                    tracing::debug!(path = %path.display(), error = %e, "staged artifact not removed");
+                }
+            }
+        }
+    }
+
+    /// Downloads and checks `name`, keeping it in memory when at most
+    /// `in_memory_max` bytes, else in a spool file on STATE.
+    fn stage(&self, name: &'static str, in_memory_max: u64) -> Result<Staged, InstallError> {
+        let size = artifact(self.meta, name)?.size;
+        if size <= in_memory_max {
+            let mut bytes = MemoryTarget(Vec::with_capacity(size as usize));
+            self.download(name, &mut bytes, &mut |_| {})?;
+            return Ok(Staged::Memory(bytes.0));
+        }
+        let storage = self.node.storage;
+        let dir = self.node.layout.state_dir.join(STAGING_DIR);
+        storage.create_dir_all(&dir)?;
+        let path = dir.join(name);
+        let mut file = storage.create(&path)?;
+        let downloaded = self.download(name, file.as_mut(), &mut |_| {});
+        drop(file);
+        match downloaded {
+            Ok(_) => Ok(Staged::Spool(path)),
+            Err(e) => {
+                if let Err(rm) = storage.remove_file(&path) {
+                    tracing::debug!(path = %path.display(), error = %rm, "staged artifact not removed");
+                }
+                Err(e)
+            }
+        }
     }
 
     pub fn phase(&self) -> InstallPhase {
@@ -504,6 +596,7 @@ impl<'a> Install<'a> {
         }
         self.advance(InstallPhase::SlotVerified)?;
         self.write_kernel()?;
+        self.discard_staged();
         self.advance(InstallPhase::KernelWritten)?;
         let entry = self.commit_entry()?;
         self.advance(InstallPhase::Committed)?;
@@ -569,7 +662,7 @@ impl<'a> Install<'a> {
             (INITRD, layout.initrd_path(version)),
         ] {
             let mut file = storage.create(&path)?;
-            let written = self.download(name, file.as_mut(), &mut |_| {})?;
+            let written = self.write_staged(name, file.as_mut())?;
             file.sync()?;
             drop(file);
             let read_back = hash_prefix(storage, &path, artifact(self.meta, name)?.size)?;
@@ -611,8 +704,38 @@ impl<'a> Install<'a> {
         Ok(name)
     }
 
-    /// Streams one artifact into `target`, checking size and hash; returns
-    /// the hex SHA-256 of what was written.
+    /// Copies what preflight staged for `name` into `target`, hashing it
+    /// again; returns the hex SHA-256 of what was written.
+    fn write_staged(
+        &self,
+        name: &'static str,
+        target: &mut dyn WriteTarget,
+    ) -> Result<String, InstallError> {
+        let size = artifact(self.meta, name)?.size;
+        let staged = self.staged.iter().find(|(n, _)| *n == name).map(|(_, s)| s);
+        let digest = match staged {
+            Some(Staged::Memory(bytes)) => {
+                let mut reader = bytes.as_slice();
+                pipeline_copy(&mut reader, target, size, &mut |_| {})
+                    .map_err(|e| self.copy_error(name, e))?
+            }
+            Some(Staged::Spool(path)) => {
+                let mut reader = self.node.storage.open_read(path)?;
+                pipeline_copy(&mut reader, target, size, &mut |_| {}).map_err(|e| match e {
+                    CopyError::Read(source) => {
+                        InstallError::Storage(StorageError::io("reading", path, source))
+                    }
+                    other => self.copy_error(name, other),
+                })?
+            }
+            // Every install is preflighted; should that change, fetch it.
+            None => return self.download(name, target, &mut |_| {}),
+        };
+        self.check_digest(name, digest)
+    }
+
+    /// Streams one artifact from the repository into `target`, checking
+    /// size and hash; returns the hex SHA-256 of what was written.
     fn download(
         &self,
         name: &'static str,
@@ -620,32 +743,41 @@ impl<'a> Install<'a> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<String, InstallError> {
         let art = artifact(self.meta, name)?;
-        let version = self.meta.version;
         let path = Release::object_path(&art.sha256);
         let mut reader = ResumingReader::new(self.source.fetch, &path, art.size, MAX_RESUMES);
-        let digest =
-            pipeline_copy(&mut reader, target, art.size, progress).map_err(|e| match e {
-                CopyError::Read(source) => InstallError::Download {
-                    version,
-                    artifact: name,
-                    source,
-                },
-                CopyError::Write(e) => InstallError::Storage(e),
-                CopyError::Thread => InstallError::CopyThread { artifact: name },
-            })?;
+        let digest = pipeline_copy(&mut reader, target, art.size, progress)
+            .map_err(|e| self.copy_error(name, e))?;
         self.resumes.set(self.resumes.get() + reader.resumes);
         if reader.has_trailing_bytes() {
             return Err(InstallError::ArtifactTooLarge {
-                version,
+                version: self.meta.version,
                 artifact: name,
                 expected: art.size,
             });
         }
-        if digest != art.sha256 {
-            return Err(InstallError::ArtifactHash {
-                version,
+        self.check_digest(name, digest)
+    }
+
+    fn copy_error(&self, name: &'static str, e: CopyError) -> InstallError {
+        match e {
+            CopyError::Read(source) => InstallError::Download {
+                version: self.meta.version,
                 artifact: name,
-                expected: art.sha256.clone(),
+                source,
+            },
+            CopyError::Write(e) => InstallError::Storage(e),
+            CopyError::Thread => InstallError::CopyThread { artifact: name },
+        }
+    }
+
+    /// The digest the manifest signs for `name`, or the refusal.
+    fn check_digest(&self, name: &'static str, digest: String) -> Result<String, InstallError> {
+        let expected = &artifact(self.meta, name)?.sha256;
+        if &digest != expected {
+            return Err(InstallError::ArtifactHash {
+                version: self.meta.version,
+                artifact: name,
+                expected: expected.clone(),
                 actual: digest,
             });
         }
@@ -657,18 +789,6 @@ impl Install<'_> {
     /// Re-requests made while streaming usr.img.
     pub fn resumes(&self) -> u32 {
         self.resumes.get()
-    }
-}
-
-/// A write target that discards, for checking bytes before installing.
-struct NullTarget;
-
-impl WriteTarget for NullTarget {
-    fn write_all(&mut self, _: &[u8]) -> Result<(), StorageError> {
-        Ok(())
-    }
-    fn sync(&mut self) -> Result<(), StorageError> {
-        Ok(())
     }
 }
 

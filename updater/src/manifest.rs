@@ -80,6 +80,19 @@ pub enum ManifestError {
         variant: String,
         offered: Vec<String>,
     },
+    #[error("release {version} has invalid channel list {channels:?}: {reason}")]
+    Channel {
+        version: Version,
+        channels: Vec<String>,
+        reason: &'static str,
+    },
+    #[error("no release of {variant:?} for {arch} is in channel {channel:?} (channels offered: {offered:?})")]
+    WrongChannel {
+        arch: Arch,
+        variant: String,
+        channel: String,
+        offered: Vec<String>,
+    },
     #[error("release {version} is below the release floor {floor}")]
     BelowFloor { version: Version, floor: Version },
     #[error("release {version} is older than the running version {running}; pass --allow-downgrade to install it")]
@@ -111,6 +124,36 @@ pub struct Release {
     /// Empty: every node at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waves: Vec<Wave>,
+    /// Channels that offer this release; a node follows one channel.
+    /// Absent means `["stable"]`, so single-channel repositories never
+    /// mention channels.
+    #[serde(
+        default = "default_channels",
+        skip_serializing_if = "is_default_channels"
+    )]
+    pub channels: Vec<String>,
+}
+
+/// The channel a node follows, and a release is in, when nobody says.
+pub const DEFAULT_CHANNEL: &str = "stable";
+
+pub fn default_channels() -> Vec<String> {
+    vec![DEFAULT_CHANNEL.to_owned()]
+}
+
+fn is_default_channels(channels: &[String]) -> bool {
+    channels == [DEFAULT_CHANNEL]
+}
+
+/// Channel names are short lowercase words (`stable`, `beta`, `canary-eu`):
+/// they appear in config files, CLI flags and logs.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
 }
 
 impl Release {
@@ -224,6 +267,22 @@ impl Manifest {
                         reason,
                     });
                 }
+            }
+            let channel_problem = if r.channels.is_empty() {
+                Some("a release must be in at least one channel")
+            } else if !r.channels.iter().all(|c| valid_channel(c)) {
+                Some("names are 1-32 of a-z, 0-9 and '-', not starting with '-'")
+            } else if r.channels.iter().collect::<BTreeSet<_>>().len() != r.channels.len() {
+                Some("a channel is listed twice")
+            } else {
+                None
+            };
+            if let Some(reason) = channel_problem {
+                return Err(ManifestError::Channel {
+                    version,
+                    channels: r.channels.clone(),
+                    reason,
+                });
             }
             if !seen.insert((version, r.payload.arch.as_str(), r.payload.variant.as_str())) {
                 return Err(ManifestError::Duplicate {
@@ -364,6 +423,8 @@ pub fn verify(
 pub struct NodeFacts {
     pub arch: Arch,
     pub variant: String,
+    /// The channel the node follows.
+    pub channel: String,
     pub running: Version,
     /// 0..100, stable per node; places the node in rollout waves.
     pub bucket: u8,
@@ -384,9 +445,10 @@ pub enum Selection {
     },
 }
 
-/// Chooses the release for `node`: `wanted` names one explicitly;
-/// otherwise the newest release for the node's arch and variant that is
-/// rolled out to it and was not rejected on it.
+/// Chooses the release for `node`: `wanted` names one explicitly (in any
+/// channel: pinning a version is the operator's explicit choice);
+/// otherwise the newest release for the node's arch, variant and channel
+/// that is rolled out to it and was not rejected on it.
 pub fn select(
     manifest: &Manifest,
     node: &NodeFacts,
@@ -427,9 +489,25 @@ pub fn select(
                 variant: node.variant.clone(),
             })?,
         None => {
-            let mut usable: Vec<&Release> = candidates
+            let in_channel: Vec<&Release> = candidates
                 .iter()
                 .copied()
+                .filter(|r| r.channels.contains(&node.channel))
+                .collect();
+            if in_channel.is_empty() {
+                let mut offered: Vec<String> =
+                    candidates.iter().flat_map(|r| r.channels.clone()).collect();
+                offered.sort();
+                offered.dedup();
+                return Err(ManifestError::WrongChannel {
+                    arch: node.arch,
+                    variant: node.variant.clone(),
+                    channel: node.channel.clone(),
+                    offered,
+                });
+            }
+            let mut usable: Vec<&Release> = in_channel
+                .into_iter()
                 .filter(|r| !node.rejected.contains(&r.version()))
                 .collect();
             usable.sort_by_key(|r| r.version());
@@ -509,6 +587,7 @@ mod tests {
                 packages: vec![],
             },
             waves: vec![],
+            channels: default_channels(),
         }
     }
 
@@ -516,6 +595,7 @@ mod tests {
         NodeFacts {
             arch: Arch::X86_64,
             variant: "base".into(),
+            channel: DEFAULT_CHANNEL.into(),
             running: running.parse().unwrap(),
             bucket: 50,
             rejected: vec![],
@@ -597,6 +677,68 @@ mod tests {
             })
         ));
         assert!(verify(&bytes, Some(&sig), &trust, later, Some(5)).is_ok());
+    }
+
+    #[test]
+    fn channels_select_and_validate() {
+        let now = SystemTime::now();
+        let mut m = Manifest::new(now + Duration::from_secs(3600));
+        m.releases.push(release("1.1.0", Arch::X86_64, "base"));
+        let mut beta = release("1.2.0", Arch::X86_64, "base");
+        beta.channels = vec!["beta".into()];
+        m.releases.push(beta);
+        let pick = |m: &Manifest, channel: &str, want: Option<&str>| {
+            let mut n = node("1.0.0");
+            n.channel = channel.into();
+            select(m, &n, want.map(|v| v.parse().unwrap()), false, now)
+        };
+        let installs = |s: Selection| match s {
+            Selection::Install(r) => r.version().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(installs(pick(&m, "stable", None).unwrap()), "1.1.0");
+        assert_eq!(installs(pick(&m, "beta", None).unwrap()), "1.2.0");
+        // A pinned version is taken from any channel.
+        assert_eq!(
+            installs(pick(&m, "stable", Some("1.2.0")).unwrap()),
+            "1.2.0"
+        );
+        match pick(&m, "edge", None) {
+            Err(ManifestError::WrongChannel {
+                channel, offered, ..
+            }) => {
+                assert_eq!(channel, "edge");
+                assert_eq!(offered, ["beta", "stable"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The default channel list is not written, so old manifests and
+        // single-channel repositories read the same.
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        assert_eq!(text.matches("\"channels\"").count(), 1, "{text}");
+        let back = Manifest::parse(&m.to_bytes()).unwrap();
+        assert_eq!(back.releases[0].channels, ["stable"]);
+
+        for (channels, reason) in [
+            (vec![], "at least one"),
+            (vec!["Beta".to_owned()], "names are"),
+            (vec!["-x".to_owned()], "names are"),
+            (vec!["beta".to_owned(), "beta".to_owned()], "twice"),
+        ] {
+            let mut bad = m.clone();
+            bad.releases[1].channels = channels.clone();
+            match bad.validate() {
+                Err(ManifestError::Channel {
+                    reason: r,
+                    channels: c,
+                    ..
+                }) => {
+                    assert!(r.contains(reason), "{r}");
+                    assert_eq!(c, channels);
+                }
+                other => panic!("{channels:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub enum RepoError {
         size: u64,
         sha256: String,
     },
+    #[error("no release {version} in {repo}")]
+    NoRelease { version: Version, repo: PathBuf },
     #[error("--append needs an existing signed manifest in {repo}")]
     NothingToAppend { repo: PathBuf },
     #[error("no signing keys given")]
@@ -131,7 +133,12 @@ fn store_unsigned(repo: &Path, manifest: &Manifest) -> Result<(), RepoError> {
 }
 
 /// Adds the release in payload directory `payload` to `repo`.
-pub fn add(repo: &Path, payload: &Path, waves: Vec<Wave>) -> Result<Release, RepoError> {
+pub fn add(
+    repo: &Path,
+    payload: &Path,
+    waves: Vec<Wave>,
+    channels: Vec<String>,
+) -> Result<Release, RepoError> {
     let meta = PayloadMetadata::load(payload)?;
     let mut manifest = load(repo)?;
     if manifest.releases.iter().any(|r| {
@@ -175,6 +182,11 @@ pub fn add(repo: &Path, payload: &Path, waves: Vec<Wave>) -> Result<Release, Rep
     let release = Release {
         payload: meta,
         waves,
+        channels: if channels.is_empty() {
+            crate::manifest::default_channels()
+        } else {
+            channels
+        },
     };
     manifest.releases.push(release.clone());
     manifest.releases.sort_by(|a, b| {
@@ -182,6 +194,34 @@ pub fn add(repo: &Path, payload: &Path, waves: Vec<Wave>) -> Result<Release, Rep
     });
     store_unsigned(repo, &manifest)?;
     Ok(release)
+}
+
+/// Puts every release of `version` (all arches and variants) in exactly
+/// `channels`: how a release is promoted, e.g. from `beta` to
+/// `beta` + `stable`. Returns how many releases changed.
+pub fn set_channels(
+    repo: &Path,
+    version: Version,
+    channels: Vec<String>,
+) -> Result<usize, RepoError> {
+    let mut manifest = load(repo)?;
+    let mut matched = 0;
+    for r in manifest
+        .releases
+        .iter_mut()
+        .filter(|r| r.version() == version)
+    {
+        r.channels = channels.clone();
+        matched += 1;
+    }
+    if matched == 0 {
+        return Err(RepoError::NoRelease {
+            version,
+            repo: repo.to_owned(),
+        });
+    }
+    store_unsigned(repo, &manifest)?;
+    Ok(matched)
 }
 
 /// Sets the release floor (anti-rollback).

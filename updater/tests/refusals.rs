@@ -576,6 +576,7 @@ fn bless_then_rollback_cycle() {
         layout: layout.clone(),
         arch: node.arch,
         variant: node.variant.clone(),
+        channel: node.channel.clone(),
         now: node.now,
     };
     assert!(matches!(node_b.apply(&repo), Ok(r) if r.installed.is_none()));
@@ -636,4 +637,50 @@ fn rollback_without_target_changes_nothing() {
         ballast_updater::control::ControlError::NoRollbackTarget { .. }
     ));
     assert_eq!(node.fs.snapshot(), before);
+}
+
+#[test]
+fn node_on_a_channel_without_the_release_is_refused_then_promoted() {
+    let (old, new) = (v1(), v2());
+    let repo = Repo::new(&[&new]);
+    ballast_updater::repo::set_channels(&repo.path(), new.version(), vec!["beta".into()]).unwrap();
+    repo.sign();
+    let node = TestNode::new(&old);
+    let err = refused(&node, &repo, &repo.trust(), &ApplyOptions::default());
+    assert!(
+        matches!(
+            &err,
+            InstallError::Manifest(ManifestError::WrongChannel { channel, offered, .. })
+                if channel == "stable" && offered == &["beta"]
+        ),
+        "{err}"
+    );
+    // A beta node takes it; promotion puts it in stable too.
+    let mut beta = TestNode::new(&old);
+    beta.channel = "beta".into();
+    assert!(beta.apply(&repo).unwrap().installed.is_some());
+    ballast_updater::repo::set_channels(
+        &repo.path(),
+        new.version(),
+        vec!["beta".into(), "stable".into()],
+    )
+    .unwrap();
+    repo.sign();
+    assert!(node.apply(&repo).unwrap().installed.is_some());
+    // An unknown version and a bad channel name change nothing.
+    let manifest = std::fs::read(repo.path().join("manifest.json")).unwrap();
+    assert!(ballast_updater::repo::set_channels(
+        &repo.path(),
+        "9.9.9".parse().unwrap(),
+        vec!["beta".into()]
+    )
+    .is_err());
+    assert!(
+        ballast_updater::repo::set_channels(&repo.path(), new.version(), vec!["Beta!".into()])
+            .is_err()
+    );
+    assert_eq!(
+        std::fs::read(repo.path().join("manifest.json")).unwrap(),
+        manifest
+    );
 }

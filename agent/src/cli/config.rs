@@ -18,6 +18,24 @@ pub enum ConfigCommand {
     },
 }
 
+/// This node's layers as the running agent sees them, user-data from its
+/// copy on STATE.
+fn node_layers() -> anyhow::Result<Vec<Layer>> {
+    let user_data = std::fs::read_to_string(config::SAVED_USER_DATA)
+        .ok()
+        .map(|text| Layer {
+            source: config::SAVED_USER_DATA.into(),
+            text,
+        });
+    Ok(config::node_layers(user_data)?)
+}
+
+/// The node's effective configuration, for commands whose defaults come
+/// from it (`ballast update`).
+pub fn effective() -> anyhow::Result<Config> {
+    Ok(config::merge(&node_layers()?)?.0)
+}
+
 pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
     match cmd {
         ConfigCommand::Check { file } => {
@@ -28,13 +46,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ConfigCommand::Show { effective } => {
-            let user_data = std::fs::read_to_string(config::SAVED_USER_DATA)
-                .ok()
-                .map(|text| Layer {
-                    source: config::SAVED_USER_DATA.into(),
-                    text,
-                });
-            let layers = config::node_layers(user_data)?;
+            let layers = node_layers()?;
             if effective {
                 let (_, table) = config::merge(&layers)?;
                 print!("{}", toml::to_string(&config::redact(&table))?);

@@ -27,6 +27,17 @@ pub enum RepoCommand {
         /// `24h=100`); repeat for several waves. None: everyone at once.
         #[arg(long = "wave", value_name = "AFTER=PERCENT")]
         waves: Vec<String>,
+        /// Channel offering the release; repeatable. None: `stable`.
+        #[arg(long = "channel", value_name = "NAME")]
+        channels: Vec<String>,
+    },
+    /// Put every release of VERSION in exactly the given channels
+    /// (promotion, e.g. `--channel beta --channel stable`).
+    Channel {
+        repo: PathBuf,
+        version: Version,
+        #[arg(long = "channel", value_name = "NAME", required = true)]
+        channels: Vec<String>,
     },
     /// Sign the manifest: raises the sequence number and sets the expiry.
     Sign {
@@ -94,13 +105,14 @@ pub fn run(cmd: RepoCommand) -> anyhow::Result<()> {
             repo: dir,
             payload,
             waves,
+            channels,
         } => {
             let now = SystemTime::now();
             let waves = waves
                 .iter()
                 .map(|w| parse_wave(w, now))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let release = repo::add(&dir, &payload, waves)
+            let release = repo::add(&dir, &payload, waves, channels)
                 .with_context(|| format!("adding {} to {}", payload.display(), dir.display()))?;
             let p = &release.payload;
             println!(
@@ -156,6 +168,17 @@ pub fn run(cmd: RepoCommand) -> anyhow::Result<()> {
                     println!("  {r}");
                 }
             }
+        }
+        RepoCommand::Channel {
+            repo: dir,
+            version,
+            channels,
+        } => {
+            let n = repo::set_channels(&dir, version, channels.clone())?;
+            println!(
+                "{n} release(s) of {version} now in {} (unsigned: run `ballast repo sign`)",
+                channels.join(", ")
+            );
         }
         RepoCommand::Floor {
             repo: dir,

@@ -22,7 +22,8 @@ use uuid::Uuid;
 const DEFAULT_ESP: &str = "/efi";
 const DEFAULT_STATE: &str = "/var/lib/ballast/update";
 const DEFAULT_TRUST: &str = "/usr/lib/ballast/trust";
-/// One line: the repository URL, when `--repo` is not given.
+/// One line: the repository URL, when neither `--repo` nor `[update]
+/// repository` gives one.
 const DEFAULT_REPO_FILE: &str = "/etc/ballast/update-repo";
 const OS_RELEASE: &str = "/usr/lib/os-release";
 
@@ -62,6 +63,10 @@ pub struct SourceArgs {
     /// file, else 1).
     #[arg(long)]
     threshold: Option<usize>,
+    /// Release channel (default: `[update] channel` of the node's
+    /// configuration, else `stable`).
+    #[arg(long)]
+    channel: Option<String>,
     /// Image variant of this node (default: VARIANT_ID in os-release).
     #[arg(long)]
     variant: Option<String>,
@@ -264,9 +269,31 @@ fn trust(source: &SourceArgs) -> anyhow::Result<TrustedKeys> {
     Ok(TrustedKeys::load(&paths, source.threshold)?)
 }
 
+/// The node's `[update]` settings; an unreadable configuration only
+/// means no defaults from it (flags still work off the node).
+fn configured() -> crate::update_loop::UpdateConfig {
+    match super::config::effective() {
+        Ok(c) => c.update,
+        Err(e) => {
+            tracing::debug!(error = %e, "no node configuration for update defaults");
+            crate::update_loop::UpdateConfig::default()
+        }
+    }
+}
+
+fn channel(source: &SourceArgs) -> String {
+    source
+        .channel
+        .clone()
+        .unwrap_or_else(|| configured().channel)
+}
+
 fn repo_location(source: &SourceArgs) -> anyhow::Result<String> {
     if let Some(r) = &source.repo {
         return Ok(r.clone());
+    }
+    if let Some(r) = configured().repository {
+        return Ok(r);
     }
     let text = std::fs::read_to_string(DEFAULT_REPO_FILE)
         .with_context(|| format!("no --repo given and {DEFAULT_REPO_FILE} unreadable"))?;
@@ -321,6 +348,7 @@ fn with_source<T>(
         layout: &layout,
         arch: source.arch.unwrap_or_else(Arch::native),
         variant: variant(source)?,
+        channel: channel(source),
         now: SystemTime::now(),
     };
     let src = Source {

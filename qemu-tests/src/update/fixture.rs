@@ -172,7 +172,7 @@ impl TestRepo {
 
     /// `ballast repo add REPO --payload DIR`.
     pub fn add(&self, payload: &Path) -> Result<(), FixtureError> {
-        repo::add(self.path(), payload, Vec::new())
+        repo::add(self.path(), payload, Vec::new(), Vec::new())
             .map(drop)
             .map_err(self.err(format!("adding {}", payload.display())))
     }

@@ -128,7 +128,7 @@ impl Repo {
         for (i, p) in payloads.iter().enumerate() {
             let pdir = dir.path().join(format!("payload-{i}"));
             p.write_dir(&pdir);
-            repo::add(&dir.path().join("repo"), &pdir, vec![]).unwrap();
+            repo::add(&dir.path().join("repo"), &pdir, vec![], vec![]).unwrap();
         }
         let key = SecretKey::from_seed([7; 32]);
         let r = Repo { dir, key };
@@ -169,6 +169,7 @@ pub struct TestNode {
     pub layout: NodeLayout,
     pub arch: Arch,
     pub variant: String,
+    pub channel: String,
     pub now: SystemTime,
 }
 
@@ -227,6 +228,7 @@ impl TestNode {
             layout,
             arch: running.meta.arch,
             variant: running.meta.variant.clone(),
+            channel: "stable".into(),
             now: SystemTime::now(),
         }
     }
@@ -237,6 +239,7 @@ impl TestNode {
             layout: &self.layout,
             arch: self.arch,
             variant: self.variant.clone(),
+            channel: self.channel.clone(),
             now: self.now,
         }
     }
