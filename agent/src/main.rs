@@ -10,6 +10,7 @@ mod config;
 mod console;
 mod disks;
 mod early_boot;
+mod failpoints;
 mod health;
 mod kubernetes;
 mod metrics;
@@ -52,6 +53,9 @@ enum Command {
     /// Check or show the node's configuration.
     #[command(subcommand)]
     Config(cli::config::ConfigCommand),
+    /// Render the kubelet and containerd files of a configuration.
+    #[command(subcommand)]
+    Kubernetes(cli::kubernetes::KubernetesCommand),
     /// Show the node's status from the agent's API.
     Status {
         /// Print the JSON as the API returns it.
@@ -85,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Update(cmd) => cli::update::run(cmd),
         Command::Logs(args) => cli::logs::run(args),
         Command::Config(cmd) => cli::config::run(cmd),
+        Command::Kubernetes(cmd) => cli::kubernetes::run(cmd),
         Command::Status { json } => status(json),
         Command::Reboot => signal_init(nix::sys::signal::Signal::SIGTERM),
         Command::Poweroff => signal_init(nix::sys::signal::Signal::SIGUSR2),

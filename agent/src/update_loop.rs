@@ -378,6 +378,8 @@ async fn settle_running_version(
             ),
         ],
     );
+    // Test images only (see failpoints.rs): `pause` here hangs the trial.
+    fail::fail_point!("trial-gate");
     let deadline = tokio::time::Instant::now() + ctx.config.health_deadline;
     let mut last = None;
     while tokio::time::Instant::now() < deadline {
