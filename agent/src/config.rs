@@ -68,6 +68,9 @@ pub struct Config {
     pub services: BTreeMap<String, crate::supervisor::ServiceSpec>,
     #[serde(default)]
     pub update: crate::update_loop::UpdateConfig,
+    /// `[kubernetes]`; its presence turns the integration on.
+    #[serde(default)]
+    pub kubernetes: Option<crate::kubernetes::config::KubernetesConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +129,11 @@ impl Config {
             .validate()
             .map_err(|e| invalid(e.to_string()))?;
         crate::supervisor::start_order(&config.services).map_err(|e| invalid(e.to_string()))?;
+        if let Some(k8s) = &config.kubernetes {
+            crate::kubernetes::validate::validate(k8s).map_err(|e| invalid(e.to_string()))?;
+            crate::kubernetes::services::check_service_names(&config.services)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         for (name, iface) in &config.network.interfaces {
             for a in &iface.addresses {
                 if parse_cidr(a).is_none() {
@@ -193,6 +201,13 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     }
     let text = toml::to_string(&merged).unwrap_or_default();
     let config = Config::parse(&text, Path::new("merged configuration"))?;
+    // A layer may hold part of [kubernetes]; only the whole must be complete.
+    if let Some(k8s) = &config.kubernetes {
+        crate::kubernetes::validate::check_complete(k8s).map_err(|e| ConfigError::Invalid {
+            path: "merged configuration".into(),
+            detail: e.to_string(),
+        })?;
+    }
     Ok((config, merged))
 }
 

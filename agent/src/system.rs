@@ -146,19 +146,15 @@ async fn main_loop() -> Action {
         services.extend(crate::kubernetes::services::boot(k8s));
     }
     let supervisor = match &reaper {
-        Some(reaper) => match Supervisor::start(
-            &services,
-            SupervisorOptions::default(),
-            reaper.clone(),
-        )
-        .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "services not started");
-                None
+        Some(reaper) => {
+            match Supervisor::start(&services, SupervisorOptions::default(), reaper.clone()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "services not started");
+                    None
+                }
             }
-        },
+        }
         None => None,
     };
     let checker = reaper.as_ref().and_then(|reaper| {

@@ -2,6 +2,7 @@
 //! its own subcommands and calls into the libraries.
 
 pub mod config;
+pub mod kubernetes;
 pub mod logs;
 pub mod repo;
 pub mod update;

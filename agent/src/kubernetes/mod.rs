@@ -2,3 +2,7 @@
 //! agent renders for containerd and the kubelet, and the agent's own calls to
 //! the API server (Node condition and annotations, the reboot Lease
 //! semaphore, cordon and drain).
+pub mod config;
+pub mod render;
+pub mod services;
+pub mod validate;

@@ -1,0 +1,225 @@
+//! Supervision wiring of containerd and the kubelet: at boot, when the node
+//! has a `[kubernetes]` table, renders the files (see [`super::render`]) and
+//! returns the two services for the supervisor: `containerd`, and `kubelet`
+//! after it. The kubelet is not packaged by Debian; when its binary is
+//! missing it is not started and the node says plainly "kubelet not
+//! installed" (a log line and [`kubelet_installed`], shaped like a health
+//! check result).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::supervisor::{RestartPolicy, ServiceSpec};
+
+use super::config::KubernetesConfig;
+use super::render::{self, RenderError, Rendered, CONTAINERD_CONFIG};
+use super::validate::KubernetesConfigError;
+
+pub const CONTAINERD_PATH: &str = "/usr/bin/containerd";
+/// Service names the integration takes; `[services]` may not reuse them.
+pub const CONTAINERD_SERVICE: &str = "containerd";
+pub const KUBELET_SERVICE: &str = "kubelet";
+
+/// What the boot-time wiring did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// Services to hand to the supervisor beside the user's.
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// Files written, on the node.
+    pub written: Vec<PathBuf>,
+    /// [`kubelet_installed`] at boot.
+    pub kubelet: Result<String, String>,
+}
+
+/// Refuses `[services.containerd]` and `[services.kubelet]` next to a
+/// `[kubernetes]` table: the integration runs those.
+pub fn check_service_names(
+    services: &BTreeMap<String, ServiceSpec>,
+) -> Result<(), KubernetesConfigError> {
+    for name in [CONTAINERD_SERVICE, KUBELET_SERVICE] {
+        if services.contains_key(name) {
+            return Err(KubernetesConfigError::Invalid {
+                key: format!("services.{name}"),
+                detail: "is run by the [kubernetes] integration; remove this service".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `Ok` with where the kubelet is, or `Err("kubelet not installed ...")`.
+pub fn kubelet_installed(path: &Path) -> Result<String, String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+            Ok(format!("kubelet installed at {}", path.display()))
+        }
+        Ok(_) => Err(format!(
+            "kubelet not installed: {} is not an executable file",
+            path.display()
+        )),
+        Err(_) => Err(format!("kubelet not installed: no {}", path.display())),
+    }
+}
+
+/// The supervisor services for rendered files; the kubelet only when
+/// installed.
+pub fn service_specs(
+    rendered: &Rendered,
+    kubelet_installed: bool,
+) -> BTreeMap<String, ServiceSpec> {
+    let mut services = BTreeMap::new();
+    services.insert(
+        CONTAINERD_SERVICE.to_owned(),
+        ServiceSpec {
+            command: vec![
+                CONTAINERD_PATH.to_owned(),
+                "--config".to_owned(),
+                CONTAINERD_CONFIG.to_owned(),
+            ],
+            restart: RestartPolicy::Always,
+            ..ServiceSpec::default()
+        },
+    );
+    if kubelet_installed {
+        services.insert(
+            KUBELET_SERVICE.to_owned(),
+            ServiceSpec {
+                command: rendered.kubelet_argv.clone(),
+                after: vec![CONTAINERD_SERVICE.to_owned()],
+                restart: RestartPolicy::Always,
+                ..ServiceSpec::default()
+            },
+        );
+    }
+    services
+}
+
+/// Renders the files under `root` and returns the services. `hostname`
+/// names the Node when `node_name` is not set.
+pub fn prepare(
+    config: &KubernetesConfig,
+    hostname: Option<&str>,
+    root: &Path,
+) -> Result<Prepared, RenderError> {
+    let name = render::node_name(config, hostname)?;
+    let rendered = render::render(config, &name)?;
+    let written = render::write(&rendered.files, root)?;
+    let kubelet = kubelet_installed(
+        &root.join(
+            config
+                .kubelet_path()
+                .strip_prefix("/")
+                .unwrap_or(&config.kubelet_path()),
+        ),
+    );
+    Ok(Prepared {
+        services: service_specs(&rendered, kubelet.is_ok()),
+        written,
+        kubelet,
+    })
+}
+
+/// PID 1's call at boot: [`prepare`] on `/`, with the outcome logged. An
+/// error starts neither service (and says why); it never stops the boot.
+pub fn boot(config: &KubernetesConfig) -> BTreeMap<String, ServiceSpec> {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned());
+    match prepare(config, hostname.as_deref(), Path::new("/")) {
+        Ok(prepared) => {
+            // Paths only: the bootstrap kubeconfig holds a token.
+            tracing::info!(files = prepared.written.len(), "kubernetes files rendered");
+            match &prepared.kubelet {
+                Ok(message) => tracing::info!(%message, "kubelet"),
+                Err(message) => {
+                    tracing::warn!(%message, "kubelet not installed; only containerd runs")
+                }
+            }
+            prepared.services
+        }
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "kubernetes not started");
+            BTreeMap::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standalone() -> KubernetesConfig {
+        KubernetesConfig {
+            standalone: true,
+            ..KubernetesConfig::default()
+        }
+    }
+
+    #[test]
+    fn kubelet_runs_after_containerd_only_when_installed() {
+        let root = tempfile::tempdir().unwrap();
+        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        assert_eq!(
+            prepared.kubelet,
+            Err(format!(
+                "kubelet not installed: no {}",
+                root.path().join("usr/bin/kubelet").display()
+            ))
+        );
+        assert_eq!(prepared.services.keys().collect::<Vec<_>>(), ["containerd"]);
+        assert_eq!(
+            prepared.services["containerd"].command,
+            [
+                "/usr/bin/containerd",
+                "--config",
+                "/etc/containerd/config.toml"
+            ]
+        );
+        assert!(root.path().join("etc/containerd/config.toml").is_file());
+        assert!(root
+            .path()
+            .join("etc/kubernetes/kubelet-config.json")
+            .is_file());
+
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        assert!(prepared.kubelet.unwrap_err().contains("not an executable"));
+
+        std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        assert!(prepared.kubelet.is_ok());
+        let kubelet = &prepared.services["kubelet"];
+        assert_eq!(kubelet.after, ["containerd"]);
+        assert_eq!(kubelet.command[0], "/usr/bin/kubelet");
+        assert!(kubelet
+            .command
+            .contains(&"--hostname-override=node-1".to_owned()));
+        // The supervisor accepts the pair and starts containerd first.
+        let order = crate::supervisor::start_order(&prepared.services).unwrap();
+        assert_eq!(order, ["containerd", "kubelet"]);
+    }
+
+    #[test]
+    fn a_bad_table_renders_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let err = prepare(&KubernetesConfig::default(), Some("n"), root.path()).unwrap_err();
+        assert!(err.to_string().contains("kubernetes.api_server"), "{err}");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn service_names_are_reserved() {
+        let mut services = BTreeMap::new();
+        services.insert("web".to_owned(), ServiceSpec::default());
+        assert!(check_service_names(&services).is_ok());
+        services.insert("kubelet".to_owned(), ServiceSpec::default());
+        let err = check_service_names(&services).unwrap_err().to_string();
+        assert!(err.starts_with("services.kubelet:"), "{err}");
+    }
+}
