@@ -21,11 +21,10 @@ use crate::fsimage::{self, FsError};
 use crate::gpt::{self, GptError, Layout, PartitionSpec};
 use crate::initrd::{self, InitrdError};
 use crate::kmod::{self, Compression, KmodError, ModulesDep, Selection};
+use crate::profile::{self, Profile, ProfileError};
 
 const MIB: u64 = 1 << 20;
 
-/// Modules the usr image ships for after switch_root (closure added).
-pub const RUNTIME_OPTIONAL_MODULES: &[&str] = &["virtio_net", "i6300esb"];
 /// Load order of the runtime modules inside the usr image.
 pub const RUNTIME_MODULE_LIST: &str = "usr/lib/ballast/modules-load";
 
@@ -45,6 +44,14 @@ pub enum BuildError {
     Gpt(#[from] GptError),
     #[error(transparent)]
     Cpio(#[from] crate::cpio::CpioError),
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error("the usr image of profile {profile} is {need} bytes, more than the {have}-byte slot (--slot-size)")]
+    SlotTooSmall {
+        profile: Profile,
+        need: u64,
+        have: u64,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -86,7 +93,9 @@ pub struct BuildOptions {
     pub arch: Arch,
     pub version: Version,
     /// Image profile (`variant` in the metadata).
-    pub profile: String,
+    pub profile: Profile,
+    /// A kubelet binary for `/usr/bin/kubelet` (k8s profile only).
+    pub kubelet: Option<PathBuf>,
     pub kernel: KernelFlavor,
     pub agent: AgentSource,
     /// Update-repository public keys copied to `/usr/lib/ballast/trust/`.
@@ -116,7 +125,8 @@ impl BuildOptions {
         BuildOptions {
             arch,
             version,
-            profile: "base".to_owned(),
+            profile: Profile::Base,
+            kubelet: None,
             kernel: KernelFlavor::Cloud,
             agent,
             trust: Vec::new(),
@@ -286,7 +296,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
         progress.detail(&format!("{} ok", deb.display()));
         debs.insert(p.name.clone(), deb);
     }
-    let packages: Vec<String> = {
+    let mut packages: Vec<String> = {
         let mut v: Vec<String> = [&meta_pkg, &kernel_pkg, &boot_pkg]
             .iter()
             .map(|p| p.spec())
@@ -323,7 +333,12 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
         initrd::EARLY_MODULES,
         initrd::EARLY_OPTIONAL_MODULES,
     )?;
-    let runtime = dep.select(&kver, &builtin, &[], RUNTIME_OPTIONAL_MODULES)?;
+    let runtime = dep.select(
+        &kver,
+        &builtin,
+        opts.profile.required_modules(),
+        opts.profile.optional_modules(),
+    )?;
     progress.detail(&format!("kernel {kver}; module files: {compression:?}"));
     progress.detail(&format!("initrd modules: {}", early.order.join(" ")));
     progress.detail(&format!("built in: {}", early.builtin.join(" ")));
@@ -353,6 +368,19 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     progress.step(6, STEPS, "building usr image (erofs + dm-verity)");
     let tree = work.join("usr-tree");
     stage_usr(opts, &tree, &agent, &mdir, &kver, &dep, &runtime)?;
+    let contents = profile::Stager::new(&apt, arch, &work.join("packages"), &tree).stage(
+        opts.profile,
+        opts.kubelet.as_deref(),
+        progress,
+    )?;
+    packages.extend(contents.specs());
+    packages.sort();
+    packages.dedup();
+    fsimage::normalize_tree(
+        &tree,
+        opts.source_date_epoch,
+        &[("root", 0o700), ("tmp", 0o1777)],
+    )?;
     let erofs = work.join("usr.erofs");
     mkfs_erofs_logged(opts, &tree, &erofs, progress)?;
     let usr_img = payload_dir.join(payload::USR_IMAGE);
@@ -363,6 +391,14 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
         fixed_uuid(&format!("ballast/{arch}/{version}/verity")),
     )?;
     fsimage::verity_verify(&usr_img, &verity)?;
+    let usr_size = file_size(&usr_img)?;
+    if usr_size > opts.slot_size {
+        return Err(BuildError::SlotTooSmall {
+            profile: opts.profile,
+            need: usr_size,
+            have: opts.slot_size,
+        });
+    }
     progress.detail(&format!(
         "{} data blocks, root hash {} (verified with veritysetup verify --hash-offset)",
         verity.data_blocks, verity.root_hash
@@ -382,7 +418,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     let metadata = PayloadMetadata {
         version,
         arch,
-        variant: opts.profile.clone(),
+        variant: opts.profile.to_string(),
         kernel_release: kver.clone(),
         usr_fstype: "erofs".to_owned(),
         verity,
@@ -526,6 +562,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     );
     let _ = writeln!(report, "initrd modules: {}", early.order.join(" "));
     let _ = writeln!(report, "usr modules: {}", runtime.order.join(" "));
+    report.push_str(&contents.report(opts.profile));
     let _ = writeln!(report, "packages: {}", packages.join(" "));
     let report_path = out.join("size-report.txt");
     fs::write(&report_path, &report).map_err(ioe(&report_path))?;
@@ -667,11 +704,6 @@ fn stage_usr(
     fsimage::write_file(
         &tree.join(RUNTIME_MODULE_LIST),
         initrd::module_list(runtime).as_bytes(),
-    )?;
-    fsimage::normalize_tree(
-        tree,
-        opts.source_date_epoch,
-        &[("root", 0o700), ("tmp", 0o1777)],
     )?;
     Ok(())
 }

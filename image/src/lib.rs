@@ -5,8 +5,9 @@
 //! [`build::build`] runs the whole pipeline; the other modules are its
 //! parts: [`apt`] (packages by name, hashes checked), [`kmod`] (module
 //! closure and order), [`cpio`] + [`initrd`], [`fsimage`] (erofs, dm-verity,
-//! FAT, ext4 through their tools), [`gpt`] (partition tables), and [`cmd`]
-//! (running those tools with useful errors).
+//! FAT, ext4 through their tools), [`gpt`] (partition tables), [`profile`]
+//! (what each image profile ships: packages, libraries, modules), and
+//! [`cmd`] (running those tools with useful errors).
 
 pub mod apt;
 pub mod build;
@@ -16,5 +17,7 @@ pub mod fsimage;
 pub mod gpt;
 pub mod initrd;
 pub mod kmod;
+pub mod profile;
 
 pub use build::{build, AgentSource, BuildOptions, BuildOutput, Progress, StderrProgress};
+pub use profile::Profile;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ballast_image::apt::{parse_pins, KernelFlavor};
 use ballast_image::build::{output_digests, DEFAULT_SOURCE_DATE_EPOCH};
-use ballast_image::{AgentSource, BuildOptions, StderrProgress};
+use ballast_image::{AgentSource, BuildOptions, Profile, StderrProgress};
 use ballast_updater::payload::{Arch, Version};
 
 #[derive(Debug, clap::Args)]
@@ -18,7 +18,8 @@ pub struct ImageArgs {
     pub arch: Arch,
     #[arg(long, default_value = "1.0.0")]
     pub version: String,
-    /// Output directory (default: build/<arch>/<version>/).
+    /// Output directory (default: build/<arch>/<version>/, or
+    /// build/<arch>/<profile>/<version>/ for a profile other than base).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Update-repository public key (*.pub) to trust; repeatable.
@@ -27,9 +28,15 @@ pub struct ImageArgs {
     /// Kernel flavour: cloud (VMs) or generic (bare metal, hardware watchdogs).
     #[arg(long, default_value = "cloud")]
     pub kernel: KernelFlavor,
-    /// Image profile (recorded as the payload's variant).
+    /// Image profile: base (the agent only) or k8s (containerd, runc, CNI
+    /// plugins, iptables, conntrack, CA certificates and their libraries
+    /// and kernel modules); recorded as the payload's variant.
     #[arg(long, default_value = "base")]
-    pub profile: String,
+    pub profile: Profile,
+    /// A kubelet binary for /usr/bin/kubelet (k8s profile; checked to be an
+    /// ELF executable for --arch).
+    #[arg(long)]
+    pub kubelet: Option<PathBuf>,
     /// Pin a Debian package: NAME=VERSION; repeatable.
     #[arg(long = "pin")]
     pub pins: Vec<String>,
@@ -57,7 +64,8 @@ impl ImageArgs {
             out: None,
             trust: Vec::new(),
             kernel: KernelFlavor::Cloud,
-            profile: "base".to_owned(),
+            profile: Profile::Base,
+            kubelet: None,
             pins: Vec::new(),
             slot_size: 1024,
             state_size: 256,
@@ -102,7 +110,8 @@ fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
     let cache = root.join(".cache/debian").join(args.arch.as_str());
     let mut opts = BuildOptions::new(args.arch, version, out, cache, agent);
     opts.kernel = args.kernel;
-    opts.profile = args.profile.clone();
+    opts.profile = args.profile;
+    opts.kubelet = args.kubelet.clone();
     opts.trust = args.trust.clone();
     opts.pins = parse_pins(&args.pins)?;
     opts.slot_size = args.slot_size << 20;
@@ -111,19 +120,29 @@ fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
     Ok(opts)
 }
 
+/// `build/<arch>/<version>` for the base profile, `build/<arch>/<profile>/<version>`
+/// for the others, so profiles never overwrite each other.
+pub fn default_out(root: &Path, arch: Arch, profile: Profile, version: &str) -> PathBuf {
+    let dir = root.join("build").join(arch.as_str());
+    match profile {
+        Profile::Base => dir.join(version),
+        other => dir.join(other.as_str()).join(version),
+    }
+}
+
 /// Builds the image; returns the output directory.
 pub fn run(args: ImageArgs) -> Result<PathBuf> {
     let root = crate::workspace_root();
-    let out = args.out.clone().unwrap_or_else(|| {
-        root.join("build")
-            .join(args.arch.as_str())
-            .join(&args.version)
-    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| default_out(&root, args.arch, args.profile, &args.version));
     let opts = options(&args, out.clone())?;
     eprintln!(
-        "building Ballast {} for {} into {} (SOURCE_DATE_EPOCH={})",
+        "building Ballast {} for {} ({} profile) into {} (SOURCE_DATE_EPOCH={})",
         opts.version,
         opts.arch,
+        opts.profile,
         out.display(),
         opts.source_date_epoch
     );
