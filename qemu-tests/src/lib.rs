@@ -3,8 +3,8 @@
 //! ([`events`]), disk overlays and GPT reading ([`disk`]), the busybox
 //! boot-time floor ([`floor`]), the built image under test ([`image`]), a
 //! tiny HTTP client for the agent's API ([`http`]) and the scenarios
-//! `cargo xtask vm-test` runs ([`scenarios`], and the automatic-update
-//! ones in [`update`]).
+//! `cargo xtask vm-test` runs ([`scenarios`], the automatic-update ones in
+//! [`update`], and the k8s-profile one in [`k8s`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -14,6 +14,7 @@ pub mod events;
 pub mod floor;
 pub mod http;
 pub mod image;
+pub mod k8s;
 pub mod runtime;
 pub mod scenarios;
 pub mod update;

@@ -1,8 +1,9 @@
 //! The VM scenarios `cargo xtask vm-test` runs against a built image:
 //! `boot` (boot to ready, fields match the payload), `reboot` (an
 //! agent-initiated reboot through the API comes back ready with a new boot
-//! id) and `verity` (one flipped byte in USR-A's data is refused by
-//! dm-verity and never booted). Each is a plain function over a
+//! id), `verity` (one flipped byte in USR-A's data is refused by
+//! dm-verity and never booted), `runtime` ([`crate::runtime`]) and `k8s`
+//! ([`crate::k8s`]). Each is a plain function over a
 //! [`Context`]; the runner and reporting live in xtask.
 
 use std::path::PathBuf;
@@ -87,6 +88,11 @@ pub const ALL: &[Scenario] = &[
         name: "runtime",
         about: "CIDATA user-data (hostname, static address, TCP API, HTTP check): /readyz, /status, /metrics from the host",
         run: crate::runtime::runtime,
+    },
+    Scenario {
+        name: "k8s",
+        about: "k8s-profile image: containerd supervised, a local OCI image imported with ctr, its container's console event, /status",
+        run: crate::k8s::k8s,
     },
 ];
 

@@ -1,6 +1,6 @@
 //! `cargo xtask vm-test`: builds the image if it is missing (trusting the
-//! test key in `build/test-keys/`, and releases 1.1.0 and 1.2.0 when an
-//! update scenario runs), boots it and runs the scenarios of `qemu-tests`,
+//! test key in `build/test-keys/`, releases 1.1.0 and 1.2.0 when an
+//! update scenario runs, and the k8s-profile image when `k8s` runs), boots it and runs the scenarios of `qemu-tests`,
 //! one line per scenario, then `N passed, M failed`. Also the helpers `run` and `bench boot` share:
 //! finding or building the image, choosing the accelerator.
 
@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use ballast_image::Profile;
 use ballast_updater::payload::Arch;
 use clap::{Args, FromArgMatches};
 use qemu_tests::image::BuiltImage;
@@ -36,7 +37,7 @@ pub struct VmTestArgs {
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Scenarios to run (default set when empty): boot, reboot, verity,
-    /// update, update-unhealthy, update-never-boots, update-power-cut,
+    /// runtime, k8s (builds build/<arch>/k8s/1.0.0 when missing), update, update-unhealthy, update-never-boots, update-power-cut,
     /// update-tampered, update-fleetlock; update-all for every update one.
     pub scenarios: Vec<String>,
 }
@@ -62,9 +63,15 @@ pub fn ensure_image(arch: Arch) -> Result<PathBuf> {
 /// `build/<arch>/<version>`, built like [`ensure_image`]: into a scratch
 /// directory first, then moved into place with a stamp naming the key.
 pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
+    ensure_profile(arch, version, Profile::Base)
+}
+
+/// Like [`ensure_version`] for any profile, in the profile's own
+/// directory (`build/<arch>/<profile>/<version>` unless base).
+pub fn ensure_profile(arch: Arch, version: &str, profile: Profile) -> Result<PathBuf> {
     let root = crate::workspace_root();
     let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
-    let dir = root.join("build").join(arch.as_str()).join(version);
+    let dir = crate::image::default_out(&root, arch, profile, version);
     if dir.join("disk.raw").exists() && fixture::trusts(&dir, &public) {
         return Ok(dir);
     }
@@ -77,7 +84,7 @@ pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
-    let out = crate::image::run(image_args(arch, version, &public, &tmp)?)?;
+    let out = crate::image::run(image_args(arch, version, profile, &public, &tmp)?)?;
     anyhow::ensure!(
         out.join("disk.raw").exists(),
         "the image build wrote no disk.raw in {}",
@@ -99,6 +106,7 @@ pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
 fn image_args(
     arch: Arch,
     version: &str,
+    profile: Profile,
     trust: &Path,
     out: &Path,
 ) -> Result<crate::image::ImageArgs> {
@@ -112,6 +120,8 @@ fn image_args(
             arch.as_str(),
             "--version",
             version,
+            "--profile",
+            profile.as_str(),
             "--trust",
             &trust,
             "--out",
@@ -189,6 +199,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
             ensure_version(args.arch, v)?;
         }
     }
+    if args.image.is_none() && selected.iter().any(|s| s.name == "k8s") {
+        ensure_profile(args.arch, TEST_VERSION, Profile::K8s)?;
+    }
     let dir = match &args.image {
         Some(dir) => dir.clone(),
         None => ensure_image(args.arch)?,
@@ -255,12 +268,14 @@ mod tests {
         let a = image_args(
             Arch::Aarch64,
             TEST_VERSION,
+            Profile::K8s,
             Path::new("k.pub"),
             Path::new("out"),
         )
         .unwrap();
         assert_eq!(a.arch, Arch::Aarch64);
         assert_eq!(a.version, TEST_VERSION);
+        assert_eq!(a.profile, Profile::K8s);
         assert_eq!(a.trust, vec![PathBuf::from("k.pub")]);
         assert_eq!(a.out, Some(PathBuf::from("out")));
     }
