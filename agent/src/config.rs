@@ -2,7 +2,8 @@
 //!
 //! Layers, later wins (tables merge key by key, other values replace):
 //! `/usr/lib/ballast/config.d/*.toml` (vendor defaults in the image), the
-//! node's user-data, `/run/ballast/config.d/*.toml`,
+//! kernel command line's `ballast.<key>=<value>` (see [`cmdline_layer`]),
+//! the node's user-data, `/run/ballast/config.d/*.toml`,
 //! `/etc/ballast/config.d/*.toml`; files in a directory apply in name order.
 //! User-data arrives at first boot through QEMU's fw_cfg
 //! (`opt/ballast/user-data`) or a FAT volume labelled `CIDATA` holding a
@@ -26,6 +27,19 @@ pub const LAST_GOOD: &str = "/var/lib/ballast/config.last-good.toml";
 /// Drop-in directories before and after user-data, in precedence order.
 pub const VENDOR_DIR: &str = "/usr/lib/ballast/config.d";
 pub const RUNTIME_DIRS: [&str; 2] = ["/run/ballast/config.d", "/etc/ballast/config.d"];
+/// The kernel command line, a configuration layer of its own.
+pub const CMDLINE: &str = "/proc/cmdline";
+/// `ballast.*` keys the boot chain owns (updater/src/cmdline.rs); the
+/// configuration layer leaves them alone.
+const BOOT_CHAIN_KEYS: [&str; 7] = [
+    "version",
+    "slot",
+    "usr",
+    "usrfs",
+    "verity",
+    "verity.salt",
+    "verity.blocks",
+];
 /// Keys whose values never leave the node in `config show` or logs.
 const SECRET_KEY_PARTS: [&str; 4] = ["token", "password", "secret", "private"];
 
@@ -46,6 +60,13 @@ pub enum ConfigError {
     },
     #[error("{path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
+    /// A `ballast.<key>=<value>` on the kernel command line.
+    #[error("{CMDLINE}: ballast.{key}={value}: {detail}")]
+    Cmdline {
+        key: String,
+        value: String,
+        detail: String,
+    },
     #[error("{path}: interface {interface}: address {value:?} is not ADDRESS/PREFIX")]
     Address {
         path: PathBuf,
@@ -96,6 +117,33 @@ pub struct InterfaceConfig {
     pub gateway: Option<IpAddr>,
     #[serde(default)]
     pub dns: Vec<IpAddr>,
+    /// DHCPv4; when unset, on exactly when there are no static addresses.
+    pub dhcp: Option<bool>,
+    /// IPv6 autoconfiguration; `ra` when unset.
+    pub ipv6: Option<Ipv6Mode>,
+}
+
+impl InterfaceConfig {
+    /// Whether this interface runs a DHCPv4 client.
+    pub fn dhcp_enabled(&self) -> bool {
+        self.dhcp.unwrap_or(self.addresses.is_empty())
+    }
+
+    pub fn ipv6_mode(&self) -> Ipv6Mode {
+        self.ipv6.unwrap_or(Ipv6Mode::Ra)
+    }
+}
+
+/// `network.interfaces.<name>.ipv6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ipv6Mode {
+    /// SLAAC from router advertisements, also when forwarding is on
+    /// (`accept_ra=2`, `autoconf=1`), and RDNSS/DNSSL into resolv.conf.
+    Ra,
+    /// No router advertisements, no autoconfigured addresses; static IPv6
+    /// addresses still apply.
+    Off,
 }
 
 /// An address with its prefix length.
@@ -179,6 +227,10 @@ pub fn dropins(dir: &Path) -> Result<Vec<Layer>, ConfigError> {
 /// All layers of a node in precedence order (see the module doc).
 pub fn node_layers(user_data: Option<Layer>) -> Result<Vec<Layer>, ConfigError> {
     let mut layers = dropins(Path::new(VENDOR_DIR))?;
+    // Without /proc (a CLI run in a container) there is no such layer.
+    if let Ok(cmdline) = std::fs::read_to_string(CMDLINE) {
+        layers.extend(cmdline_layer(&cmdline)?);
+    }
     layers.extend(user_data);
     for dir in RUNTIME_DIRS {
         layers.extend(dropins(Path::new(dir))?);
@@ -209,6 +261,135 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
         })?;
     }
     Ok((config, merged))
+}
+
+/// The kernel command line's `ballast.<key>=<value>` words as a layer.
+///
+/// Keys are dotted paths into the TOML tables (`ballast.api.listen=`,
+/// `ballast.network.interfaces.eth0.dhcp=false`); a value is read as a
+/// TOML value (`false`, `3`, `["10.0.0.2/24"]`, `"quoted"`) and otherwise
+/// taken as a string (`0.0.0.0:9465`). A key without `=` is `true`. The
+/// boot chain's own keys are skipped. Each word is validated alone, so an
+/// error names `/proc/cmdline` and the word. `None` when there are no keys.
+pub fn cmdline_layer(cmdline: &str) -> Result<Option<Layer>, ConfigError> {
+    let mut table = toml::Table::new();
+    for word in cmdline_words(cmdline) {
+        let Some(rest) = word.strip_prefix("ballast.") else {
+            continue;
+        };
+        let (key, raw) = match rest.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (rest, None),
+        };
+        if BOOT_CHAIN_KEYS.contains(&key) {
+            continue;
+        }
+        let err = |detail: String| ConfigError::Cmdline {
+            key: key.to_owned(),
+            value: raw.unwrap_or_default().to_owned(),
+            detail,
+        };
+        let path: Vec<&str> = key.split('.').collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(err("the key has an empty part".into()));
+        }
+        let value = match raw {
+            None => toml::Value::Boolean(true),
+            Some(raw) => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        };
+        insert_path(&mut table, &path, value.clone()).map_err(&err)?;
+        let mut one = toml::Table::new();
+        insert_path(&mut one, &path, value).map_err(&err)?;
+        let text = toml::to_string(&one).map_err(|e| err(e.to_string()))?;
+        // Validated alone so the message names this word, not a line of
+        // a document the user never wrote.
+        if let Err(e) = Config::parse(&text, Path::new(CMDLINE)) {
+            let detail = match e {
+                ConfigError::Parse { detail, .. } => detail.message().to_owned(),
+                other => other.to_string(),
+            };
+            return Err(err(detail));
+        }
+    }
+    if table.is_empty() {
+        return Ok(None);
+    }
+    let text = toml::to_string(&table).map_err(|e| ConfigError::Invalid {
+        path: CMDLINE.into(),
+        detail: e.to_string(),
+    })?;
+    Ok(Some(Layer {
+        source: CMDLINE.into(),
+        text,
+    }))
+}
+
+/// Sets `path` in `table`, making tables on the way; a later word for the
+/// same key replaces the earlier one, as the kernel's own parameters do.
+fn insert_path(table: &mut toml::Table, path: &[&str], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("the key is empty".into());
+    };
+    let mut at = table;
+    for (i, part) in parents.iter().enumerate() {
+        let entry = at
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(format!(
+                    "ballast.{} is already a value, not a table",
+                    path[..=i].join(".")
+                ))
+            }
+        };
+    }
+    if matches!(at.get(*last), Some(toml::Value::Table(_))) && !value.is_table() {
+        return Err(format!(
+            "ballast.{} is already a table, not a value",
+            path.join(".")
+        ));
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Splits a kernel command line into words as the kernel does: on
+/// whitespace outside double quotes. Quotes around a whole word go; quotes
+/// in a value stay, so `ballast.hostname="a b"` is the TOML string `"a b"`
+/// and `[\"10.0.0.2/24\"]` an array.
+fn cmdline_words(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in cmdline.chars() {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        if c.is_whitespace() && !quoted {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+        } else {
+            word.push(c);
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+        .into_iter()
+        .map(
+            |w| match w.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+                Some(inner) => inner.to_owned(),
+                None => w,
+            },
+        )
+        .collect()
 }
 
 fn merge_tables(into: &mut toml::Table, from: toml::Table) {
@@ -370,6 +551,125 @@ dns = ["10.0.2.3"]
             !shown.contains("abc.def") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn kernel_command_line_keys_become_a_layer() {
+        // (command line, expected TOML of the layer; None: no layer)
+        let cases: &[(&str, Option<&str>)] = &[
+            ("console=ttyS0 panic=10", None),
+            (
+                "ballast.version=1.0.0 ballast.slot=a ballast.usr=PARTUUID=x ballast.usrfs=erofs \
+                 ballast.verity=ab ballast.verity.salt=cd ballast.verity.blocks=9",
+                None,
+            ),
+            ("ballast.hostname=node-7", Some("hostname = \"node-7\"\n")),
+            (
+                "ballast.api.listen=0.0.0.0:9465",
+                Some("[api]\nlisten = \"0.0.0.0:9465\"\n"),
+            ),
+            (
+                "ballast.network.interfaces.eth0.dhcp=false",
+                Some("[network.interfaces.eth0]\ndhcp = false\n"),
+            ),
+            (
+                "quiet ballast.network.interfaces.eth0.addresses=[\"10.0.0.2/24\"] \
+                 ballast.network.interfaces.eth0.gateway=10.0.0.1",
+                Some("[network.interfaces.eth0]\naddresses = [\"10.0.0.2/24\"]\ngateway = \"10.0.0.1\"\n"),
+            ),
+            (
+                "ballast.hostname=\"two words\" ballast.hostname=last",
+                Some("hostname = \"last\"\n"),
+            ),
+            (
+                "ballast.hostname=\"two words\"",
+                Some("hostname = \"two words\"\n"),
+            ),
+            (
+                "\"ballast.hostname=quoted whole\" ballast.network.interfaces.eth0.dhcp",
+                Some("hostname = \"quoted whole\"\n\n[network.interfaces.eth0]\ndhcp = true\n"),
+            ),
+            (
+                "ballast.network.interfaces.eth0.ipv6=off",
+                Some("[network.interfaces.eth0]\nipv6 = \"off\"\n"),
+            ),
+        ];
+        for (line, want) in cases {
+            let layer = cmdline_layer(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(layer.as_ref().map(|l| l.text.as_str()), *want, "{line}");
+            if let Some(l) = layer {
+                assert_eq!(l.source, Path::new(CMDLINE));
+                Config::parse(&l.text, &l.source).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn bad_kernel_command_line_keys_name_the_file_and_word() {
+        // (command line, words the error must contain)
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "ballast.hostnme=x",
+                &["/proc/cmdline", "ballast.hostnme=x", "hostnme"],
+            ),
+            (
+                "ballast.api.listen=nowhere",
+                &["ballast.api.listen=nowhere", "listen"],
+            ),
+            (
+                "ballast.network.interfaces.eth0.dhcp=maybe",
+                &["ballast.network.interfaces.eth0.dhcp=maybe", "bool"],
+            ),
+            ("ballast.network..x=1", &["ballast.network..x=1", "empty"]),
+            (
+                "ballast.hostname=a ballast.hostname.x=1",
+                &["ballast.hostname.x=1", "already a value"],
+            ),
+            (
+                "ballast.network.interfaces.eth0.addresses=[\"10.0.0.2\"]",
+                &["/proc/cmdline", "eth0", "10.0.0.2"],
+            ),
+        ];
+        for (line, words) in cases {
+            let err = cmdline_layer(line).unwrap_err().to_string();
+            for w in *words {
+                assert!(err.contains(w), "{line}: {err:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_command_line_sits_between_vendor_and_user_data() {
+        let cmdline = cmdline_layer("ballast.hostname=from-cmdline ballast.api.listen=0.0.0.0:1")
+            .unwrap()
+            .unwrap();
+        let layers = [
+            layer(
+                "/usr/lib/ballast/config.d/10.toml",
+                "hostname = \"vendor\"\n",
+            ),
+            cmdline,
+            layer("user-data", "[api]\nlisten = \"127.0.0.1:2\"\n"),
+        ];
+        let (config, _) = merge(&layers).unwrap();
+        assert_eq!(config.hostname.as_deref(), Some("from-cmdline"));
+        assert_eq!(config.api.listen.unwrap().port(), 2);
+    }
+
+    #[test]
+    fn dhcp_defaults_to_on_without_static_addresses() {
+        let c = Config::parse(
+            "[network.interfaces.eth0]\n[network.interfaces.eth1]\naddresses = [\"10.0.0.2/24\"]\n\
+             [network.interfaces.eth2]\naddresses = [\"10.0.0.2/24\"]\ndhcp = true\nipv6 = \"off\"\n",
+            Path::new("u"),
+        )
+        .unwrap();
+        let i = &c.network.interfaces;
+        assert!(i["eth0"].dhcp_enabled());
+        assert!(!i["eth1"].dhcp_enabled());
+        assert!(i["eth2"].dhcp_enabled());
+        assert_eq!(i["eth0"].ipv6_mode(), Ipv6Mode::Ra);
+        assert_eq!(i["eth2"].ipv6_mode(), Ipv6Mode::Off);
     }
 
     #[test]
