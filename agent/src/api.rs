@@ -2,8 +2,9 @@
 //! configured: `/healthz` (the agent answers), `/readyz` (the node passes
 //! its health checks: 200, else 503), `/status` (JSON: node, update state,
 //! services, checks), `/metrics` (Prometheus text) and `POST /v1/reboot`.
-//! It never exposes secrets: every answer is built from explicit,
-//! secret-free structs.
+//! Health answers come from the [`HealthMonitor`]'s last report: a request
+//! never runs a check. It never exposes secrets: every answer is built from
+//! explicit, secret-free structs.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
-use crate::health::{HealthChecker, HealthReport};
+use crate::health::{HealthMonitor, HealthSnapshot};
 use crate::metrics::{self, MetricsInput};
 use crate::power::Action;
 use crate::supervisor::{ServiceStatus, SupervisorHandle};
@@ -55,7 +56,7 @@ pub struct Shared {
     pub power: mpsc::Sender<Action>,
     pub update: SharedUpdateStatus,
     pub services: Option<SupervisorHandle>,
-    pub checker: Option<HealthChecker>,
+    pub health: Option<HealthMonitor>,
     pub boots_total: u64,
 }
 
@@ -104,15 +105,13 @@ struct FullStatus<'a> {
     agent: AgentUsage,
     update: Option<UpdateStatus>,
     services: Vec<ServiceStatus>,
-    health: Option<HealthReport>,
+    health: Option<&'a HealthSnapshot>,
 }
 
 impl Shared {
-    async fn health(&self) -> Option<HealthReport> {
-        match &self.checker {
-            Some(c) => Some(c.run().await),
-            None => None,
-        }
+    /// The last health report; `None` before the first run ends.
+    fn health(&self) -> Option<Arc<HealthSnapshot>> {
+        self.health.as_ref().and_then(HealthMonitor::latest)
     }
 
     fn update_status(&self) -> Option<UpdateStatus> {
@@ -196,26 +195,28 @@ async fn handle(
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            let report = shared.health().await;
-            let code = if report.as_ref().is_some_and(|r| r.ready) {
+            let snapshot = shared.health();
+            let code = if snapshot.as_ref().is_some_and(|s| s.report.ready) {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            to_json(code, &report)
+            to_json(code, &snapshot.as_deref())
         }
         (&Method::GET, "/status") => {
+            let health = shared.health();
             let full = FullStatus {
                 node: &shared.status,
                 agent: AgentUsage::read(),
                 update: shared.update_status(),
                 services: shared.services(),
-                health: shared.health().await,
+                health: health.as_deref(),
             };
             to_json(StatusCode::OK, &full)
         }
         (&Method::GET, "/metrics") => {
             let update = shared.update_status();
+            let health = shared.health();
             let input = MetricsInput {
                 version: shared.status.version.clone(),
                 arch: shared.status.arch.clone(),
@@ -230,7 +231,8 @@ async fn handle(
                     .and_then(|u| u.last_check.as_deref())
                     .and_then(|t| humantime::parse_rfc3339(t).ok()),
                 services: shared.services(),
-                health: shared.health().await,
+                health_age: health.as_ref().map(|s| s.age()),
+                health: health.map(|s| s.report.clone()),
             };
             let mut r = text(StatusCode::OK, &metrics::render(&input));
             r.headers_mut().insert(
@@ -335,7 +337,7 @@ mod tests {
             power: tx,
             update: crate::update_loop::new_status(),
             services: None,
-            checker: None,
+            health: None,
             boots_total: 3,
         });
         tokio::spawn(async move {
@@ -377,5 +379,94 @@ mod tests {
         assert_eq!(rx.recv().await, Some(Action::Reboot));
         let (code, _) = request(path, Method::GET, "/nope").await.unwrap();
         assert_eq!(code, StatusCode::NOT_FOUND);
+    }
+
+    /// Health answers come from the monitor's last report: requests run no
+    /// check, and they say how old the report is.
+    #[tokio::test(flavor = "current_thread")]
+    async fn health_endpoints_read_the_last_report() {
+        use crate::health::{BuiltinSources, CheckSpec, HealthChecker, HealthConfig};
+        use crate::supervisor::{ReapScope, Reaper};
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let config = HealthConfig {
+            interval: Duration::from_secs(3600),
+            checks: vec![CheckSpec {
+                name: "count".into(),
+                command: Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("echo run >> {}", runs.display()),
+                ]),
+                http: None,
+                timeout: Duration::from_secs(5),
+            }],
+        };
+        // STATE is whatever the test host has on /: ready or not, the
+        // endpoints must agree with the report.
+        let sources = BuiltinSources {
+            state_mount: "/".into(),
+            ..BuiltinSources::default()
+        };
+        let reaper = Reaper::start(ReapScope::OwnChildren).unwrap();
+        let checker = HealthChecker::new(&config, sources, None, reaper).unwrap();
+        let monitor = HealthMonitor::start(checker, config.interval);
+        let path = dir.path().join("api.sock");
+        let listener = bind_unix(&path).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            status: status(),
+            power: tx,
+            update: crate::update_loop::new_status(),
+            services: None,
+            health: Some(monitor.clone()),
+            boots_total: 1,
+        });
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                spawn_connection(TokioIo::new(s), shared.clone());
+            }
+        });
+        while monitor.latest().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ready = monitor.latest().unwrap().report.ready;
+        for _ in 0..3 {
+            let (code, body) = request(path.clone(), Method::GET, "/readyz").await.unwrap();
+            let expected = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            assert_eq!(code, expected, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["ready"], ready);
+            assert!(v["age_ms"].is_u64() && v["checked_at"].is_string(), "{v}");
+
+            let (_, body) = request(path.clone(), Method::GET, "/status").await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["health"]["checks"][4]["name"], "count", "{v}");
+            assert!(v["health"]["checked_at"].is_string(), "{v}");
+
+            let (_, body) = request(path.clone(), Method::GET, "/metrics")
+                .await
+                .unwrap();
+            let lines = body.lines().map(|l| Ok(l.to_owned()));
+            let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+            let age = scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == "ballast_health_report_age_seconds")
+                .expect("report age exposed");
+            assert!(
+                matches!(age.value, prometheus_parse::Value::Gauge(v) if (0.0..60.0).contains(&v)),
+                "{age:?}"
+            );
+        }
+        let runs = std::fs::read_to_string(&runs).unwrap();
+        assert_eq!(runs.lines().count(), 1, "requests ran the checks");
     }
 }

@@ -4,6 +4,12 @@
 //! 2xx, each with a timeout) and the [`HealthReport`] that `/readyz`,
 //! `/status`, `/metrics` and the update gate read.
 //!
+//! The checks run in one task, the [`HealthMonitor`]: at start, then every
+//! `[health] interval`, and at once when the update gate asks for a fresh
+//! report ([`HealthMonitor::run_now`]). Readers get the last report and its
+//! age, so a scrape or a polling load balancer never runs a user's command
+//! or HTTP check, and checks never pile up behind slow requests.
+//!
 //! User check commands are spawned through the supervisor's [`Reaper`] so
 //! that PID 1's `waitpid(-1)` never steals their exit statuses.
 
@@ -11,6 +17,7 @@ use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Empty;
@@ -20,11 +27,16 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::supervisor::{Reaper, ServiceState, SupervisorHandle};
 
 /// How long a user check may take when its `timeout` is not set.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the checks run when `[health] interval` is not set.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
+/// The shortest `[health] interval`: user checks may spawn processes.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// The clock is "sane" when it is not before this, unless the build says
 /// otherwise through `SOURCE_DATE_EPOCH` (2026-01-01T00:00:00Z).
 const FALLBACK_BUILD_EPOCH: u64 = 1_767_225_600;
@@ -38,15 +50,33 @@ pub const BUILTIN_CHECKS: &[&str] = &["state-writable", "network", "services", "
 pub enum HealthError {
     #[error("health check {check:?}: {detail}")]
     InvalidCheck { check: String, detail: String },
+    #[error("health.interval = {value:?}: must be at least {minimum}")]
+    IntervalTooShort { value: String, minimum: String },
 }
 
 /// The `[health]` table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
+    /// Time between two runs of the checks; readers get the last report.
+    #[serde(default = "default_interval", with = "duration_text")]
+    pub interval: Duration,
     /// `[[health.checks]]`.
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: DEFAULT_INTERVAL,
+            checks: Vec::new(),
+        }
+    }
+}
+
+fn default_interval() -> Duration {
+    DEFAULT_INTERVAL
 }
 
 /// One user check: exactly one of `command` and `http`.
@@ -89,6 +119,12 @@ impl HealthConfig {
     /// Checks what TOML types cannot: one kind per check, usable URLs,
     /// unique names.
     pub fn validate(&self) -> Result<(), HealthError> {
+        if self.interval < MIN_INTERVAL {
+            return Err(HealthError::IntervalTooShort {
+                value: humantime::format_duration(self.interval).to_string(),
+                minimum: humantime::format_duration(MIN_INTERVAL).to_string(),
+            });
+        }
         let mut names = BTreeSet::new();
         for check in &self.checks {
             let invalid = |detail: &str| HealthError::InvalidCheck {
@@ -236,6 +272,136 @@ impl HealthChecker {
             tracing::debug!(check = %result.name, message = %result.message, "health check failed");
         }
         result
+    }
+}
+
+/// A report and when its run began.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthSnapshot {
+    /// When this run of the checks began (wall clock, RFC 3339).
+    #[serde(serialize_with = "rfc3339")]
+    pub checked_at: SystemTime,
+    /// Milliseconds since then, at the moment the snapshot is shown.
+    #[serde(rename = "age_ms", serialize_with = "age_ms")]
+    began: Instant,
+    #[serde(flatten)]
+    pub report: HealthReport,
+}
+
+impl HealthSnapshot {
+    /// How old the report is (monotonic: clock steps do not change it).
+    pub fn age(&self) -> Duration {
+        self.began.elapsed()
+    }
+}
+
+fn rfc3339<S: serde::Serializer>(at: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_millis(*at))
+}
+
+fn age_ms<S: serde::Serializer>(began: &Instant, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(began.elapsed().as_millis() as u64)
+}
+
+/// The latest snapshot, `None` until the first run ends.
+type Latest = Option<Arc<HealthSnapshot>>;
+
+/// Handle on the one task that runs the checks; cheap to clone. The task
+/// ends when the last handle is dropped.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // `requests` and `checker` serve run_now, see there.
+pub struct HealthMonitor {
+    latest: watch::Receiver<Latest>,
+    requests: mpsc::Sender<oneshot::Sender<Arc<HealthSnapshot>>>,
+    /// Runs the checks in the caller's task if the monitor's task is gone
+    /// (it panicked), so the update gate never waits on nothing.
+    checker: HealthChecker,
+}
+
+impl HealthMonitor {
+    /// Starts the task: it runs the checks at once, then `interval` after
+    /// each run ends, and whenever [`run_now`](Self::run_now) asks. Call
+    /// inside the tokio runtime.
+    pub fn start(checker: HealthChecker, interval: Duration) -> Self {
+        let (publish, latest) = watch::channel(None);
+        // Requests that arrive during a run wait for the next one: a few
+        // slots are plenty, senders beyond them wait their turn.
+        let (requests, queue) = mpsc::channel(8);
+        tokio::spawn(monitor_loop(checker.clone(), interval, publish, queue));
+        HealthMonitor {
+            latest,
+            requests,
+            checker,
+        }
+    }
+
+    /// The last report, without running anything.
+    pub fn latest(&self) -> Option<Arc<HealthSnapshot>> {
+        self.latest.borrow().clone()
+    }
+
+    /// Runs every check now and returns that report (published to the
+    /// readers too). A run already under way when this is called does not
+    /// count: the report comes from a run that began after the call.
+    // Until update_loop's gate takes a HealthMonitor instead of a checker.
+    #[allow(dead_code)]
+    pub async fn run_now(&self) -> HealthReport {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(reply).await.is_ok() {
+            if let Ok(snapshot) = answer.await {
+                return snapshot.report.clone();
+            }
+        }
+        tracing::warn!("health monitor task is gone; running the checks in place");
+        self.checker.run().await
+    }
+}
+
+async fn monitor_loop(
+    checker: HealthChecker,
+    interval: Duration,
+    publish: watch::Sender<Latest>,
+    mut queue: mpsc::Receiver<oneshot::Sender<Arc<HealthSnapshot>>>,
+) {
+    let mut next = tokio::time::Instant::now();
+    let mut was_ready = None;
+    loop {
+        let mut waiting = Vec::new();
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            request = queue.recv() => match request {
+                Some(reply) => waiting.push(reply),
+                // Every handle is gone: nobody reads reports any more.
+                None => return,
+            },
+        }
+        // One run answers every request made before it began.
+        while let Ok(reply) = queue.try_recv() {
+            waiting.push(reply);
+        }
+        let checked_at = SystemTime::now();
+        let began = Instant::now();
+        let report = checker.run().await;
+        if was_ready != Some(report.ready) {
+            let failing: Vec<&str> = report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.name.as_str())
+                .collect();
+            tracing::info!(ready = report.ready, failing = ?failing, "node readiness");
+            was_ready = Some(report.ready);
+        }
+        let snapshot = Arc::new(HealthSnapshot {
+            checked_at,
+            began,
+            report,
+        });
+        publish.send_replace(Some(snapshot.clone()));
+        for reply in waiting {
+            let _ = reply.send(snapshot.clone());
+        }
+        next = tokio::time::Instant::now() + interval;
     }
 }
 
@@ -701,6 +867,116 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_interval_has_a_default_and_a_floor() {
+        let parse = |text: &str| -> Result<HealthConfig, String> {
+            let c: HealthConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.validate().map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        assert_eq!(parse("").unwrap().interval, DEFAULT_INTERVAL);
+        assert_eq!(HealthConfig::default().interval, DEFAULT_INTERVAL);
+        assert_eq!(
+            parse("interval = \"1m 30s\"").unwrap().interval,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            parse("interval = \"500ms\"").unwrap_err(),
+            "health.interval = \"500ms\": must be at least 1s"
+        );
+        assert!(parse("interval = \"0s\"").unwrap_err().contains("at least"));
+        assert!(parse("interval = \"often\"").unwrap_err().contains("often"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_monitor_runs_the_checks_and_readers_share_its_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        // Below the configurable floor, to keep the test short.
+        let interval = Duration::from_millis(400);
+        let config = HealthConfig {
+            interval: DEFAULT_INTERVAL,
+            checks: vec![CheckSpec {
+                name: "count".into(),
+                command: Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("echo run >> {}", runs.display()),
+                ]),
+                http: None,
+                timeout: Duration::from_secs(5),
+            }],
+        };
+        let sources = BuiltinSources {
+            mountinfo: write_mountinfo(dir.path(), MOUNTINFO),
+            ..BuiltinSources::default()
+        };
+        let reaper = Reaper::start(ReapScope::OwnChildren).unwrap();
+        let checker = HealthChecker::new(&config, sources, None, reaper).unwrap();
+        let count = || {
+            std::fs::read_to_string(&runs)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        let monitor = HealthMonitor::start(checker, interval);
+
+        // The first run starts at once.
+        monitor
+            .latest
+            .clone()
+            .wait_for(Option::is_some)
+            .await
+            .unwrap();
+        let first = monitor.latest().unwrap();
+        assert_eq!(count(), 1);
+        assert!(first
+            .report
+            .checks
+            .iter()
+            .any(|c| c.name == "count" && c.ok));
+        // Readers run nothing and all see the same report.
+        for _ in 0..20 {
+            assert!(Arc::ptr_eq(&monitor.latest().unwrap(), &first));
+        }
+        assert_eq!(count(), 1);
+
+        // run_now runs the checks again, after the call, and publishes.
+        let asked = Instant::now();
+        let report = monitor.run_now().await;
+        assert_eq!(count(), 2);
+        let second = monitor.latest().unwrap();
+        assert!(second.began >= asked && second.checked_at >= first.checked_at);
+        assert_eq!(second.report, report);
+        // Requests made together share one run.
+        let (a, b) = tokio::join!(monitor.run_now(), monitor.run_now());
+        assert_eq!(count(), 3);
+        assert_eq!(a, b);
+
+        // No run before the interval, one after it.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(count(), 3);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count() < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(count(), 4, "no periodic run");
+        let latest = monitor.latest().unwrap();
+        assert!(latest.age() < Duration::from_secs(5));
+
+        // What /status and /readyz show: the report, when, and how old.
+        let json = serde_json::to_value(&*latest).unwrap();
+        let at = json["checked_at"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(at).is_ok(), "{json}");
+        assert!(json["age_ms"].as_u64().is_some(), "{json}");
+        assert_eq!(json["ready"], latest.report.ready);
+        assert_eq!(json["checks"][4]["name"], "count");
+
+        // The task ends with its last handle: no more runs.
+        drop(monitor);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(count(), 4);
+    }
+
     /// A loopback HTTP server: `/ok` 200, `/fail` 503, `/slow` never answers.
     async fn serve_http() -> std::net::SocketAddr {
         use hyper::{Response, StatusCode};
@@ -750,6 +1026,7 @@ mod tests {
                 timeout: Duration::from_millis(ms),
             };
         let config = HealthConfig {
+            interval: DEFAULT_INTERVAL,
             checks: vec![
                 check("cmd-ok", Some(&["true"]), None, 5000),
                 check(
@@ -821,6 +1098,7 @@ mod tests {
         assert_eq!(json["checks"][4]["name"], "cmd-ok");
 
         let passing = HealthConfig {
+            interval: DEFAULT_INTERVAL,
             checks: vec![check(
                 "http-ok",
                 None,

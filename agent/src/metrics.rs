@@ -12,10 +12,12 @@
 //! * `ballast_update_state{state}` 1, `ballast_update_last_check_timestamp_seconds`
 //! * `ballast_service_up{service}`, `ballast_service_restarts_total{service}`
 //! * `ballast_health_check_ok{check}`, `ballast_health_check_duration_seconds{check}`
+//! * `ballast_health_report_age_seconds` (checks run in the background; this
+//!   says how old the report behind the health metrics is)
 //! * `ballast_node_ready`
 
 use std::fmt::Write;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::health::HealthReport;
 use crate::supervisor::{ServiceState, ServiceStatus};
@@ -39,6 +41,8 @@ pub struct MetricsInput {
     pub services: Vec<ServiceStatus>,
     /// The last health report; the node counts as not ready without one.
     pub health: Option<HealthReport>,
+    /// How long ago that report's run began.
+    pub health_age: Option<Duration>,
 }
 
 /// Builds the text one family at a time.
@@ -173,6 +177,15 @@ pub fn render(input: &MetricsInput) -> String {
         }
     }
 
+    if let Some(age) = input.health_age {
+        e.family(
+            "ballast_health_report_age_seconds",
+            "gauge",
+            "Seconds since the health checks behind this report began.",
+        );
+        e.sample("ballast_health_report_age_seconds", &[], age.as_secs_f64());
+    }
+
     e.family(
         "ballast_node_ready",
         "gauge",
@@ -188,7 +201,6 @@ mod tests {
     use super::*;
     use crate::health::CheckResult;
     use crate::supervisor::ExitInfo;
-    use std::time::Duration;
 
     fn input() -> MetricsInput {
         let service = |name: &str, state, restarts| ServiceStatus {
@@ -227,6 +239,7 @@ mod tests {
                     check("quote\"back\\slash\nnewline", false, 1500),
                 ],
             }),
+            health_age: Some(Duration::from_millis(4250)),
         }
     }
 
@@ -299,6 +312,10 @@ mod tests {
             ),
             0.0
         );
+        assert_eq!(
+            value(&scrape, "ballast_health_report_age_seconds", None),
+            4.25
+        );
         assert_eq!(value(&scrape, "ballast_node_ready", None), 0.0);
         // Types and help are declared for the parser.
         let docs = &scrape.docs;
@@ -320,7 +337,7 @@ mod tests {
             text.contains(r#"check="quote\"back\\slash\nnewline""#),
             "{text}"
         );
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 14);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 15);
     }
 
     #[test]
@@ -331,6 +348,7 @@ mod tests {
         assert!(!text.contains("ballast_service_up"));
         assert!(!text.contains("last_check"));
         assert!(!text.contains("ballast_health_check_ok"));
+        assert!(!text.contains("ballast_health_report_age_seconds"));
     }
 
     /// `promtool check metrics` (Debian's `prometheus` package) is the
