@@ -96,6 +96,9 @@ pub struct BuildOptions {
     pub profile: Profile,
     /// A kubelet binary for `/usr/bin/kubelet` (k8s profile only).
     pub kubelet: Option<PathBuf>,
+    /// Test images only: `NAME=ACTIONS` lines written to
+    /// `/usr/lib/ballast/failpoints` (see the agent's failpoints.rs).
+    pub failpoints: Option<String>,
     pub kernel: KernelFlavor,
     pub agent: AgentSource,
     /// Update-repository public keys copied to `/usr/lib/ballast/trust/`.
@@ -127,6 +130,7 @@ impl BuildOptions {
             version,
             profile: Profile::Base,
             kubelet: None,
+            failpoints: None,
             kernel: KernelFlavor::Cloud,
             agent,
             trust: Vec::new(),
@@ -678,6 +682,9 @@ fn stage_usr(
             .ok_or_else(|| BuildError::TrustKey { path: key.clone() })?;
         let dst = trust.join(name);
         fs::copy(key, &dst).map_err(ioe(&dst))?;
+    }
+    if let Some(spec) = &opts.failpoints {
+        fsimage::write_file(&tree.join("usr/lib/ballast/failpoints"), spec.as_bytes())?;
     }
     let factory = tree.join("usr/share/factory/etc");
     fsimage::write_file(&factory.join("hostname"), b"ballast\n")?;

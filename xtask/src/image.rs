@@ -46,6 +46,11 @@ pub struct ImageArgs {
     /// Size of the STATE partition in MiB (grown on first boot).
     #[arg(long, default_value_t = 256)]
     pub state_size: u64,
+    /// Test images only: arm the agent's fail point NAME with ACTIONS
+    /// (`fail` crate syntax, e.g. `trial-gate=pause`); repeatable. The
+    /// agent announces each with a `failpoint-armed` console event.
+    #[arg(long = "failpoint", value_name = "NAME=ACTIONS")]
+    pub failpoints: Vec<String>,
     /// Use this agent binary instead of building one.
     #[arg(long)]
     pub agent: Option<PathBuf>,
@@ -66,6 +71,7 @@ impl ImageArgs {
             kernel: KernelFlavor::Cloud,
             profile: Profile::Base,
             kubelet: None,
+            failpoints: Vec::new(),
             pins: Vec::new(),
             slot_size: 1024,
             state_size: 256,
@@ -112,6 +118,13 @@ fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
     opts.kernel = args.kernel;
     opts.profile = args.profile;
     opts.kubelet = args.kubelet.clone();
+    if !args.failpoints.is_empty() {
+        eprintln!(
+            "image: TEST IMAGE with fail points armed: {}",
+            args.failpoints.join(", ")
+        );
+        opts.failpoints = Some(args.failpoints.iter().map(|f| format!("{f}\n")).collect());
+    }
     opts.trust = args.trust.clone();
     opts.pins = parse_pins(&args.pins)?;
     opts.slot_size = args.slot_size << 20;

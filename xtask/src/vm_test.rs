@@ -70,8 +70,40 @@ pub fn ensure_version(arch: Arch, version: &str) -> Result<PathBuf> {
 /// directory (`build/<arch>/<profile>/<version>` unless base).
 pub fn ensure_profile(arch: Arch, version: &str, profile: Profile) -> Result<PathBuf> {
     let root = crate::workspace_root();
-    let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
     let dir = crate::image::default_out(&root, arch, profile, version);
+    ensure_built(&dir, arch, version, profile, &[])
+}
+
+/// The hung release of the `update-watchdog` scenario
+/// (`build/<arch>/watchdog/1.1.0`): the generic kernel, whose i6300esb
+/// driver the trial arms, and the fail point that hangs the trial.
+pub fn ensure_hung_release(arch: Arch) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let dir = root
+        .join("build")
+        .join(arch.as_str())
+        .join(qemu_tests::update::scenarios::HUNG_RELEASE);
+    ensure_built(
+        &dir,
+        arch,
+        "1.1.0",
+        Profile::Base,
+        &["--kernel", "generic", "--failpoint", "trial-gate=pause"],
+    )
+}
+
+/// `dir` holding an image of `version` trusting the test key, built with
+/// `extra` image arguments when missing.
+fn ensure_built(
+    dir: &Path,
+    arch: Arch,
+    version: &str,
+    profile: Profile,
+    extra: &[&str],
+) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
+    let dir = dir.to_owned();
     if dir.join("disk.raw").exists() && fixture::trusts(&dir, &public) {
         return Ok(dir);
     }
@@ -84,7 +116,7 @@ pub fn ensure_profile(arch: Arch, version: &str, profile: Profile) -> Result<Pat
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
-    let out = crate::image::run(image_args(arch, version, profile, &public, &tmp)?)?;
+    let out = crate::image::run(image_args(arch, version, profile, &public, &tmp, extra)?)?;
     anyhow::ensure!(
         out.join("disk.raw").exists(),
         "the image build wrote no disk.raw in {}",
@@ -109,6 +141,7 @@ fn image_args(
     profile: Profile,
     trust: &Path,
     out: &Path,
+    extra: &[&str],
 ) -> Result<crate::image::ImageArgs> {
     let cmd = crate::image::ImageArgs::augment_args(clap::Command::new("image"));
     let trust = trust.to_string_lossy();
@@ -126,7 +159,9 @@ fn image_args(
             &trust,
             "--out",
             &out,
-        ])
+        ]
+        .into_iter()
+        .chain(extra.iter().copied()))
         .context("building image arguments")?;
     crate::image::ImageArgs::from_arg_matches(&matches).context("building image arguments")
 }
@@ -198,6 +233,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         for v in UPDATE_VERSIONS {
             ensure_version(args.arch, v)?;
         }
+    }
+    if args.image.is_none() && selected.iter().any(|s| s.name == "update-watchdog") {
+        ensure_hung_release(args.arch)?;
     }
     if args.image.is_none() && selected.iter().any(|s| s.name == "k8s") {
         ensure_profile(args.arch, TEST_VERSION, Profile::K8s)?;
@@ -271,6 +309,7 @@ mod tests {
             Profile::K8s,
             Path::new("k.pub"),
             Path::new("out"),
+            &["--kernel", "generic", "--failpoint", "trial-gate=pause"],
         )
         .unwrap();
         assert_eq!(a.arch, Arch::Aarch64);
@@ -278,6 +317,8 @@ mod tests {
         assert_eq!(a.profile, Profile::K8s);
         assert_eq!(a.trust, vec![PathBuf::from("k.pub")]);
         assert_eq!(a.out, Some(PathBuf::from("out")));
+        assert!(matches!(a.kernel, ballast_image::apt::KernelFlavor::Generic));
+        assert_eq!(a.failpoints, ["trial-gate=pause"]);
     }
 
     #[test]
@@ -287,6 +328,7 @@ mod tests {
         assert!(x86.contains(&"boot") && x86.contains(&"update-fleetlock"));
         let arm = names(select(&[], Arch::Aarch64).unwrap());
         assert!(arm.contains(&"update") && arm.contains(&"update-fleetlock"));
+        assert!(x86.contains(&"update-watchdog") && !arm.contains(&"update-watchdog"));
         let all = names(select(&["update-all".into()], Arch::Aarch64).unwrap());
         assert_eq!(all.len(), update::UPDATE.len());
         let one = names(select(&["update-tampered".into()], Arch::Aarch64).unwrap());

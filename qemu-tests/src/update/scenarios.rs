@@ -825,6 +825,127 @@ pub fn fleetlock(ctx: &Context) -> Result<(), ScenarioError> {
     })
 }
 
+/// The release of the watchdog scenario, beside the test image: 1.1.0
+/// built with the generic kernel (it has the i6300esb driver) and the
+/// agent's `trial-gate=pause` fail point, so its trial hangs.
+pub const HUNG_RELEASE: &str = "watchdog/1.1.0";
+
+/// Scenario 7, `update-watchdog`: 1.1.0 hangs in its trial boot. The
+/// agent armed the i6300esb watchdog before the gate, so the machine
+/// resets on each try (no `rebooting` from the agent in between) until
+/// systemd-boot's counter runs out, and 1.0.0 reports the rollback.
+pub fn hung_trial(ctx: &Context) -> Result<(), ScenarioError> {
+    run(|| {
+        let setup = Setup::new(ctx, &[HUNG_RELEASE])?;
+        // A gate deadline far beyond the watchdog's: only a reset ends a try.
+        let ud = user_data("immediate", "30m", "");
+        let mut vm = setup.vm(ctx, "update-watchdog", &ud).watchdog().spawn()?;
+        ready(&mut vm, ctx, "1.0.0", "a")?;
+        step(
+            &mut vm,
+            "update-found",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        let inst = step(
+            &mut vm,
+            "installed",
+            Some("1.1.0"),
+            UNHAPPY,
+            INSTALL_TIMEOUT,
+        )?;
+        check_field(&mut vm, &inst, "slot", "b")?;
+        step(
+            &mut vm,
+            "rebooting",
+            Some("1.1.0"),
+            UNHAPPY,
+            Duration::from_secs(60),
+        )?;
+        let mut hung = 0;
+        let mut mark = vm.events_seen().len();
+        let mut ev = step(
+            &mut vm,
+            "ready",
+            None,
+            &["boot-failed", "panic"],
+            ctx.boot_timeout,
+        )?;
+        let back = loop {
+            if ev.str_field("version") != Some("1.1.0") {
+                break ev;
+            }
+            hung += 1;
+            if hung > BOOT_TRIES {
+                return Err(vm
+                    .fail(format!(
+                        "1.1.0 booted {hung} times: the boot counter does not run out"
+                    ))
+                    .into());
+            }
+            let trial_over = ["committed", "trial-failed"];
+            seen_or_wait(
+                &mut vm,
+                mark,
+                "failpoint-armed",
+                &[],
+                Duration::from_secs(5),
+            )?;
+            seen_or_wait(
+                &mut vm,
+                mark,
+                "watchdog-armed",
+                &trial_over,
+                Duration::from_secs(60),
+            )?;
+            seen_or_wait(
+                &mut vm,
+                mark,
+                "trial-boot",
+                &trial_over,
+                Duration::from_secs(30),
+            )?;
+            // The hang: nothing from the agent until the firmware starts
+            // over. `rebooting`, `committed` or `trial-failed` here would
+            // mean the agent, not the watchdog, ended the try.
+            let t = Instant::now();
+            mark = vm.events_seen().len();
+            let next = vm.wait_for_any(
+                &["ready", "rebooting", "committed", "trial-failed", "panic"],
+                Duration::from_secs(300),
+            )?;
+            if next.name != "ready" {
+                return Err(vm
+                    .fail(format!(
+                        "{} during the hung trial: {}",
+                        next.name,
+                        next.json()
+                    ))
+                    .into());
+            }
+            vm.progress(&format!(
+                "try {hung}: 1.1.0 hung in its trial; the watchdog reset the machine, ready again after {:.0} s",
+                t.elapsed().as_secs_f64()
+            ));
+            ev = next;
+        };
+        let mark = vm.events_seen().len();
+        check_field(&mut vm, &back, "version", "1.0.0")?;
+        check_field(&mut vm, &back, "slot", "a")?;
+        if hung != BOOT_TRIES {
+            return Err(vm
+                .fail(format!(
+                    "{hung} hung boot(s) of 1.1.0 before falling back, expected {BOOT_TRIES}"
+                ))
+                .into());
+        }
+        let rb = seen_or_wait(&mut vm, mark, "rolled-back", &[], Duration::from_secs(60))?;
+        check_field(&mut vm, &rb, "from", "1.1.0")?;
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
