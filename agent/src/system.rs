@@ -30,6 +30,8 @@ const FACTORY_ETC: &str = "/usr/share/factory/etc";
 const RUNTIME_MODULES: &str = "/usr/lib/ballast/modules-load";
 /// The agent's own files on STATE.
 const STATE_DIR: &str = "/var/lib/ballast";
+/// Longest wait for a first network address before services start.
+const NETWORK_WAIT: Duration = Duration::from_secs(5);
 /// How long services get between SIGTERM and SIGKILL at shutdown.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -63,6 +65,9 @@ async fn main_loop() -> Action {
         tracing::error!(target, error = %e, "mount failed");
     }
     crate::reopen_console();
+    if let Err(e) = crate::failpoints::load(Path::new(crate::failpoints::FAILPOINTS_FILE)) {
+        tracing::error!(error = %e, "fail points not armed");
+    }
     render_etc();
     let info = match BootInfo::read(Path::new(BOOT_INFO_PATH)) {
         Ok(info) => Some(info),
@@ -94,8 +99,16 @@ async fn main_loop() -> Action {
         }
         let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
     }
-    if let Err(e) = crate::net::configure(&config.network).await {
-        tracing::error!(error = %crate::error_chain(&e), "network configuration failed");
+    match crate::net::start(&config.network, config.hostname.clone()).await {
+        // Services usually want the network: wait a little for the first
+        // address (static ones are there at once, a DHCP lease usually
+        // within a second), then go on; DHCP keeps trying behind.
+        Ok(mut network) => {
+            if !network.wait_online(NETWORK_WAIT).await {
+                tracing::warn!(wait = ?NETWORK_WAIT, "no address yet; starting services anyway");
+            }
+        }
+        Err(e) => tracing::error!(error = %crate::error_chain(&e), "network not started"),
     }
 
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -125,20 +138,23 @@ async fn main_loop() -> Action {
             None
         }
     };
+    // [kubernetes]: render the containerd and kubelet files (the /etc tmpfs
+    // is new every boot), then run both beside the user's services; their
+    // names are reserved, so nothing collides.
+    let mut services = config.services.clone();
+    if let Some(k8s) = &config.kubernetes {
+        services.extend(crate::kubernetes::services::boot(k8s));
+    }
     let supervisor = match &reaper {
-        Some(reaper) => match Supervisor::start(
-            &config.services,
-            SupervisorOptions::default(),
-            reaper.clone(),
-        )
-        .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "services not started");
-                None
+        Some(reaper) => {
+            match Supervisor::start(&services, SupervisorOptions::default(), reaper.clone()).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "services not started");
+                    None
+                }
             }
-        },
+        }
         None => None,
     };
     let checker = reaper.as_ref().and_then(|reaper| {
