@@ -61,8 +61,6 @@ pub const DEFAULT_LOG_CAP: u64 = 1024 * 1024;
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Longest log line kept whole; longer output is split at this size.
 const MAX_LOG_LINE: u64 = 16 * 1024;
-/// How often the reaper looks for exits if a SIGCHLD went missing.
-const REAP_FALLBACK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long an ended service's output may take to reach its log.
 const OUTPUT_DRAIN_WAIT: Duration = Duration::from_millis(500);
 /// How long to wait for a SIGKILLed service to be reaped before giving up.
@@ -321,7 +319,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Reaper {
     /// Starts reaping on SIGCHLD. Call inside the tokio runtime; the task
-    /// ends when the last handle is dropped.
+    /// ends at the first SIGCHLD after the last handle is dropped.
+    ///
+    /// SIGCHLD alone is enough, with no timer: the handler is installed
+    /// before the first sweep below, so a child that ended earlier is
+    /// collected by that sweep and any later exit raises a signal; tokio
+    /// merges signals that arrive together but never drops the last one, and
+    /// each sweep loops `waitpid(WNOHANG)` until nothing is left, so merged
+    /// exits are all collected. An idle node thus never wakes the agent.
     pub fn start(scope: ReapScope) -> Result<Reaper, SupervisorError> {
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
             .map_err(SupervisorError::SignalHandler)?;
@@ -334,12 +339,12 @@ impl Reaper {
         let weak: Weak<ReaperInner> = Arc::downgrade(&reaper.inner);
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = sigchld.recv() => {}
-                    _ = tokio::time::sleep(REAP_FALLBACK_INTERVAL) => {}
-                }
                 let Some(inner) = weak.upgrade() else { return };
                 Reaper { inner }.reap();
+                if sigchld.recv().await.is_none() {
+                    // The runtime's signal driver is gone: so is the runtime.
+                    return;
+                }
             }
         });
         Ok(reaper)
@@ -1638,6 +1643,30 @@ command = ["db"]
             "oldest output should be gone"
         );
         supervisor.stop_all().await;
+    }
+
+    /// No timer backs SIGCHLD up: exits that happen before the reaper's
+    /// task first runs, and many at once (their signals merge), are all
+    /// collected well within the old 2 s fallback poll.
+    #[tokio::test(flavor = "current_thread")]
+    async fn sigchld_alone_collects_every_exit() {
+        let reaper = Reaper::start(ReapScope::OwnChildren).unwrap();
+        let exits: Vec<ExitReceiver> = (0..20)
+            .map(|i| {
+                let mut command = std::process::Command::new("sh");
+                command
+                    .args(["-c", &format!("exit {}", i % 3)])
+                    .stdin(Stdio::null());
+                reaper.spawn(&mut command).unwrap().1
+            })
+            .collect();
+        let all = futures_util::future::join_all(exits);
+        let ended = tokio::time::timeout(Duration::from_millis(1500), all)
+            .await
+            .expect("an exit was missed");
+        for (i, exit) in ended.into_iter().enumerate() {
+            assert_eq!(exit.unwrap().code, Some(i as i32 % 3));
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
