@@ -129,6 +129,12 @@ pub fn run(args: AgentBenchArgs) -> Result<()> {
         br = binary as f64 / hello as f64,
     );
     println!("{body}");
-    super::write_section(SECTION, &format!("### {}", args.arch), &body)?;
+    let sub = format!("### {}", args.arch);
+    let place = super::Place {
+        section: SECTION,
+        intro: None,
+        sub: Some(&sub),
+    };
+    super::write_section(&place, &body)?;
     Ok(())
 }

@@ -129,12 +129,14 @@ pub fn run(args: BootBenchArgs) -> Result<()> {
     }
     for arch in arches {
         let report = bench_arch(arch, &args)?;
-        let path = crate::workspace_root().join("BENCHMARKS.md");
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let new = replace_arch_section(&old, arch, &report);
-        std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
         println!("{report}");
-        eprintln!("written to {}", path.display());
+        let sub = format!("### {arch}");
+        let place = super::Place {
+            section: SECTION,
+            intro: Some(INTRO),
+            sub: Some(&sub),
+        };
+        super::write_section(&place, &report)?;
     }
     Ok(())
 }
@@ -238,8 +240,7 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".to_owned());
     Ok(format!(
-        "### {arch}\n\n\
-         Command: `{cmd}` — QEMU {accel_name}, 1 GiB, 2 vCPUs, host with {cpus} cores (1-min load {load} at the end); \
+        "Command: `{cmd}` — QEMU {accel_name}, 1 GiB, 2 vCPUs, host with {cpus} cores (1-min load {load} at the end); \
          Ballast {version}, kernel {kernel}; {runs} run(s) of each, interleaved; medians.\n\n\
          | boot | kernel start → marker/ready (guest `ms`) | QEMU start → marker/ready (wall) |\n\
          |---|---|---|\n\
@@ -266,71 +267,6 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
     ))
 }
 
-/// Replaces (or appends) the `### <arch>` subsection of the `## Boot to
-/// ready` section in BENCHMARKS.md text, leaving everything else alone.
-fn replace_arch_section(doc: &str, arch: Arch, report: &str) -> String {
-    let intro = format!("{SECTION}\n\n{INTRO}\n\n");
-    let mut doc = if doc.trim().is_empty() {
-        "# Benchmarks\n\n".to_owned()
-    } else {
-        doc.to_owned()
-    };
-    let Some(start) = find_heading(&doc, SECTION, 0) else {
-        if !doc.ends_with("\n\n") {
-            doc.push_str(if doc.ends_with('\n') { "\n" } else { "\n\n" });
-        }
-        doc.push_str(&intro);
-        doc.push_str(report);
-        return doc;
-    };
-    let body_start = start + SECTION.len();
-    let end = next_heading(&doc, "## ", body_start).unwrap_or(doc.len());
-    let sub = format!("### {arch}");
-    let (sub_start, sub_end) = match find_heading(&doc[..end], &sub, body_start) {
-        Some(s) => {
-            let e = next_heading(&doc[..end], "### ", s + sub.len()).unwrap_or(end);
-            (s, e)
-        }
-        None => (end, end),
-    };
-    let mut out = String::with_capacity(doc.len() + report.len());
-    out.push_str(&doc[..sub_start]);
-    if !out.ends_with("\n\n") {
-        out.push('\n');
-    }
-    out.push_str(report);
-    let rest = &doc[sub_end..];
-    if !rest.is_empty() {
-        out.push('\n');
-        out.push_str(rest.trim_start_matches('\n'));
-    }
-    out
-}
-
-/// Byte offset of a line that is exactly `heading`, at or after `from`.
-fn find_heading(doc: &str, heading: &str, from: usize) -> Option<usize> {
-    let mut pos = 0;
-    for line in doc.split_inclusive('\n') {
-        if pos >= from && line.trim_end() == heading {
-            return Some(pos);
-        }
-        pos += line.len();
-    }
-    None
-}
-
-/// Byte offset of the next line starting with `prefix` after `from`.
-fn next_heading(doc: &str, prefix: &str, from: usize) -> Option<usize> {
-    let mut pos = 0;
-    for line in doc.split_inclusive('\n') {
-        if pos > from && line.starts_with(prefix) {
-            return Some(pos);
-        }
-        pos += line.len();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,30 +277,5 @@ mod tests {
         assert_eq!(median(&[4, 1, 3, 2]), 2);
         assert_eq!(median(&[]), 0);
         assert_eq!(ratio(150, 100), "1.50×");
-    }
-
-    #[test]
-    fn sections_of_others_survive_and_arches_are_replaced() {
-        let doc = "# Benchmarks\n\n## Install throughput\n\nfast\n";
-        let a = replace_arch_section(doc, Arch::X86_64, "### x86_64\n\nfirst\n");
-        assert!(a.contains("## Install throughput\n\nfast\n"));
-        assert!(a.contains("## Boot to ready\n"));
-        assert!(a.contains("### x86_64\n\nfirst\n"));
-        let b = replace_arch_section(&a, Arch::Aarch64, "### aarch64\n\narm\n");
-        let c = replace_arch_section(&b, Arch::X86_64, "### x86_64\n\nsecond\n");
-        assert!(!c.contains("first"));
-        assert!(c.contains("### x86_64\n\nsecond\n"));
-        assert!(c.contains("### aarch64\n\narm\n"));
-        assert_eq!(c.matches("## Boot to ready").count(), 1);
-        // A section after ours stays.
-        let d = format!("{c}\n## Agent RSS\n\nsmall\n");
-        let e = replace_arch_section(&d, Arch::Aarch64, "### aarch64\n\narm2\n");
-        assert!(
-            e.contains("### aarch64\n\narm2\n\n## Agent RSS\n\nsmall\n"),
-            "{e}"
-        );
-        assert!(e.contains("### x86_64\n\nsecond\n"));
-        let fresh = replace_arch_section("", Arch::X86_64, "### x86_64\n\nx\n");
-        assert!(fresh.starts_with("# Benchmarks\n\n## Boot to ready\n"));
     }
 }

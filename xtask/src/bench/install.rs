@@ -333,8 +333,7 @@ pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
         })
         .unwrap_or_default();
     let report = format!(
-        "{SECTION}\n\n\
-         Command: `cargo xtask bench install --size-mib {size_mib} --runs {runs}`\n\n\
+        "Command: `cargo xtask bench install --size-mib {size_mib} --runs {runs}`\n\n\
          Payload: {size_mib} MiB usr.img (plus 1 MiB kernel and initrd), served from 127.0.0.1 \
          by the bench's own static server (sendfile); install into a sparse file standing for \
          the slot; medians of {runs} interleaved runs. Host: {cpu}, {cores} cores.\n\n\
@@ -356,10 +355,12 @@ pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
     );
     println!("{report}");
     if !args.no_record {
-        let path = root.join("BENCHMARKS.md");
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        std::fs::write(&path, replace_section(&old, &report))?;
-        eprintln!("written to {}", path.display());
+        let place = super::Place {
+            section: SECTION,
+            intro: None,
+            sub: None,
+        };
+        super::write_section(&place, &report)?;
     }
     if !args.keep {
         std::fs::remove_dir_all(&work)?;
@@ -367,47 +368,6 @@ pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Replaces this benchmark's section (up to the next `## `), or appends it.
-fn replace_section(old: &str, section: &str) -> String {
-    let Some(start) = old.find(SECTION) else {
-        let sep = if old.ends_with("\n\n") || old.is_empty() {
-            ""
-        } else if old.ends_with('\n') {
-            "\n"
-        } else {
-            "\n\n"
-        };
-        return format!("{old}{sep}{section}");
-    };
-    let rest = &old[start + SECTION.len()..];
-    let end = rest
-        .find("\n## ")
-        .map_or(old.len(), |i| start + SECTION.len() + i + 1);
-    format!(
-        "{}{section}{}{}",
-        &old[..start],
-        if end < old.len() { "\n" } else { "" },
-        &old[end..]
-    )
-}
-
 pub fn run(args: InstallBenchArgs) -> Result<()> {
     run_bench(args)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn section_is_replaced_in_place() {
-        let old = "# B\n\n## Boot to ready\nx\n\n## Install throughput\nold\n\n## Other\ny\n";
-        let new = replace_section(old, "## Install throughput\nnew\n");
-        assert_eq!(
-            new,
-            "# B\n\n## Boot to ready\nx\n\n## Install throughput\nnew\n\n## Other\ny\n"
-        );
-        let appended = replace_section("# B\n", "## Install throughput\nn\n");
-        assert_eq!(appended, "# B\n\n## Install throughput\nn\n");
-    }
 }
