@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ballast_updater::payload::Arch;
 
+use crate::disk::{self, DiskError};
 use crate::vm::{Accel, Boot, VmBuilder};
 
 /// Event the floor's `/init` prints: `BALLAST-EVENT {"event":"floor-ready","ms":N}`.
@@ -36,17 +37,17 @@ pub enum FloorError {
         #[source]
         source: std::io::Error,
     },
-    #[error("running {cmd}")]
-    Spawn {
-        cmd: String,
+    #[error("downloading busybox-static:{debarch} (a foreign architecture needs `dpkg --add-architecture {debarch} && apt-get update` first)")]
+    Download {
+        debarch: &'static str,
         #[source]
-        source: std::io::Error,
+        source: DiskError,
     },
-    #[error("{cmd} failed ({status}): {stderr} (for arm64, the host needs `dpkg --add-architecture arm64 && apt-get update`)")]
-    Command {
-        cmd: String,
-        status: std::process::ExitStatus,
-        stderr: String,
+    #[error("unpacking {deb}")]
+    Unpack {
+        deb: PathBuf,
+        #[source]
+        source: DiskError,
     },
     #[error("busybox-static unpacked into {0} has no bin/busybox")]
     NoBusybox(PathBuf),
@@ -55,22 +56,6 @@ pub enum FloorError {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FloorError {
     let path = path.to_owned();
     move |source| FloorError::Io { what, path, source }
-}
-
-fn run(cmd: &mut Command) -> Result<(), FloorError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| FloorError::Spawn {
-        cmd: shown.clone(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(FloorError::Command {
-            cmd: shown,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Builds (or reuses) `cache_dir/floor-<debarch>.cpio`: Debian's
@@ -88,15 +73,26 @@ pub fn initramfs(arch: Arch, cache_dir: &Path) -> Result<PathBuf, FloorError> {
         Some(d) => d,
         None => {
             eprintln!("  floor: apt-get download busybox-static:{}", arch.debian());
-            run(Command::new("apt-get")
-                .arg("download")
-                .arg(format!("busybox-static:{}", arch.debian()))
-                .current_dir(&debs))?;
+            disk::run(
+                Command::new("apt-get")
+                    .arg("download")
+                    .arg(format!("busybox-static:{}", arch.debian()))
+                    .current_dir(&debs),
+            )
+            .map_err(|source| FloorError::Download {
+                debarch: arch.debian(),
+                source,
+            })?;
             find_deb(&debs)?.ok_or_else(|| FloorError::NoBusybox(debs.clone()))?
         }
     };
     let root = debs.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    disk::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root)).map_err(|source| {
+        FloorError::Unpack {
+            deb: deb.clone(),
+            source,
+        }
+    })?;
     let busybox_path = root.join("bin/busybox");
     let busybox = std::fs::read(&busybox_path).map_err(|_| FloorError::NoBusybox(root.clone()))?;
 
@@ -221,6 +217,26 @@ pub fn kvm_works(arch: Arch, kernel: &Path, initrd: &Path, log_dir: &Path) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_download_names_the_package_the_hint_and_the_command() {
+        let err = disk::run(Command::new("sh").args(["-c", "echo no such package >&2; exit 100"]))
+            .map_err(|source| FloorError::Download {
+                debarch: Arch::Aarch64.debian(),
+                source,
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "downloading busybox-static:arm64 (a foreign architecture needs \
+             `dpkg --add-architecture arm64 && apt-get update` first)"
+        );
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            cause.contains("\"sh\"") && cause.contains("no such package"),
+            "{cause}"
+        );
+    }
 
     #[test]
     fn newc_archive_is_aligned_and_terminated() {
