@@ -1,5 +1,6 @@
 //! The VM scenarios `cargo xtask vm-test` runs against a built image:
-//! `boot` (boot to ready, fields match the payload), `reboot` (an
+//! `boot` (boot to ready, fields match the payload, a DHCP lease from
+//! QEMU's user network without any network configuration), `reboot` (an
 //! agent-initiated reboot through the API comes back ready with a new boot
 //! id), `verity` (one flipped byte in USR-A's data is refused by
 //! dm-verity and never booted), `runtime` ([`crate::runtime`]) and `k8s`
@@ -71,7 +72,7 @@ pub struct Scenario {
 pub const ALL: &[Scenario] = &[
     Scenario {
         name: "boot",
-        about: "UEFI boot to ready; version/arch/slot match the payload",
+        about: "UEFI boot to ready; version/arch/slot match the payload; DHCP lease 10.0.2.15/24 with no network config",
         run: boot,
     },
     Scenario {
@@ -152,14 +153,50 @@ pub fn boot(ctx: &Context) -> Result<(), ScenarioError> {
     // The initrd's /init announces itself before anything else.
     let early = vm.events_seen().iter().find(|e| e.name == "early-boot");
     match early.and_then(Event::ms) {
-        Some(ms) if Some(ms) <= ready.ms() => Ok(()),
-        _ => Err(vm
-            .fail(format!(
-                "expected an early-boot event with ms before ready's, saw {:?}",
-                early.map(Event::json)
-            ))
-            .into()),
+        Some(ms) if Some(ms) <= ready.ms() => {}
+        _ => {
+            return Err(vm
+                .fail(format!(
+                    "expected an early-boot event with ms before ready's, saw {:?}",
+                    early.map(Event::json)
+                ))
+                .into())
+        }
     }
+    check_dhcp_lease(&mut vm)
+}
+
+/// With no network configuration the agent runs DHCP on the first NIC and
+/// gets QEMU's user-network lease: 10.0.2.15/24 through router 10.0.2.2.
+fn check_dhcp_lease(vm: &mut Vm) -> Result<(), ScenarioError> {
+    let seen = vm
+        .events_seen()
+        .iter()
+        .find(|e| e.name == "network-configured")
+        .cloned();
+    let ev = match seen {
+        Some(ev) => ev,
+        None => vm.wait_for_event("network-configured", Duration::from_secs(60))?,
+    };
+    let expect = [
+        ("interface", "eth0"),
+        ("source", "dhcp"),
+        ("address", "10.0.2.15/24"),
+        ("gateway", "10.0.2.2"),
+    ];
+    for (key, want) in expect {
+        if ev.str_field(key) != Some(want) {
+            return Err(vm
+                .fail(format!(
+                    "network-configured has {key} {:?}, expected {want:?}: {}",
+                    ev.str_field(key),
+                    ev.json()
+                ))
+                .into());
+        }
+    }
+    vm.progress(&format!("DHCP lease: {}", ev.json()));
+    Ok(())
 }
 
 /// `reboot`: the agent's API reboots the node and it comes back.
