@@ -346,11 +346,17 @@ impl KubeClient {
     }
 
     fn url(&self, verb: &Method, path: &str, query: &[(&str, &str)]) -> Result<Url, KubeError> {
-        let mut url = self.base.join(path).map_err(|e| KubeError::Config {
-            field: "path",
-            value: format!("{verb} {path}"),
-            reason: e.to_string(),
-        })?;
+        // Appended, not joined: a server URL with a path (an API proxy such
+        // as https://proxy/k8s/clusters/c1) keeps it.
+        if !path.starts_with('/') {
+            return Err(KubeError::Config {
+                field: "path",
+                value: format!("{verb} {path}"),
+                reason: "must start with '/'".into(),
+            });
+        }
+        let mut url = self.base.clone();
+        url.set_path(&format!("{}{path}", self.base.path().trim_end_matches('/')));
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
@@ -615,6 +621,37 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("token"), "{err}");
+    }
+
+    #[test]
+    fn urls_keep_the_server_path_and_encode_the_query() {
+        let client = KubeClient::new(ClientConfig::new(
+            "https://proxy.example:8443/k8s/clusters/c1/",
+            None,
+            Auth::None,
+        ))
+        .unwrap();
+        let url = client
+            .url(
+                &Method::GET,
+                "/api/v1/pods",
+                &[("fieldSelector", "spec.nodeName=n1")],
+            )
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://proxy.example:8443/k8s/clusters/c1/api/v1/pods?fieldSelector=spec.nodeName%3Dn1"
+        );
+        let plain =
+            KubeClient::new(ClientConfig::new("https://10.0.0.1:6443", None, Auth::None)).unwrap();
+        assert_eq!(
+            plain
+                .url(&Method::GET, "/api/v1/nodes/n1", &[])
+                .unwrap()
+                .as_str(),
+            "https://10.0.0.1:6443/api/v1/nodes/n1"
+        );
+        assert!(plain.url(&Method::GET, "api/v1", &[]).is_err());
     }
 
     #[test]
