@@ -2,6 +2,8 @@
 //! and `payload/` (see ARCHITECTURE.md). This module owns finding its
 //! parts and deriving what tests compare against: the payload metadata,
 //! USR-A's place on the disk and the kernel command line of its boot entry.
+//! It also owns the agent stamp: which agent binary a cached test image
+//! holds, so a changed agent makes the image stale.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +11,13 @@ use ballast_updater::bootentry::BootEntry;
 use ballast_updater::cmdline::{BootParams, Slot};
 use ballast_updater::payload::{self, PayloadError, PayloadMetadata};
 
+use sha2::{Digest, Sha256};
+
 use crate::disk::{self, DiskError, Partition};
+
+/// File in a built image's directory holding the hex SHA-256 of the agent
+/// binary the image was built with.
+pub const AGENT_STAMP: &str = "agent.sha256";
 
 /// Errors loading a built image.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +36,42 @@ pub enum ImageError {
         #[source]
         source: DiskError,
     },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Hex SHA-256 of an agent binary.
+pub fn agent_digest(agent: &Path) -> Result<String, ImageError> {
+    let io = |source| ImageError::Io {
+        what: "hashing",
+        path: agent.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(agent).map_err(io)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Whether the image in `dir` is stamped as holding the agent `digest`;
+/// an image without a stamp holds an unknown agent, so it does not.
+pub fn holds_agent(dir: &Path, digest: &str) -> bool {
+    std::fs::read_to_string(dir.join(AGENT_STAMP)).is_ok_and(|s| s.trim() == digest)
+}
+
+/// Records that the image in `dir` holds the agent `digest`.
+pub fn stamp_agent(dir: &Path, digest: &str) -> Result<(), ImageError> {
+    let path = dir.join(AGENT_STAMP);
+    std::fs::write(&path, format!("{digest}\n")).map_err(|source| ImageError::Io {
+        what: "writing",
+        path,
+        source,
+    })
 }
 
 /// A built image and what it claims to hold.
@@ -86,5 +130,32 @@ impl BuiltImage {
             extra_args: BootEntry::default_extra_args(self.meta.arch),
         };
         format!("{} {}", entry.extra_args, entry.params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_stamp_tells_a_changed_agent_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("ballast");
+        std::fs::write(&agent, b"agent one").unwrap();
+        let one = agent_digest(&agent).unwrap();
+        // As `printf 'agent one' | sha256sum` prints it.
+        assert_eq!(
+            one,
+            "a04f560d4d61e9829da24045c7dfb7c67ea53ecadc77f7ded2e722114fd2b9b1"
+        );
+        assert!(!holds_agent(dir.path(), &one), "no stamp, unknown agent");
+        stamp_agent(dir.path(), &one).unwrap();
+        assert!(holds_agent(dir.path(), &one));
+        std::fs::write(&agent, b"agent two").unwrap();
+        let two = agent_digest(&agent).unwrap();
+        assert_ne!(one, two);
+        assert!(!holds_agent(dir.path(), &two), "a changed agent is stale");
+        let err = agent_digest(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().starts_with("hashing "), "{err}");
     }
 }

@@ -104,11 +104,22 @@ fn ensure_built(
     let root = crate::workspace_root();
     let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
     let dir = dir.to_owned();
-    if dir.join("disk.raw").exists() && fixture::trusts(&dir, &public) {
+    // The agent as the sources make it now (cargo does nothing when it is
+    // fresh), copied so that a build running beside us cannot change what
+    // the image gets after it was hashed.
+    let built = ballast_image::build::build_agent(&root, arch)?;
+    let scratch = tempfile::tempdir()?;
+    let agent = scratch.path().join("ballast");
+    std::fs::copy(&built, &agent).with_context(|| format!("copying {}", built.display()))?;
+    let agent_digest = qemu_tests::image::agent_digest(&agent)?;
+    if dir.join("disk.raw").exists()
+        && fixture::trusts(&dir, &public)
+        && qemu_tests::image::holds_agent(&dir, &agent_digest)
+    {
         return Ok(dir);
     }
     eprintln!(
-        "{}: no disk.raw, or not built trusting {}: building the image",
+        "{}: no disk.raw, not built trusting {}, or built with another agent: building the image",
         dir.display(),
         public.display()
     );
@@ -116,7 +127,9 @@ fn ensure_built(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
-    let out = crate::image::run(image_args(arch, version, profile, &public, &tmp, extra)?)?;
+    let mut args = image_args(arch, version, profile, &public, &tmp, extra)?;
+    args.agent = Some(agent);
+    let out = crate::image::run(args)?;
     anyhow::ensure!(
         out.join("disk.raw").exists(),
         "the image build wrote no disk.raw in {}",
@@ -125,6 +138,7 @@ fn ensure_built(
     let stamp = fixture::trust_stamp(&out, &public)?;
     std::fs::write(out.join(fixture::TRUST_STAMP), stamp)
         .with_context(|| format!("writing the trust stamp in {}", out.display()))?;
+    qemu_tests::image::stamp_agent(&out, &agent_digest)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -147,21 +161,23 @@ fn image_args(
     let trust = trust.to_string_lossy();
     let out = out.to_string_lossy();
     let matches = cmd
-        .try_get_matches_from([
-            "image",
-            "--arch",
-            arch.as_str(),
-            "--version",
-            version,
-            "--profile",
-            profile.as_str(),
-            "--trust",
-            &trust,
-            "--out",
-            &out,
-        ]
-        .into_iter()
-        .chain(extra.iter().copied()))
+        .try_get_matches_from(
+            [
+                "image",
+                "--arch",
+                arch.as_str(),
+                "--version",
+                version,
+                "--profile",
+                profile.as_str(),
+                "--trust",
+                &trust,
+                "--out",
+                &out,
+            ]
+            .into_iter()
+            .chain(extra.iter().copied()),
+        )
         .context("building image arguments")?;
     crate::image::ImageArgs::from_arg_matches(&matches).context("building image arguments")
 }
@@ -317,7 +333,10 @@ mod tests {
         assert_eq!(a.profile, Profile::K8s);
         assert_eq!(a.trust, vec![PathBuf::from("k.pub")]);
         assert_eq!(a.out, Some(PathBuf::from("out")));
-        assert!(matches!(a.kernel, ballast_image::apt::KernelFlavor::Generic));
+        assert!(matches!(
+            a.kernel,
+            ballast_image::apt::KernelFlavor::Generic
+        ));
         assert_eq!(a.failpoints, ["trial-gate=pause"]);
     }
 
