@@ -91,6 +91,44 @@ impl LinkTracker {
     }
 }
 
+/// What a managed interface does about a carrier change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CarrierAction {
+    /// Pause DHCP (keeping the lease); the node is not ready meanwhile.
+    Pause,
+    /// Re-apply static settings and ask for the lease again.
+    Resume,
+}
+
+/// One interface's carrier as its task sees it. An interface found
+/// without carrier (the usual case: links start administratively down)
+/// resumes when the carrier first appears; one found with carrier is
+/// configured at once and only resumes after a loss.
+#[derive(Debug)]
+pub struct Carrier {
+    lost: bool,
+}
+
+impl Carrier {
+    pub fn new(carrier: bool) -> Self {
+        Carrier { lost: !carrier }
+    }
+
+    pub fn on(&mut self, change: &LinkChange) -> Option<CarrierAction> {
+        match change {
+            LinkChange::CarrierLost(_) if !self.lost => {
+                self.lost = true;
+                Some(CarrierAction::Pause)
+            }
+            LinkChange::CarrierBack(_) if self.lost => {
+                self.lost = false;
+                Some(CarrierAction::Resume)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The interface a node with no network configuration manages: the
 /// physical Ethernet link with the lowest index (the first NIC the kernel
 /// found), never a bridge, veth or tunnel a container runtime made.
@@ -152,6 +190,29 @@ mod tests {
             Some(LinkChange::CarrierLost("eth1".into()))
         );
         assert_eq!(t.update(link(2, "eth0", true)), None);
+    }
+
+    #[test]
+    fn only_a_lost_carrier_comes_back() {
+        let lost = LinkChange::CarrierLost("eth0".into());
+        let back = LinkChange::CarrierBack("eth0".into());
+        let mut c = Carrier::new(true);
+        // (change, expected action)
+        let steps = [
+            (&back, None),
+            (&lost, Some(CarrierAction::Pause)),
+            (&lost, None),
+            (&back, Some(CarrierAction::Resume)),
+            (&back, None),
+            (&lost, Some(CarrierAction::Pause)),
+        ];
+        for (i, (change, want)) in steps.into_iter().enumerate() {
+            assert_eq!(c.on(change), want, "step {i}");
+        }
+        // Found without carrier: its first carrier is a resume.
+        let mut c = Carrier::new(false);
+        assert_eq!(c.on(&back), Some(CarrierAction::Resume));
+        assert_eq!(c.on(&back), None);
     }
 
     #[test]

@@ -239,6 +239,7 @@ impl Manager {
                     name: info.name.clone(),
                     index: info.index,
                     mac: info.mac,
+                    carrier: info.carrier,
                     config,
                     hostname: self.hostname.clone(),
                     handle: self.handle.clone(),
@@ -299,6 +300,8 @@ struct Interface {
     name: String,
     index: u32,
     mac: Option<[u8; 6]>,
+    /// Carrier when the link was found.
+    carrier: bool,
     config: InterfaceConfig,
     hostname: Option<String>,
     handle: rtnetlink::Handle,
@@ -315,7 +318,10 @@ impl Interface {
         if let Err(e) = self.link_up().await {
             tracing::error!(error = %crate::error_chain(&e), "interface not brought up");
         }
-        self.apply_static().await;
+        // Without carrier, settings wait for it (see link::Carrier).
+        if self.carrier {
+            self.apply_static().await;
+        }
         let mut dhcp = match (self.config.dhcp_enabled(), self.mac) {
             (false, _) => None,
             (true, None) => {
@@ -336,35 +342,42 @@ impl Interface {
             },
         };
         if let Some((client, socket)) = &mut dhcp {
-            let actions = client.start(Instant::now());
-            self.act(socket, actions).await;
+            if self.carrier {
+                let actions = client.start(Instant::now());
+                self.act(socket, actions).await;
+            } else {
+                client.link_down();
+            }
         }
         let mut buf = vec![0u8; 1500];
+        let mut carrier = link::Carrier::new(self.carrier);
         loop {
             let deadline = dhcp.as_ref().and_then(|(c, _)| c.deadline());
             tokio::select! {
-                change = link.recv() => match change {
-                    None => return,
-                    Some(LinkChange::CarrierLost(_)) => {
-                        tracing::info!(interface = %self.name, "carrier lost");
-                        console::emit("network-lost", &[
-                            ("interface", Value::from(self.name.clone())),
-                            ("reason", Value::from("carrier lost")),
-                        ]);
-                        if let Some((client, _)) = &mut dhcp {
-                            client.link_down();
+                change = link.recv() => {
+                    let Some(change) = change else { return };
+                    match carrier.on(&change) {
+                        Some(link::CarrierAction::Pause) => {
+                            tracing::info!(interface = %self.name, "carrier lost");
+                            console::emit("network-lost", &[
+                                ("interface", Value::from(self.name.clone())),
+                                ("reason", Value::from("carrier lost")),
+                            ]);
+                            if let Some((client, _)) = &mut dhcp {
+                                client.link_down();
+                            }
                         }
-                    }
-                    Some(LinkChange::CarrierBack(_)) => {
-                        tracing::info!(interface = %self.name, "carrier back");
-                        self.apply_static().await;
-                        if let Some((client, socket)) = &mut dhcp {
-                            let actions = client.link_up(Instant::now());
-                            self.act(socket, actions).await;
+                        Some(link::CarrierAction::Resume) => {
+                            tracing::info!(interface = %self.name, "carrier back");
+                            self.apply_static().await;
+                            if let Some((client, socket)) = &mut dhcp {
+                                let actions = client.link_up(Instant::now());
+                                self.act(socket, actions).await;
+                            }
                         }
+                        None => {}
                     }
-                    Some(_) => {}
-                },
+                }
                 received = recv(dhcp.as_ref().map(|(_, s)| s), &mut buf) => {
                     let Some((client, socket)) = &mut dhcp else { continue };
                     let Ok(len) = received else { continue };
