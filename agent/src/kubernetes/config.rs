@@ -32,7 +32,7 @@ pub struct KubernetesConfig {
     /// `/etc/kubernetes/pki/ca.crt`.
     pub ca_pem: Option<String>,
     /// `[a-z0-9]{6}.[a-z0-9]{16}`: joins through TLS bootstrap.
-    pub bootstrap_token: Option<String>,
+    pub bootstrap_token: Option<Secret>,
     /// A ready kubeconfig for the kubelet instead of a bootstrap token.
     pub kubeconfig: Option<PathBuf>,
     /// Run the kubelet without an API server: static pods only, with a
@@ -85,6 +85,30 @@ pub struct KubernetesConfig {
     pub agent: Option<AgentCredentials>,
     #[serde(default)]
     pub reboot: RebootConfig,
+}
+
+/// A secret string: serialized as is (it goes into 0600 files), but its
+/// `Debug` form is redacted so a logged config never carries it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
 }
 
 /// One taint, like the `Taint` of the core/v1 API.
@@ -246,6 +270,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("valu"), "{err}");
+    }
+
+    #[test]
+    fn the_token_is_redacted_in_debug_output() {
+        let doc: Doc =
+            toml::from_str("[kubernetes]\nbootstrap_token = \"abcdef.0123456789abcdef\"\n")
+                .unwrap();
+        let shown = format!("{:?}", doc.kubernetes);
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert_eq!(
+            doc.kubernetes.bootstrap_token.unwrap().expose(),
+            "abcdef.0123456789abcdef"
+        );
     }
 
     #[test]

@@ -314,7 +314,7 @@ pub fn render(config: &KubernetesConfig, node_name: &str) -> Result<Rendered, Re
                 name: "kubelet-bootstrap",
                 item: KubeconfigUser {
                     user: UserEntry {
-                        token: token.clone(),
+                        token: token.expose().to_owned(),
                     },
                 },
             }],

@@ -110,7 +110,7 @@ pub fn validate(c: &KubernetesConfig) -> Result<(), KubernetesConfigError> {
     }
     if let Some(token) = &c.bootstrap_token {
         // The token is a secret: the message never repeats it.
-        if !bootstrap_token(token) {
+        if !bootstrap_token(token.expose()) {
             return Err(invalid(
                 "kubernetes.bootstrap_token",
                 "is not a bootstrap token: 6 and 16 characters of a-z 0-9 joined by '.'",
