@@ -119,6 +119,9 @@ pub struct PackageInfo {
     pub sha256: String,
     /// Pool path of the .deb (its basename names the cache file).
     pub filename: String,
+    /// The .deb's architecture: the target's, or `all` for
+    /// architecture-independent packages (ca-certificates).
+    pub arch: String,
 }
 
 impl PackageInfo {
@@ -139,7 +142,13 @@ impl PackageInfo {
             version: get("Version")?,
             sha256: get("SHA256")?.to_ascii_lowercase(),
             filename: get("Filename")?,
+            arch: get("Architecture")?,
         })
+    }
+
+    /// `name:arch=version`, what apt-get and apt-cache are asked for.
+    fn qualified(&self) -> String {
+        format!("{}:{}={}", self.name, self.arch, self.version)
     }
 }
 
@@ -205,9 +214,27 @@ impl Apt {
         }
     }
 
-    /// The pinned version of `name`, else apt's candidate.
+    /// The pinned version of `name`, else apt's candidate: for the target
+    /// architecture, else architecture-independent (`name:all`, which apt
+    /// does not find under a foreign architecture's name).
     pub fn resolve(&self, name: &str) -> Result<PackageInfo, AptError> {
-        let spec = self.spec(name, self.pins.get(name).map(String::as_str));
+        let pin = self.pins.get(name).map(String::as_str);
+        let spec = self.spec(name, pin);
+        match self.show(&spec) {
+            Err(AptError::NotFound { .. }) => {
+                let all = match pin {
+                    Some(v) => format!("{name}:all={v}"),
+                    None => format!("{name}:all"),
+                };
+                self.show(&all)
+                    .map_err(|_| AptError::NotFound { spec: spec.clone() })
+            }
+            other => other,
+        }
+    }
+
+    fn show(&self, spec: &str) -> Result<PackageInfo, AptError> {
+        let spec = spec.to_owned();
         let out = Cmd::new("apt-cache")
             .args(["show", "--no-all-versions", &spec])
             .output()
@@ -236,8 +263,9 @@ impl Apt {
 
     /// Dependencies of one package version.
     pub fn depends(&self, info: &PackageInfo) -> Result<Vec<String>, AptError> {
-        let spec = self.spec(&info.name, Some(&info.version));
-        let out = Cmd::new("apt-cache").args(["depends", &spec]).output()?;
+        let out = Cmd::new("apt-cache")
+            .args(["depends", &info.qualified()])
+            .output()?;
         Ok(parse_depends(&out))
     }
 
@@ -278,11 +306,7 @@ impl Apt {
         }
         fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         Cmd::new("apt-get")
-            .args([
-                "download",
-                "-q",
-                &self.spec(&info.name, Some(&info.version)),
-            ])
+            .args(["download", "-q", &info.qualified()])
             .current_dir(&tmp)
             .run()?;
         let debs: Vec<PathBuf> = fs::read_dir(&tmp)
@@ -358,6 +382,7 @@ mod tests {
         assert_eq!(cont.len(), 2);
         assert_eq!(cont[0]["B"], "x\ny");
         assert_eq!(info.spec(), "systemd-boot-efi=252.39-1~deb12u2");
+        assert_eq!(info.qualified(), "systemd-boot-efi:arm64=252.39-1~deb12u2");
     }
 
     #[test]

@@ -1067,6 +1067,7 @@ mod tests {
             version: "1".into(),
             sha256: String::new(),
             filename: "tool_1.deb".into(),
+            arch: "amd64".into(),
         };
         s.ship_package(&Unpacked {
             info: info.clone(),
@@ -1121,6 +1122,7 @@ mod tests {
             version: "1".into(),
             sha256: String::new(),
             filename: "libs_1.deb".into(),
+            arch: "amd64".into(),
         };
         s.unpacked.insert(
             "libs".into(),
