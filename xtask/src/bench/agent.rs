@@ -116,8 +116,10 @@ pub fn run(args: AgentBenchArgs) -> Result<()> {
     let rss = rss0.max(rss1);
     let body = format!(
         "Command: `cargo xtask bench agent --arch {arch} --idle-seconds {idle}` — the agent as PID 1 in \
-         a QEMU TCG guest (1 GiB), API on TCP, no services; sampled from its own `/status` \
-         (`/proc/self`), the second sample {idle} s after the first.\n\n\
+         a QEMU TCG guest (1 GiB), API on TCP, no services, built-in health checks only (run \
+         every 15 s, the default `[health] interval`); sampled from its own `/status` \
+         (`/proc/self`), the second sample {idle} s after the first; the CPU figure includes \
+         serving the second `/status`.\n\n\
          | measure | value | baseline | ratio |\n|---|---|---|---|\n\
          | idle RSS | {rss} KiB | goal 6144 KiB | {rr:.2}× |\n\
          | idle CPU | {cpu_percent:.3} % ({dcpu} ms in {idle} s) | goal ≈ 0 % | — |\n\
