@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::Eviction;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::List;
 use serde_json::json;
 use tokio::time::Instant;
@@ -337,7 +337,9 @@ async fn evict(client: &KubeClient, pod: &PodRef) -> Result<Evicted, DrainError>
         delete_options: None,
     };
     match client
-        .post::<_, Status>(&format!("{}/eviction", pod.path()), &eviction)
+        // The answer is a Status (or, from some servers, the Eviction):
+        // only the HTTP status matters.
+        .post::<_, serde_json::Value>(&format!("{}/eviction", pod.path()), &eviction)
         .await
     {
         Ok(_) => Ok(Evicted::Yes),
