@@ -853,6 +853,52 @@ bootstrap_token = "abcdef.0123456789abcdef"
     }
 
     #[test]
+    fn config_loading_names_the_file_and_key_and_checks_the_merged_whole() {
+        use crate::config::{merge, Config, Layer};
+        let err = Config::parse(
+            "[kubernetes]\nnode_ip = \"x\"\n",
+            Path::new("/etc/ballast/config.d/50-k8s.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("/etc/ballast/config.d/50-k8s.toml: kubernetes.node_ip:"),
+            "{err}"
+        );
+        let layer = |source: &str, text: &str| Layer {
+            source: source.into(),
+            text: text.into(),
+        };
+        let vendor = layer(
+            "/usr/lib/ballast/config.d/10-k8s.toml",
+            "[kubernetes.reboot]\nmax_concurrent = 2\n",
+        );
+        // A partial table is fine in a layer; the merged whole must be complete.
+        let err = merge(std::slice::from_ref(&vendor))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("merged configuration: kubernetes.api_server:"),
+            "{err}"
+        );
+        let user = layer("user-data", &format!("[kubernetes]\n{VALID}"));
+        let (config, _) = merge(&[vendor, user.clone()]).unwrap();
+        let k8s = config.kubernetes.unwrap();
+        assert_eq!(k8s.reboot.max_concurrent, 2);
+        assert_eq!(k8s.api_server.as_deref(), Some("https://10.0.0.1:6443"));
+        // The integration's service names are taken, in any layer.
+        let services = layer(
+            "/etc/ballast/config.d/60.toml",
+            "[services.kubelet]\ncommand = [\"/opt/kubelet\"]\n",
+        );
+        let err = merge(&[user, services]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("merged configuration: services.kubelet:"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_token_is_never_in_an_error() {
         let err = validate(&parse("bootstrap_token = \"abcdef.0123456789abcdeX\""))
             .unwrap_err()
