@@ -167,7 +167,9 @@ pub fn boot(ctx: &Context) -> Result<(), ScenarioError> {
 }
 
 /// With no network configuration the agent runs DHCP on the first NIC and
-/// gets QEMU's user-network lease: 10.0.2.15/24 through router 10.0.2.2.
+/// gets QEMU's user-network lease, 10.0.2.15/24. With `restrict=on` (as
+/// every test VM runs) libslirp sends no router or DNS option, so the
+/// event's gateway is null.
 fn check_dhcp_lease(vm: &mut Vm) -> Result<(), ScenarioError> {
     let seen = vm
         .events_seen()
@@ -182,7 +184,6 @@ fn check_dhcp_lease(vm: &mut Vm) -> Result<(), ScenarioError> {
         ("interface", "eth0"),
         ("source", "dhcp"),
         ("address", "10.0.2.15/24"),
-        ("gateway", "10.0.2.2"),
     ];
     for (key, want) in expect {
         if ev.str_field(key) != Some(want) {
