@@ -58,3 +58,56 @@ pub fn run(cmd: KubernetesCommand) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(case: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/kubernetes")
+            .join(case)
+            .join("config.toml")
+    }
+
+    #[test]
+    fn renders_a_fixture_into_a_directory_with_a_node_name_override() {
+        let out = tempfile::tempdir().unwrap();
+        run(KubernetesCommand::Render {
+            config: fixture("cluster"),
+            out: out.path().join("new"),
+            node_name: Some("node-9".into()),
+        })
+        .unwrap();
+        let args =
+            std::fs::read_to_string(out.path().join("new/etc/kubernetes/kubelet.args")).unwrap();
+        assert!(args.ends_with("--hostname-override=node-9\n"), "{args}");
+        assert!(out.path().join("new/etc/containerd/config.toml").is_file());
+    }
+
+    #[test]
+    fn refuses_bad_input_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let err = run(KubernetesCommand::Render {
+            config: fixture("cluster"),
+            out: out.clone(),
+            node_name: Some("Node_9".into()),
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("--node-name"), "{err:#}");
+        let no_table = dir.path().join("plain.toml");
+        std::fs::write(&no_table, "hostname = \"n\"\n").unwrap();
+        let err = run(KubernetesCommand::Render {
+            config: no_table,
+            out: out.clone(),
+            node_name: None,
+        })
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no [kubernetes] table"),
+            "{err:#}"
+        );
+        assert!(!out.exists());
+    }
+}
