@@ -11,7 +11,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
+use k8s_openapi::api::core::v1::NodeCondition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Status};
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -536,6 +537,89 @@ fn api_error(
 /// The API path of a Node.
 pub(crate) fn node_path(node: &str) -> String {
     format!("/api/v1/nodes/{node}")
+}
+
+/// The parts of a Node the agent reads, decoded with k8s-openapi's types.
+/// Whole `Node` and `Pod` objects are not decoded: their deserializers
+/// (`NodeStatus`, `PodSpec` and everything under them) added 0.8 MB to the
+/// static agent (measured), for fields the agent never reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeView {
+    pub metadata: ObjectMeta,
+    pub unschedulable: bool,
+    pub conditions: Vec<NodeCondition>,
+}
+
+impl NodeView {
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    }
+}
+
+/// The parts of a Pod a drain reads (see [`NodeView`] for why not `Pod`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodView {
+    pub metadata: ObjectMeta,
+    pub phase: Option<String>,
+}
+
+/// Decode the part of `object` at `pointer` (absent or null: `None`).
+fn part<T: DeserializeOwned>(
+    object: &serde_json::Value,
+    pointer: &str,
+    verb: &Method,
+    path: &str,
+) -> Result<Option<T>, KubeError> {
+    match object.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => T::deserialize(v)
+            .map(Some)
+            .map_err(|source| KubeError::Decode {
+                verb: verb.clone(),
+                path: path.to_string(),
+                source,
+            }),
+    }
+}
+
+impl KubeClient {
+    /// GET a Node, decoding only what the agent reads.
+    pub async fn get_node(&self, name: &str) -> Result<NodeView, KubeError> {
+        let path = node_path(name);
+        let node: serde_json::Value = self.get(&path, &[]).await?;
+        let verb = Method::GET;
+        Ok(NodeView {
+            metadata: part(&node, "/metadata", &verb, &path)?.unwrap_or_default(),
+            unschedulable: part(&node, "/spec/unschedulable", &verb, &path)?.unwrap_or(false),
+            conditions: part(&node, "/status/conditions", &verb, &path)?.unwrap_or_default(),
+        })
+    }
+
+    /// The Pods bound to `node` (all namespaces).
+    pub async fn list_pods_on(&self, node: &str) -> Result<Vec<PodView>, KubeError> {
+        let path = "/api/v1/pods";
+        let selector = format!("spec.nodeName={node}");
+        let list: serde_json::Value = self.get(path, &[("fieldSelector", &selector)]).await?;
+        let verb = Method::GET;
+        let empty = Vec::new();
+        let items = list
+            .get("items")
+            .and_then(serde_json::Value::as_array)
+            .unwrap_or(&empty);
+        items
+            .iter()
+            .map(|pod| {
+                Ok(PodView {
+                    metadata: part(pod, "/metadata", &verb, path)?.unwrap_or_default(),
+                    phase: part(pod, "/status/phase", &verb, path)?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// A Kubernetes object name that is a DNS subdomain (RFC 1123): what Node,

@@ -21,14 +21,14 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::List;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::client::{is_dns_subdomain, node_path, KubeClient, KubeError, PatchKind};
+use super::client::{
+    is_dns_subdomain, node_path, KubeClient, KubeError, NodeView, PatchKind, PodView,
+};
 
 /// Present (value `true`) while the node is cordoned by the agent.
 pub const ANNOTATION_CORDONED: &str = "ballast.dev/cordoned";
@@ -149,12 +149,8 @@ fn check_name(node: &str) -> Result<(), DrainError> {
     }
 }
 
-fn cordoned_by_us(node: &Node) -> bool {
-    node.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_CORDONED))
-        .is_some_and(|v| v == "true")
+fn cordoned_by_us(node: &NodeView) -> bool {
+    node.annotation(ANNOTATION_CORDONED) == Some("true")
 }
 
 /// Mark the node unschedulable. Returns whether the cordon is ours: false
@@ -168,13 +164,8 @@ pub async fn cordon(client: &KubeClient, node: &str) -> Result<bool, DrainError>
         source: Box::new(source),
     };
     for _ in 0..MAX_CONFLICTS {
-        let current: Node = client.get(&path, &[]).await.map_err(kube)?;
-        let unschedulable = current
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
-        if unschedulable {
+        let current = client.get_node(node).await.map_err(kube)?;
+        if current.unschedulable {
             let ours = cordoned_by_us(&current);
             tracing::info!(node, ours, "node already cordoned");
             return Ok(ours);
@@ -188,7 +179,10 @@ pub async fn cordon(client: &KubeClient, node: &str) -> Result<bool, DrainError>
             },
             "spec": {"unschedulable": true},
         });
-        match client.patch::<Node>(&path, PatchKind::Merge, &patch).await {
+        match client
+            .patch::<serde_json::Value>(&path, PatchKind::Merge, &patch)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(node, "node cordoned");
                 return Ok(true);
@@ -213,7 +207,7 @@ pub async fn uncordon_if_ours(client: &KubeClient, node: &str) -> Result<bool, D
         source: Box::new(source),
     };
     for _ in 0..MAX_CONFLICTS {
-        let current: Node = client.get(&path, &[]).await.map_err(kube)?;
+        let current = client.get_node(node).await.map_err(kube)?;
         if !cordoned_by_us(&current) {
             return Ok(false);
         }
@@ -224,7 +218,10 @@ pub async fn uncordon_if_ours(client: &KubeClient, node: &str) -> Result<bool, D
             },
             "spec": {"unschedulable": null},
         });
-        match client.patch::<Node>(&path, PatchKind::Merge, &patch).await {
+        match client
+            .patch::<serde_json::Value>(&path, PatchKind::Merge, &patch)
+            .await
+        {
             Ok(_) => {
                 tracing::info!(node, "node uncordoned");
                 return Ok(true);
@@ -263,19 +260,17 @@ pub async fn cordon_and_drain(
     }
 }
 
-async fn list_pods(client: &KubeClient, node: &str) -> Result<Vec<Pod>, DrainError> {
-    let selector = format!("spec.nodeName={node}");
-    let list: List<Pod> = client
-        .get("/api/v1/pods", &[("fieldSelector", &selector)])
+async fn list_pods(client: &KubeClient, node: &str) -> Result<Vec<PodView>, DrainError> {
+    client
+        .list_pods_on(node)
         .await
         .map_err(|source| DrainError::ListPods {
             node: node.to_string(),
             source: Box::new(source),
-        })?;
-    Ok(list.items)
+        })
 }
 
-fn skip_reason(pod: &Pod) -> Option<SkipReason> {
+fn skip_reason(pod: &PodView) -> Option<SkipReason> {
     let meta = &pod.metadata;
     if meta
         .annotations
@@ -291,14 +286,13 @@ fn skip_reason(pod: &Pod) -> Option<SkipReason> {
     {
         return Some(SkipReason::DaemonSet);
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
+    if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return Some(SkipReason::Finished);
     }
     None
 }
 
-fn pod_ref(pod: &Pod) -> PodRef {
+fn pod_ref(pod: &PodView) -> PodRef {
     PodRef {
         namespace: pod.metadata.namespace.clone().unwrap_or_default(),
         name: pod.metadata.name.clone().unwrap_or_default(),
@@ -473,7 +467,11 @@ mod tests {
     }
 
     fn annotated(server: &TestServer, node: &str) -> bool {
-        cordoned_by_us(&server.node(node))
+        server
+            .node(node)
+            .metadata
+            .annotations
+            .is_some_and(|a| a.get(ANNOTATION_CORDONED).is_some_and(|v| v == "true"))
     }
 
     fn workload(server: &TestServer) {

@@ -19,11 +19,12 @@
 
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition};
+use k8s_openapi::api::core::v1::NodeCondition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::json;
 
 use super::client::{is_dns_subdomain, node_path, timestamp, KubeClient, KubeError, PatchKind};
+use serde_json::Value;
 
 /// The Node condition type the agent owns.
 pub const CONDITION_TYPE: &str = "BallastHealthy";
@@ -154,18 +155,17 @@ pub async fn report_node(
     }
     report.validate()?;
     let path = node_path(node);
-    let current: Node = client
-        .get(&path, &[])
+    let current = client
+        .get_node(node)
         .await
         .map_err(|source| NodeReportError::Read {
             node: node.to_string(),
             source: Box::new(source),
         })?;
     let previous = current
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_TYPE));
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_TYPE);
     let now = Time(timestamp(report.checked_at));
     let status = report.status.as_str();
     let (transitioned, transition_time) = match previous {
@@ -184,7 +184,7 @@ pub async fn report_node(
     };
     let patch = json!({"status": {"conditions": [condition]}});
     client
-        .patch::<Node>(&format!("{path}/status"), PatchKind::StrategicMerge, &patch)
+        .patch::<Value>(&format!("{path}/status"), PatchKind::StrategicMerge, &patch)
         .await
         .map_err(|source| NodeReportError::Condition {
             node: node.to_string(),
@@ -202,7 +202,7 @@ pub async fn report_node(
         ANNOTATION_LAST_CHECK: last_check,
     }}});
     client
-        .patch::<Node>(&path, PatchKind::Merge, &patch)
+        .patch::<Value>(&path, PatchKind::Merge, &patch)
         .await
         .map_err(|source| NodeReportError::Annotations {
             node: node.to_string(),
