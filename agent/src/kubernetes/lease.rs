@@ -4,7 +4,8 @@
 //! holds a slot when a Lease's `holderIdentity` is its name and
 //! `renewTime + leaseDurationSeconds` is in the future; an expired Lease is
 //! free to take, so a node that dies while holding a slot blocks the group
-//! for at most one TTL.
+//! for at most one TTL. Expiry is judged by the reading node's clock, as
+//! client-go's leader election does; a TTL of minutes dwarfs NTP-level skew.
 //!
 //! Every write carries the `resourceVersion` that was read, so two nodes
 //! racing for the same Lease cannot both win: the API server answers the
