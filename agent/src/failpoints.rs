@@ -136,7 +136,9 @@ mod tests {
         assert!(!fail::list().iter().any(|(n, _)| n == "test-a"));
         std::fs::write(&f, "test-c=return\n").unwrap();
         assert_eq!(load(&f).unwrap(), 1);
-        assert!(fail::list().iter().any(|(n, a)| n == "test-c" && a == "return"));
+        assert!(fail::list()
+            .iter()
+            .any(|(n, a)| n == "test-c" && a == "return"));
         fail::remove("test-c");
     }
 }

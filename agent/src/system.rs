@@ -189,17 +189,43 @@ async fn main_loop() -> Action {
     console::emit(
         "ready",
         &[
-            ("version", Value::from(status.version)),
+            ("version", Value::from(status.version.as_str())),
             ("arch", Value::from(status.arch)),
-            ("slot", Value::from(status.slot)),
+            ("slot", Value::from(status.slot.as_str())),
             ("boot_id", Value::from(boot_id)),
         ],
     );
 
-    if let Some(checker) = checker {
+    // The agent's own calls to the cluster (Node report, reboot strategy
+    // `kubernetes`) need [kubernetes.agent]; without it only the kubelet
+    // talks to the API server.
+    let cluster = config
+        .kubernetes
+        .as_ref()
+        .filter(|k| k.agent.is_some() && !k.standalone)
+        .and_then(|k| {
+            crate::kubernetes::coordinator::Cluster::from_config(k, config.hostname.as_deref())
+                .map_err(|e| {
+                    tracing::error!(error = %crate::error_chain(&e), "no cluster calls from the agent")
+                })
+                .ok()
+        })
+        .map(std::sync::Arc::new);
+    if let (Some(cluster), Some(health)) = (&cluster, &health) {
+        tokio::spawn(crate::kubernetes::coordinator::report_loop(
+            cluster.clone(),
+            health.clone(),
+            update_status.clone(),
+            status.version.clone(),
+            status.slot.clone(),
+        ));
+    }
+
+    if let Some(health) = health {
         let ctx = UpdateContext {
             config: config.update.clone(),
-            checker,
+            health,
+            cluster,
             status: update_status,
             power: power_tx,
             node_id: machine_id(),

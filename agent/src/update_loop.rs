@@ -36,7 +36,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::console;
-use crate::health::HealthChecker;
+use crate::health::HealthMonitor;
 use crate::power::Action;
 
 /// The `[update]` table.
@@ -117,6 +117,9 @@ pub enum Strategy {
     Immediate,
     Window,
     Fleetlock,
+    /// A Lease semaphore in the cluster, with cordon and drain
+    /// (`[kubernetes.reboot]`).
+    Kubernetes,
     Off,
 }
 
@@ -236,7 +239,9 @@ pub fn new_status() -> SharedUpdateStatus {
 #[derive(Debug)]
 pub struct UpdateContext {
     pub config: UpdateConfig,
-    pub checker: HealthChecker,
+    pub health: HealthMonitor,
+    /// The cluster, when `[kubernetes]` gives the agent a credential.
+    pub cluster: Option<Arc<crate::kubernetes::coordinator::Cluster>>,
     pub status: SharedUpdateStatus,
     pub power: mpsc::Sender<Action>,
     /// Stable id of this node for FleetLock.
@@ -360,6 +365,20 @@ async fn settle_running_version(
                 );
             }
         }
+        // Back from a reboot we drained for (or from a rollback): put the
+        // node back in service once its checks pass, however long that
+        // takes, and never before.
+        if let Some(cluster) = ctx.cluster.clone() {
+            let health = ctx.health.clone();
+            tokio::spawn(async move {
+                while !health.latest().is_some_and(|s| s.report.ready) {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                if let Err(e) = cluster.after_healthy_boot().await {
+                    tracing::warn!(error = %crate::error_chain(&e), "node not put back in service");
+                }
+            });
+        }
         set_state(&ctx.status, UpdateState::Idle);
         return Ok(());
     }
@@ -383,7 +402,7 @@ async fn settle_running_version(
     let deadline = tokio::time::Instant::now() + ctx.config.health_deadline;
     let mut last = None;
     while tokio::time::Instant::now() < deadline {
-        let report = ctx.checker.run().await;
+        let report = ctx.health.run_now().await;
         if report.ready {
             let l = layout.clone();
             tokio::task::spawn_blocking(move || {
@@ -405,6 +424,7 @@ async fn settle_running_version(
                     tracing::warn!(error = %crate::error_chain(&e), "fleetlock lock not released");
                 }
             }
+            back_in_cluster(ctx).await;
             set_state(&ctx.status, UpdateState::Idle);
             return Ok(());
         }
@@ -626,6 +646,39 @@ async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
             }
             tokio::time::sleep(Duration::from_secs(30)).await;
         },
+        Strategy::Kubernetes => {
+            let Some(cluster) = &ctx.cluster else {
+                tracing::error!(
+                    "strategy kubernetes without a usable [kubernetes] agent credential; not rebooting"
+                );
+                console::emit(
+                    "reboot-blocked",
+                    &[
+                        ("version", v(version)),
+                        (
+                            "reason",
+                            Value::from("no Kubernetes credential for the agent"),
+                        ),
+                    ],
+                );
+                std::future::pending::<()>().await;
+                return;
+            };
+            loop {
+                match cluster.before_reboot().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        let reason = crate::error_chain(&e);
+                        tracing::warn!(error = %reason, "not rebooting yet");
+                        console::emit(
+                            "reboot-blocked",
+                            &[("version", v(version)), ("reason", Value::from(reason))],
+                        );
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        }
         Strategy::Fleetlock => {
             let Some(fl) = &ctx.config.fleetlock else {
                 tracing::error!("strategy fleetlock without [update.fleetlock]; not rebooting");
@@ -641,6 +694,16 @@ async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// After a healthy boot: uncordon the node if we cordoned it and give
+/// back the reboot slot (no-ops when there is nothing of ours).
+async fn back_in_cluster(ctx: &UpdateContext) {
+    if let Some(cluster) = &ctx.cluster {
+        if let Err(e) = cluster.after_healthy_boot().await {
+            tracing::warn!(error = %crate::error_chain(&e), "node not put back in service");
         }
     }
 }

@@ -18,8 +18,11 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// How the agent proves who it is to the API server.
+/// How the agent proves who it is to the API server. The agent's config
+/// reaches only `TokenFile` today (`[kubernetes.agent] token_file`); the
+/// others are exercised by the tests and wait for kubeconfig reading.
 #[derive(Clone)]
+#[allow(dead_code)]
 pub enum Auth {
     /// No credential (a test server, or an API server behind a local proxy).
     None,

@@ -23,7 +23,10 @@ use super::client::{
     is_dns_subdomain, system_clock, system_time, timestamp, Clock, KubeClient, KubeError,
 };
 
+// The configuration's defaults live in config.rs; tests use the same values.
+#[cfg(test)]
 pub const DEFAULT_NAMESPACE: &str = "kube-system";
+#[cfg(test)]
 pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 /// The label naming the group on every semaphore Lease.
 pub const GROUP_LABEL: &str = "ballast.dev/reboot-group";
@@ -159,6 +162,7 @@ impl RebootSemaphore {
     }
 
     /// Use this clock instead of the system's (tests).
+    #[cfg(test)]
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self

@@ -3,14 +3,11 @@
 //! the API server (Node condition and annotations, the reboot Lease
 //! semaphore, cordon and drain).
 
-#[allow(dead_code)] // API calls; used once the update loop wires them in
 pub mod client;
 pub mod config;
-#[allow(dead_code)] // API calls; used once the update loop wires them in
+pub mod coordinator;
 pub mod drain;
-#[allow(dead_code)] // API calls; used once the update loop wires them in
 pub mod lease;
-#[allow(dead_code)] // API calls; used once the update loop wires them in
 pub mod node_report;
 pub mod render;
 pub mod services;

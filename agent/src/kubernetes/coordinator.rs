@@ -1,0 +1,412 @@
+//! The agent's side of the cluster: the `kubernetes` reboot strategy
+//! (Lease semaphore, cordon and drain before the reboot; uncordon and
+//! release after a healthy boot) and the periodic Node report. It owns the
+//! mapping from `[kubernetes]` configuration to the API client, the
+//! semaphore and the drain options; the calls themselves live in
+//! [`client`](super::client), [`lease`](super::lease),
+//! [`drain`](super::drain) and [`node_report`](super::node_report).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use super::client::{Auth, ClientConfig, KubeClient, KubeError};
+use super::config::KubernetesConfig;
+use super::drain::{self, DrainError, DrainOptions};
+use super::lease::{Acquire, LeaseError, RebootSemaphore, SemaphoreConfig};
+use super::node_report::{self, ConditionStatus, NodeReport, NodeReportError};
+
+/// How long to wait before asking for a reboot slot again.
+const SLOT_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("kubernetes.api_server is not set; the agent has no cluster to talk to")]
+    NoApiServer,
+    #[error("kubernetes.agent is not set: the agent needs its own credential (token_file) for Leases and evictions; see docs/kubernetes-rbac.md")]
+    NoCredential,
+    #[error("kubernetes.agent.kubeconfig {path}: reading a kubeconfig is not supported yet; use token_file")]
+    KubeconfigUnsupported { path: PathBuf },
+    #[error("reading the cluster CA {path}")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node name")]
+    NodeName(#[source] super::render::RenderError),
+    #[error("API client")]
+    Client(#[source] KubeError),
+    #[error("reboot semaphore")]
+    Lease(#[from] LeaseError),
+    #[error("drain of node {node}")]
+    Drain {
+        node: String,
+        #[source]
+        source: DrainError,
+    },
+    #[error("uncordoning node {node}")]
+    Uncordon {
+        node: String,
+        #[source]
+        source: DrainError,
+    },
+    #[error("reporting on node {node}")]
+    Report {
+        node: String,
+        #[source]
+        source: NodeReportError,
+    },
+}
+
+/// The agent's identity and handles on the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    client: KubeClient,
+    node: String,
+    semaphore: RebootSemaphore,
+    drain: DrainOptions,
+}
+
+impl Cluster {
+    /// From `[kubernetes]`; `hostname` is the node's configured hostname
+    /// (the node name unless `node_name` overrides it).
+    pub fn from_config(
+        config: &KubernetesConfig,
+        hostname: Option<&str>,
+    ) -> Result<Self, CoordinatorError> {
+        let server = config
+            .api_server
+            .clone()
+            .ok_or(CoordinatorError::NoApiServer)?;
+        let auth = match &config.agent {
+            Some(a) => match (&a.token_file, &a.kubeconfig) {
+                (Some(token), _) => Auth::TokenFile(token.clone()),
+                (None, Some(path)) => {
+                    return Err(CoordinatorError::KubeconfigUnsupported { path: path.clone() })
+                }
+                (None, None) => return Err(CoordinatorError::NoCredential),
+            },
+            None => return Err(CoordinatorError::NoCredential),
+        };
+        let ca_pem = match (&config.ca_pem, &config.ca_file) {
+            (Some(pem), _) => Some(pem.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                Some(std::fs::read(path).map_err(|source| CoordinatorError::Ca {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            (None, None) => None,
+        };
+        let node =
+            super::render::node_name(config, hostname).map_err(CoordinatorError::NodeName)?;
+        let client = KubeClient::new(ClientConfig::new(server, ca_pem, auth))
+            .map_err(CoordinatorError::Client)?;
+        let r = &config.reboot;
+        let semaphore = RebootSemaphore::new(
+            client.clone(),
+            SemaphoreConfig {
+                group: r.group.clone(),
+                slots: r.max_concurrent,
+                namespace: r.lease_namespace.clone(),
+                holder: node.clone(),
+                ttl: r.lease_ttl,
+            },
+        )?;
+        Ok(Cluster {
+            client,
+            node,
+            semaphore,
+            drain: DrainOptions {
+                timeout: r.drain_timeout,
+                force: r.force,
+                ..DrainOptions::default()
+            },
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Waits for a reboot slot, then cordons and drains. On a failed drain
+    /// the node is already uncordoned (drain's contract) and the slot is
+    /// given back, so the caller only retries later.
+    pub async fn before_reboot(&self) -> Result<(), CoordinatorError> {
+        let slot = loop {
+            match self.semaphore.acquire().await? {
+                Acquire::Acquired { slot, .. } => break slot,
+                Acquire::AllHeld { holders } => {
+                    tracing::info!(
+                        node = %self.node,
+                        holders = ?holders,
+                        "every reboot slot is held; waiting"
+                    );
+                    tokio::time::sleep(SLOT_RETRY).await;
+                }
+            }
+        };
+        tracing::info!(node = %self.node, slot, "reboot slot acquired; draining");
+        // Renew the slot while a long drain runs, so its TTL never lapses.
+        let renew = async {
+            loop {
+                tokio::time::sleep(SLOT_RETRY).await;
+                if let Err(e) = self.semaphore.acquire().await {
+                    tracing::warn!(error = %crate::error_chain(&e), "renewing the reboot slot");
+                }
+            }
+        };
+        let drained = tokio::select! {
+            r = drain::cordon_and_drain(&self.client, &self.node, &self.drain) => r,
+            () = renew => unreachable!("the renewal loop never ends"),
+        };
+        match drained {
+            Ok(outcome) => {
+                tracing::info!(
+                    node = %self.node,
+                    evicted = outcome.evicted.len(),
+                    deleted = outcome.deleted.len(),
+                    skipped = outcome.skipped.len(),
+                    "drained"
+                );
+                Ok(())
+            }
+            Err(source) => {
+                if let Err(e) = self.semaphore.release().await {
+                    tracing::warn!(error = %crate::error_chain(&e), "releasing the reboot slot after a failed drain");
+                }
+                Err(CoordinatorError::Drain {
+                    node: self.node.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// After a healthy boot: uncordon only if we cordoned, then give the
+    /// slot back. Both are no-ops when there is nothing of ours.
+    pub async fn after_healthy_boot(&self) -> Result<(), CoordinatorError> {
+        let uncordoned = drain::uncordon_if_ours(&self.client, &self.node)
+            .await
+            .map_err(|source| CoordinatorError::Uncordon {
+                node: self.node.clone(),
+                source,
+            })?;
+        let released = self.semaphore.release().await?;
+        if uncordoned || !released.is_empty() {
+            tracing::info!(node = %self.node, uncordoned, released = ?released, "back in service");
+        }
+        Ok(())
+    }
+
+    /// Sets the `BallastHealthy` condition and the `ballast.dev/*`
+    /// annotations.
+    pub async fn report(&self, report: &NodeReport) -> Result<(), CoordinatorError> {
+        node_report::report_node(&self.client, &self.node, report)
+            .await
+            .map(|_| ())
+            .map_err(|source| CoordinatorError::Report {
+                node: self.node.clone(),
+                source,
+            })
+    }
+}
+
+/// How often the Node report is refreshed (it is also the heartbeat of
+/// `ballast.dev/last-check`).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Reports on the Node every [`REPORT_INTERVAL`], and at once when the
+/// health verdict or the update state changes (checked every 5 s). Runs
+/// for the life of the agent; a failed report is logged and retried.
+pub async fn report_loop(
+    cluster: std::sync::Arc<Cluster>,
+    health: crate::health::HealthMonitor,
+    update: crate::update_loop::SharedUpdateStatus,
+    version: String,
+    slot: String,
+) {
+    tracing::info!(
+        node = cluster.node(),
+        "reporting health and update state on the Node"
+    );
+    let mut last: Option<(Option<bool>, String)> = None;
+    let mut last_sent = tokio::time::Instant::now();
+    loop {
+        let snapshot = health.latest();
+        let state = update
+            .lock()
+            .map(|s| s.state.name().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        let key = (snapshot.as_ref().map(|s| s.report.ready), state.clone());
+        if last.as_ref() != Some(&key) || last_sent.elapsed() >= REPORT_INTERVAL {
+            let report = node_report(
+                snapshot.as_ref().map(|s| &s.report),
+                &version,
+                &slot,
+                &state,
+                snapshot
+                    .as_ref()
+                    .map_or_else(SystemTime::now, |s| s.checked_at),
+            );
+            match cluster.report(&report).await {
+                Ok(()) => last = Some(key),
+                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "node report failed"),
+            }
+            last_sent = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// A Node report from the health checks and the update state.
+pub fn node_report(
+    health: Option<&crate::health::HealthReport>,
+    version: &str,
+    slot: &str,
+    update_state: &str,
+    checked_at: SystemTime,
+) -> NodeReport {
+    let (status, reason, message) = match health {
+        None => (
+            ConditionStatus::Unknown,
+            "HealthNotChecked",
+            "the health checks have not run yet".to_owned(),
+        ),
+        Some(h) if h.ready => (
+            ConditionStatus::True,
+            "HealthChecksPassed",
+            format!("{} checks passed", h.checks.len()),
+        ),
+        Some(h) => (
+            ConditionStatus::False,
+            "HealthChecksFailing",
+            h.checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.name, c.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    };
+    let (status, reason) = match update_state {
+        "rolling-back" => (ConditionStatus::False, "RollingBack"),
+        "trial" if status == ConditionStatus::True => (ConditionStatus::True, "TrialBoot"),
+        _ => (status, reason),
+    };
+    NodeReport {
+        status,
+        reason: reason.to_owned(),
+        message,
+        version: version.to_owned(),
+        slot: slot.to_owned(),
+        update_state: update_state.to_owned(),
+        checked_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::testserver::TestServer;
+
+    fn config(server: &str, token: &std::path::Path) -> KubernetesConfig {
+        let mut c: KubernetesConfig = toml::from_str(&format!(
+            "api_server = \"{server}\"\nbootstrap_token = \"abcdef.0123456789abcdef\"\nnode_name = \"node-1\"\n\
+             [agent]\ntoken_file = \"{}\"\n[reboot]\ndrain_timeout = \"5s\"\n",
+            token.display()
+        ))
+        .unwrap();
+        c.reboot.max_concurrent = 1;
+        c
+    }
+
+    #[test]
+    fn reports_follow_health_and_update_state() {
+        use crate::health::{CheckResult, HealthReport};
+        let now = SystemTime::now();
+        let r = node_report(None, "1.0.0", "a", "idle", now);
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (ConditionStatus::Unknown, "HealthNotChecked")
+        );
+        let failing = HealthReport {
+            ready: false,
+            checks: vec![CheckResult {
+                name: "app".into(),
+                ok: false,
+                message: "503".into(),
+                duration_ms: 1,
+            }],
+        };
+        let r = node_report(Some(&failing), "1.0.0", "a", "idle", now);
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (ConditionStatus::False, "HealthChecksFailing")
+        );
+        assert_eq!(r.message, "app: 503");
+        let passing = HealthReport {
+            ready: true,
+            checks: vec![],
+        };
+        let r = node_report(Some(&passing), "1.1.0", "b", "trial", now);
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (ConditionStatus::True, "TrialBoot")
+        );
+        let r = node_report(Some(&passing), "1.1.0", "b", "rolling-back", now);
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (ConditionStatus::False, "RollingBack")
+        );
+    }
+
+    #[test]
+    fn missing_server_or_credential_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
+        c.agent = None;
+        let e = Cluster::from_config(&c, None).unwrap_err();
+        assert!(e.to_string().contains("kubernetes.agent"), "{e}");
+        c.api_server = None;
+        assert!(matches!(
+            Cluster::from_config(&c, None),
+            Err(CoordinatorError::NoApiServer)
+        ));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reboot_cycle_against_a_test_api_server() {
+        let server = TestServer::start_with_token("t0ken").await;
+        server.add_node("node-1");
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").unwrap();
+        let cluster = Cluster::from_config(&config(&server.url(), &token), None).unwrap();
+        assert_eq!(cluster.node(), "node-1");
+        cluster.before_reboot().await.unwrap();
+        let unschedulable = |s: &TestServer| {
+            s.node("node-1")
+                .spec
+                .and_then(|spec| spec.unschedulable)
+                .unwrap_or(false)
+        };
+        let holder = |s: &TestServer| {
+            s.lease("kube-system", "ballast-reboot-default-0")
+                .and_then(|l| l.spec)
+                .and_then(|spec| spec.holder_identity)
+        };
+        assert!(unschedulable(&server));
+        assert_eq!(holder(&server).as_deref(), Some("node-1"));
+        cluster.after_healthy_boot().await.unwrap();
+        assert!(!unschedulable(&server));
+        assert_eq!(holder(&server), None);
+        let report = node_report(None, "1.0.0", "a", "idle", SystemTime::now());
+        cluster.report(&report).await.unwrap();
+        let node = server.node("node-1");
+        let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert!(conditions
+            .iter()
+            .any(|c| c.type_ == "BallastHealthy" && c.status == "Unknown"));
+    }
+}
