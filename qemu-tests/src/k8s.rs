@@ -1,12 +1,15 @@
-//! The `k8s` scenario: the k8s-profile image boots, the agent supervises
-//! containerd, and a container runs from an OCI image the test builds on
-//! the host (Debian's static busybox in one layer, index, manifest and
-//! config written here with their SHA-256 digests; no registry, no
-//! network). The archive reaches the guest as a read-only raw drive that
-//! `ctr images import` reads like a file; the container's command writes a
-//! console event (`k8s-test-container`, with its PID inside its PID
-//! namespace and its `uname -m`), and `/status` shows containerd running
-//! and the import and container services ended successfully.
+//! The `k8s` scenario: the k8s-profile image boots with `[kubernetes]
+//! standalone = true`, the agent renders the containerd, kubelet and CNI
+//! files and supervises containerd, and a container runs from an OCI image
+//! the test builds on the host (Debian's static busybox in one layer;
+//! index, manifest and config written here with their SHA-256 digests; no
+//! registry, no network). The archive reaches the guest as a read-only raw
+//! drive that `ctr images import` reads like a file; the container's
+//! command writes a console event (`k8s-test-container`: its PID inside its
+//! PID namespace, its `uname -m`, and which rendered files it sees in the
+//! node's `/etc`), and `/status` shows containerd running, the import and
+//! container services ended successfully, and no kubelet (the image has
+//! none).
 //!
 //! The k8s image lives beside the base one (`build/<arch>/k8s/<version>`,
 //! built by `cargo xtask vm-test` when this scenario is selected); an image
@@ -35,9 +38,21 @@ pub const CONTAINER_EVENT: &str = "k8s-test-container";
 /// virtio-blk device, the archive the second.
 pub const ARCHIVE_DEVICE: &str = "/dev/vdb";
 
+/// Where the container sees the node's `/etc` (read-only bind mount).
+pub const HOST_ETC: &str = "/host-etc";
+
 /// The container's command: a console event naming the PID it sees (1
-/// inside its own PID namespace) and the machine it runs on.
-const CONTAINER_SCRIPT: &str = "echo \"BALLAST-EVENT {\\\"event\\\":\\\"k8s-test-container\\\",\\\"pid\\\":$$,\\\"machine\\\":\\\"$(/bin/busybox uname -m)\\\"}\" > /dev/console";
+/// inside its own PID namespace), the machine it runs on, and whether the
+/// files the agent renders for `[kubernetes]` are in the node's `/etc`.
+const CONTAINER_SCRIPT: &str = concat!(
+    "has() { if [ -f /host-etc/$1 ]; then echo true; else echo false; fi; }; ",
+    "rendered=false; /bin/busybox grep -q 'Rendered by ballast' /host-etc/containerd/config.toml && rendered=true; ",
+    "echo \"BALLAST-EVENT {\\\"event\\\":\\\"k8s-test-container\\\",\\\"pid\\\":$$,",
+    "\\\"machine\\\":\\\"$(/bin/busybox uname -m)\\\",",
+    "\\\"kubelet_config\\\":$(has kubernetes/kubelet-config.json),",
+    "\\\"cni_conflist\\\":$(has cni/net.d/10-ballast-bridge.conflist),",
+    "\\\"containerd_config_rendered\\\":$rendered}\" > /dev/console"
+);
 
 /// Where the k8s image of `base` (an image directory
 /// `build/<arch>/<version>`) is: `build/<arch>/k8s/<version>`.
@@ -48,19 +63,24 @@ pub fn image_dir_beside(base: &Path, version: &str) -> PathBuf {
         .join(version)
 }
 
-/// The node's user-data: API on the forwarded port, a static address,
-/// and containerd, the import and the container as supervised services
-/// (`after` orders their starts; the later two retry until containerd
-/// answers and the image is there). The container gets the console
-/// device and nothing else beyond ctr's defaults.
+/// The node's user-data: a host name (the Node's name), API on the
+/// forwarded port, a static address,
+/// `[kubernetes] standalone = true` (the agent renders the containerd,
+/// kubelet and CNI files and supervises containerd; with no kubelet in the
+/// image it starts no kubelet), and the import and the container as user
+/// services; both retry until containerd answers and the image is there.
+/// The container gets the console device and a read-only view of `/etc`,
+/// nothing else beyond ctr's defaults.
 pub fn user_data() -> String {
     format!(
-        "[api]\nlisten = \"0.0.0.0:9465\"\n\
+        "hostname = \"k8s-node\"\n\
+         [api]\nlisten = \"0.0.0.0:9465\"\n\
          [network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
-         [services.containerd]\ncommand = [\"containerd\"]\n\
+         [kubernetes]\nstandalone = true\n\
          [services.import]\ncommand = [\"ctr\", \"-n\", \"k8s.io\", \"images\", \"import\", \"{ARCHIVE_DEVICE}\"]\n\
-         after = [\"containerd\"]\nrestart = \"on-failure\"\n\
-         [services.hello]\ncommand = [\"ctr\", \"-n\", \"k8s.io\", \"run\", \"--rm\", \"--device\", \"/dev/console\", \"{IMAGE_REF}\", \"hello\"]\n\
+         restart = \"on-failure\"\n\
+         [services.hello]\ncommand = [\"ctr\", \"-n\", \"k8s.io\", \"run\", \"--rm\", \"--device\", \"/dev/console\", \
+         \"--mount\", \"type=bind,src=/etc,dst={HOST_ETC},options=rbind:ro\", \"{IMAGE_REF}\", \"hello\"]\n\
          after = [\"import\"]\nrestart = \"on-failure\"\n"
     )
 }
@@ -264,6 +284,23 @@ pub fn k8s(ctx: &Context) -> Result<(), ScenarioError> {
             .into());
     }
     vm.progress("the container ran: its event came from PID 1 of its own PID namespace");
+    let rendered = [
+        "kubelet_config",
+        "cni_conflist",
+        "containerd_config_rendered",
+    ];
+    if let Some(missing) = rendered
+        .iter()
+        .find(|k| ev.fields.get(**k) != Some(&Value::Bool(true)))
+    {
+        return Err(vm
+            .fail(format!(
+                "[kubernetes] standalone: {missing} is not true in the node's /etc as the container saw it: {}",
+                ev.json()
+            ))
+            .into());
+    }
+    vm.progress("rendered: kubelet-config.json, the CNI bridge conflist, containerd's config");
 
     let port = vm
         .api_port()
@@ -277,10 +314,12 @@ pub fn k8s(ctx: &Context) -> Result<(), ScenarioError> {
         let status: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
         let state = |name: &str| service(&status, name).map(|s| s["state"].clone());
         let code = |name: &str| service(&status, name).map(|s| s["last_exit"]["code"].clone());
+        // No kubelet in the image: the agent starts none.
         let ok = state("containerd") == Some(json!("running"))
             && state("import") == Some(json!("exited"))
             && state("hello") == Some(json!("exited"))
-            && code("hello") == Some(json!(0));
+            && code("hello") == Some(json!(0))
+            && service(&status, "kubelet").is_none();
         last = r.body;
         if ok {
             break;
@@ -288,13 +327,13 @@ pub fn k8s(ctx: &Context) -> Result<(), ScenarioError> {
         if Instant::now() >= deadline {
             return Err(vm
                 .fail(format!(
-                    "/status: expected containerd running, import and hello exited with code 0: {last}"
+                    "/status: expected containerd running, import and hello exited with code 0, no kubelet: {last}"
                 ))
                 .into());
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    vm.progress("/status: containerd running; import and hello exited 0");
+    vm.progress("/status: containerd running; import and hello exited 0; no kubelet service");
     vm.kill();
     Ok(())
 }
@@ -361,29 +400,43 @@ mod tests {
 
     #[test]
     fn the_container_script_prints_a_parsable_event() {
-        // What busybox sh's echo writes once $$ and $(...) are expanded.
-        let line = CONTAINER_SCRIPT
-            .trim_start_matches("echo \"")
-            .split("\" >")
-            .next()
-            .unwrap()
-            .replace("\\\"", "\"")
-            .replace("$$", "1")
-            .replace("$(/bin/busybox uname -m)", "x86_64");
-        let ev = crate::events::parse_line(&line).unwrap().unwrap();
-        assert_eq!(ev.fields["pid"], 1);
+        // Run it with the host's sh against a stand-in for the node's /etc
+        // and stdout for the console.
+        let etc = tempfile::tempdir().unwrap();
+        for (path, text) in [
+            ("kubernetes/kubelet-config.json", "{}"),
+            (
+                "containerd/config.toml",
+                "# Rendered by ballast at every boot\n",
+            ),
+        ] {
+            let p = etc.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let script = CONTAINER_SCRIPT
+            .replace("/bin/busybox ", "")
+            .replace(HOST_ETC, &etc.path().to_string_lossy())
+            .replace(" > /dev/console", "");
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        let ev = crate::events::parse_line(line.trim()).unwrap().unwrap();
         assert_eq!(ev.name, CONTAINER_EVENT);
-        assert_eq!(ev.str_field("machine"), Some("x86_64"));
+        assert!(ev.fields["pid"].as_u64().is_some(), "{line}");
+        assert_eq!(ev.str_field("machine"), Some(std::env::consts::ARCH));
+        assert_eq!(ev.fields["kubelet_config"], true);
+        assert_eq!(ev.fields["cni_conflist"], false);
+        assert_eq!(ev.fields["containerd_config_rendered"], true);
     }
 
     #[test]
-    fn user_data_declares_the_three_services() {
+    fn user_data_turns_kubernetes_on_and_declares_the_services() {
         let ud = user_data();
         let v: toml::Table = ud.parse().unwrap();
         let services = v["services"].as_table().unwrap();
         let names: Vec<&str> = services.keys().map(String::as_str).collect();
-        assert_eq!(names, ["containerd", "hello", "import"]);
-        assert_eq!(services["import"]["after"][0].as_str(), Some("containerd"));
+        assert_eq!(names, ["hello", "import"]);
+        assert_eq!(v["kubernetes"]["standalone"].as_bool(), Some(true));
         assert_eq!(services["hello"]["after"][0].as_str(), Some("import"));
         let run = services["hello"]["command"].as_array().unwrap();
         assert!(run.iter().any(|a| a.as_str() == Some(IMAGE_REF)));
