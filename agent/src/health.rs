@@ -309,7 +309,6 @@ type Latest = Option<Arc<HealthSnapshot>>;
 /// Handle on the one task that runs the checks; cheap to clone. The task
 /// ends when the last handle is dropped.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // `requests` and `checker` serve run_now, see there.
 pub struct HealthMonitor {
     latest: watch::Receiver<Latest>,
     requests: mpsc::Sender<oneshot::Sender<Arc<HealthSnapshot>>>,
@@ -343,8 +342,6 @@ impl HealthMonitor {
     /// Runs every check now and returns that report (published to the
     /// readers too). A run already under way when this is called does not
     /// count: the report comes from a run that began after the call.
-    // Until update_loop's gate takes a HealthMonitor instead of a checker.
-    #[allow(dead_code)]
     pub async fn run_now(&self) -> HealthReport {
         let (reply, answer) = oneshot::channel();
         if self.requests.send(reply).await.is_ok() {
