@@ -137,7 +137,8 @@ pub fn runtime(ctx: &Context) -> Result<(), ScenarioError> {
         .ok_or_else(|| ScenarioError::Setup("no API port".into()))?;
     let timeout = Duration::from_secs(20);
 
-    // The user check runs on each /readyz; give the network a moment.
+    // The checks run every 15 s (the agent's default [health] interval):
+    // give the first run with the network up a moment.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     while Instant::now() < deadline {
