@@ -93,12 +93,17 @@ async fn main_loop() -> Action {
     }
 
     let (config, config_error) = load_config();
-    if let Some(name) = &config.hostname {
-        if let Err(e) = nix::unistd::sethostname(name) {
-            tracing::warn!(error = %e, "hostname not set");
-        }
-        let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+    // Without a configured name every node gets a stable, unique one from
+    // its machine id (a DHCP-supplied name may still replace it), so that
+    // Kubernetes node names never collide and never read "(none)".
+    let node_hostname = config
+        .hostname
+        .clone()
+        .unwrap_or_else(|| default_hostname(&machine_id()));
+    if let Err(e) = nix::unistd::sethostname(&node_hostname) {
+        tracing::warn!(error = %e, "hostname not set");
     }
+    let _ = std::fs::write("/etc/hostname", format!("{node_hostname}\n"));
     match crate::net::start(&config.network, config.hostname.clone()).await {
         // Services usually want the network: wait a little for the first
         // address (static ones are there at once, a DHCP lease usually
@@ -204,7 +209,7 @@ async fn main_loop() -> Action {
         .as_ref()
         .filter(|k| k.agent.is_some() && !k.standalone)
         .and_then(|k| {
-            crate::kubernetes::coordinator::Cluster::from_config(k, config.hostname.as_deref())
+            crate::kubernetes::coordinator::Cluster::from_config(k, Some(node_hostname.as_str()))
                 .map_err(|e| {
                     tracing::error!(error = %crate::error_chain(&e), "no cluster calls from the agent")
                 })
@@ -255,6 +260,11 @@ fn count_boot() -> u64 {
 }
 
 /// A random id made at first boot and kept on STATE (FleetLock's node id).
+/// `ballast-` and the first 8 hex digits of the machine id.
+fn default_hostname(machine_id: &str) -> String {
+    format!("ballast-{}", &machine_id[..machine_id.len().min(8)])
+}
+
 fn machine_id() -> String {
     let path = Path::new(STATE_DIR).join("machine-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
@@ -384,5 +394,21 @@ fn load_config() -> (Config, Option<String>) {
                 .and_then(|text| Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok());
             (last_good.unwrap_or_default(), Some(reason))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_hostnames_are_valid_node_names() {
+        let name = default_hostname("0123456789abcdef0123456789abcdef");
+        assert_eq!(name, "ballast-01234567");
+        let k8s = crate::kubernetes::config::KubernetesConfig::default();
+        assert_eq!(
+            crate::kubernetes::render::node_name(&k8s, Some(&name)).unwrap(),
+            name
+        );
     }
 }
