@@ -196,6 +196,22 @@ fn update_cycle(
     Ok(())
 }
 
+/// From a running 1.0.0: `update-found`, `installed` on `slot` and
+/// `rebooting`, all for `version`.
+fn install_until_reboot(vm: &mut Vm, version: &str, slot: &str) -> Result<(), UpdateError> {
+    step(vm, "update-found", Some(version), UNHAPPY, INSTALL_TIMEOUT)?;
+    let inst = step(vm, "installed", Some(version), UNHAPPY, INSTALL_TIMEOUT)?;
+    check_field(vm, &inst, "slot", slot)?;
+    step(
+        vm,
+        "rebooting",
+        Some(version),
+        UNHAPPY,
+        Duration::from_secs(60),
+    )?;
+    Ok(())
+}
+
 /// `GET /status` as JSON, retried while the API comes up.
 fn status(vm: &mut Vm) -> Result<serde_json::Value, UpdateError> {
     let port = vm
@@ -260,28 +276,7 @@ pub fn unhealthy(ctx: &Context) -> Result<(), ScenarioError> {
         let ud = user_data("immediate", "20s", HEALTH_CHECK);
         let mut vm = setup.vm(ctx, "update-unhealthy", &ud).spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
-        step(
-            &mut vm,
-            "update-found",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        let inst = step(
-            &mut vm,
-            "installed",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        check_field(&mut vm, &inst, "slot", "b")?;
-        step(
-            &mut vm,
-            "rebooting",
-            Some("1.1.0"),
-            UNHAPPY,
-            Duration::from_secs(60),
-        )?;
+        install_until_reboot(&mut vm, "1.1.0", "b")?;
         let mark = vm.events_seen().len();
         ready(&mut vm, ctx, "1.1.0", "b")?;
         seen_or_wait(
@@ -385,28 +380,7 @@ pub fn never_boots(ctx: &Context) -> Result<(), ScenarioError> {
             .user_data(ud.as_bytes())
             .spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
-        step(
-            &mut vm,
-            "update-found",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        let inst = step(
-            &mut vm,
-            "installed",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        check_field(&mut vm, &inst, "slot", "b")?;
-        step(
-            &mut vm,
-            "rebooting",
-            Some("1.1.0"),
-            UNHAPPY,
-            Duration::from_secs(60),
-        )?;
+        install_until_reboot(&mut vm, "1.1.0", "b")?;
         let mut failures = 0;
         let back = loop {
             // Each failed try waits 10 s before rebooting.
@@ -841,28 +815,7 @@ pub fn hung_trial(ctx: &Context) -> Result<(), ScenarioError> {
         let ud = user_data("immediate", "30m", "");
         let mut vm = setup.vm(ctx, "update-watchdog", &ud).watchdog().spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
-        step(
-            &mut vm,
-            "update-found",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        let inst = step(
-            &mut vm,
-            "installed",
-            Some("1.1.0"),
-            UNHAPPY,
-            INSTALL_TIMEOUT,
-        )?;
-        check_field(&mut vm, &inst, "slot", "b")?;
-        step(
-            &mut vm,
-            "rebooting",
-            Some("1.1.0"),
-            UNHAPPY,
-            Duration::from_secs(60),
-        )?;
+        install_until_reboot(&mut vm, "1.1.0", "b")?;
         let mut hung = 0;
         let mut mark = vm.events_seen().len();
         let mut ev = step(
