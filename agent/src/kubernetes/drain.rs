@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::client::{
@@ -157,75 +157,79 @@ fn cordoned_by_us(node: &NodeView) -> bool {
 /// when it was already unschedulable without our annotation (an operator's
 /// cordon, which we then leave alone).
 pub async fn cordon(client: &KubeClient, node: &str) -> Result<bool, DrainError> {
-    check_name(node)?;
-    let path = node_path(node);
     let kube = |source: KubeError| DrainError::Cordon {
         node: node.to_string(),
         source: Box::new(source),
     };
-    for _ in 0..MAX_CONFLICTS {
-        let current = client.get_node(node).await.map_err(kube)?;
-        if current.unschedulable {
-            let ours = cordoned_by_us(&current);
+    let settled = |current: &NodeView| {
+        current.unschedulable.then(|| {
+            let ours = cordoned_by_us(current);
             tracing::info!(node, ours, "node already cordoned");
-            return Ok(ours);
+            ours
+        })
+    };
+    match patch_cordon(client, node, kube, settled, json!("true"), json!(true)).await? {
+        Cordon::Patched => {
+            tracing::info!(node, "node cordoned");
+            Ok(true)
         }
-        // The resourceVersion makes the patch conditional: if someone
-        // cordons in between, we must not claim their cordon as ours.
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": current.metadata.resource_version,
-                "annotations": {ANNOTATION_CORDONED: "true"},
-            },
-            "spec": {"unschedulable": true},
-        });
-        match client
-            .patch::<serde_json::Value>(&path, PatchKind::Merge, &patch)
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(node, "node cordoned");
-                return Ok(true);
-            }
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => return Err(kube(e)),
-        }
+        Cordon::Settled(ours) => Ok(ours),
     }
-    Err(DrainError::Contended {
-        node: node.to_string(),
-        tries: MAX_CONFLICTS,
-    })
 }
 
 /// After a healthy boot: make the node schedulable again if, and only if,
 /// the agent cordoned it. Returns whether it did.
 pub async fn uncordon_if_ours(client: &KubeClient, node: &str) -> Result<bool, DrainError> {
-    check_name(node)?;
-    let path = node_path(node);
     let kube = |source: KubeError| DrainError::Uncordon {
         node: node.to_string(),
         source: Box::new(source),
     };
+    let settled = |current: &NodeView| (!cordoned_by_us(current)).then_some(false);
+    match patch_cordon(client, node, kube, settled, Value::Null, Value::Null).await? {
+        Cordon::Patched => {
+            tracing::info!(node, "node uncordoned");
+            Ok(true)
+        }
+        Cordon::Settled(done) => Ok(done),
+    }
+}
+
+/// What [`patch_cordon`] did.
+enum Cordon {
+    Patched,
+    /// Nothing to do; the caller's answer for the node as it was.
+    Settled(bool),
+}
+
+/// Sets `spec.unschedulable` and our annotation to the given values unless
+/// `settled` says there is nothing to do (its answer is then returned).
+/// The patch carries the node's resourceVersion, so a change by someone
+/// else in between (a 409) makes us look again instead of claiming or
+/// undoing their cordon.
+async fn patch_cordon(
+    client: &KubeClient,
+    node: &str,
+    kube: impl Fn(KubeError) -> DrainError,
+    settled: impl Fn(&NodeView) -> Option<bool>,
+    annotation: Value,
+    unschedulable: Value,
+) -> Result<Cordon, DrainError> {
+    check_name(node)?;
+    let path = node_path(node);
     for _ in 0..MAX_CONFLICTS {
-        let current = client.get_node(node).await.map_err(kube)?;
-        if !cordoned_by_us(&current) {
-            return Ok(false);
+        let current = client.get_node(node).await.map_err(&kube)?;
+        if let Some(answer) = settled(&current) {
+            return Ok(Cordon::Settled(answer));
         }
         let patch = json!({
             "metadata": {
                 "resourceVersion": current.metadata.resource_version,
-                "annotations": {ANNOTATION_CORDONED: null},
+                "annotations": {ANNOTATION_CORDONED: annotation},
             },
-            "spec": {"unschedulable": null},
+            "spec": {"unschedulable": unschedulable},
         });
-        match client
-            .patch::<serde_json::Value>(&path, PatchKind::Merge, &patch)
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(node, "node uncordoned");
-                return Ok(true);
-            }
+        match client.patch::<Value>(&path, PatchKind::Merge, &patch).await {
+            Ok(_) => return Ok(Cordon::Patched),
             Err(e) if e.is_conflict() => continue,
             Err(e) => return Err(kube(e)),
         }

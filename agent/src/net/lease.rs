@@ -431,16 +431,7 @@ impl Client {
                     ..
                 },
                 MessageType::Ack,
-            ) if msg.xid == xid => {
-                let lease = self.lease_from(msg, sent, opts.server_id.or(Some(old.server)))?;
-                self.state = State::Bound(lease.clone());
-                let mut actions = Vec::new();
-                if lease.address != old.address {
-                    actions.push(Action::Drop(old));
-                }
-                actions.push(Action::Apply(lease));
-                Ok(actions)
-            }
+            ) if msg.xid == xid => self.bind_again(msg, sent, opts.server_id, old),
             (
                 State::Rebooting {
                     lease: old,
@@ -449,16 +440,7 @@ impl Client {
                     ..
                 },
                 MessageType::Ack,
-            ) if msg.xid == xid => {
-                let lease = self.lease_from(msg, started, opts.server_id.or(Some(old.server)))?;
-                self.state = State::Bound(lease.clone());
-                let mut actions = Vec::new();
-                if lease.address != old.address {
-                    actions.push(Action::Drop(old));
-                }
-                actions.push(Action::Apply(lease));
-                Ok(actions)
-            }
+            ) if msg.xid == xid => self.bind_again(msg, started, opts.server_id, old),
             (
                 State::Requesting { xid, .. }
                 | State::Renewing { xid, .. }
@@ -478,6 +460,25 @@ impl Client {
             }
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// An ACK while holding `old` (renewing, rebinding or rebooting): bound
+    /// to the new lease, and the old address dropped if it changed.
+    fn bind_again(
+        &mut self,
+        msg: &Message,
+        sent: Instant,
+        server_id: Option<Ipv4Addr>,
+        old: Lease,
+    ) -> Result<Vec<Action>, DhcpError> {
+        let lease = self.lease_from(msg, sent, server_id.or(Some(old.server)))?;
+        self.state = State::Bound(lease.clone());
+        let mut actions = Vec::new();
+        if lease.address != old.address {
+            actions.push(Action::Drop(old));
+        }
+        actions.push(Action::Apply(lease));
+        Ok(actions)
     }
 
     fn lease_from(
