@@ -347,7 +347,7 @@ mod tests {
         assert!(x86.contains(&"boot") && x86.contains(&"update-fleetlock"));
         let arm = names(select(&[], Arch::Aarch64).unwrap());
         assert!(arm.contains(&"update") && arm.contains(&"update-fleetlock"));
-        assert!(x86.contains(&"update-watchdog") && !arm.contains(&"update-watchdog"));
+        assert!(x86.contains(&"update-watchdog") && arm.contains(&"update-watchdog"));
         let all = names(select(&["update-all".into()], Arch::Aarch64).unwrap());
         assert_eq!(all.len(), update::UPDATE.len());
         let one = names(select(&["update-tampered".into()], Arch::Aarch64).unwrap());
