@@ -131,12 +131,6 @@ pub fn run(args: AgentBenchArgs) -> Result<()> {
         br = binary as f64 / hello as f64,
     );
     println!("{body}");
-    let sub = format!("### {}", args.arch);
-    let place = super::Place {
-        section: SECTION,
-        intro: None,
-        sub: Some(&sub),
-    };
-    super::write_section(&place, &body)?;
+    super::write_arch_section(SECTION, None, args.arch, &body)?;
     Ok(())
 }

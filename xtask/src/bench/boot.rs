@@ -130,13 +130,7 @@ pub fn run(args: BootBenchArgs) -> Result<()> {
     for arch in arches {
         let report = bench_arch(arch, &args)?;
         println!("{report}");
-        let sub = format!("### {arch}");
-        let place = super::Place {
-            section: SECTION,
-            intro: Some(INTRO),
-            sub: Some(&sub),
-        };
-        super::write_section(&place, &report)?;
+        super::write_arch_section(SECTION, Some(INTRO), arch, &report)?;
     }
     Ok(())
 }

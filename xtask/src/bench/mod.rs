@@ -48,6 +48,22 @@ pub struct Place<'a> {
     pub sub: Option<&'a str>,
 }
 
+/// Writes `body` as the `### <arch>` part of `section`.
+pub fn write_arch_section(
+    section: &str,
+    intro: Option<&str>,
+    arch: impl std::fmt::Display,
+    body: &str,
+) -> Result<()> {
+    let sub = format!("### {arch}");
+    let place = Place {
+        section,
+        intro,
+        sub: Some(&sub),
+    };
+    write_section(&place, body)
+}
+
 /// Writes `body` at `place` in BENCHMARKS.md, leaving every other section
 /// (and every other `### ` of the same section) as it is. The one writer
 /// every benchmark uses.

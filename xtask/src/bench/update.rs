@@ -107,11 +107,5 @@ pub fn run(args: UpdateBenchArgs) -> Result<()> {
         rt = total as f64 / cold_boot.max(1) as f64,
     );
     println!("{body}");
-    let sub = format!("### {}", args.arch);
-    let place = super::Place {
-        section: SECTION,
-        intro: None,
-        sub: Some(&sub),
-    };
-    super::write_section(&place, &body).context("writing BENCHMARKS.md")
+    super::write_arch_section(SECTION, None, args.arch, &body).context("writing BENCHMARKS.md")
 }
