@@ -385,7 +385,7 @@ mod tests {
     /// check, and they say how old the report is.
     #[tokio::test(flavor = "current_thread")]
     async fn health_endpoints_read_the_last_report() {
-        use crate::health::{BuiltinSources, CheckSpec, HealthChecker, HealthConfig};
+        use crate::health::{BuiltinSources, HealthChecker, HealthConfig};
         use crate::supervisor::{ReapScope, Reaper};
         use std::time::Duration;
 
@@ -393,16 +393,7 @@ mod tests {
         let runs = dir.path().join("runs");
         let config = HealthConfig {
             interval: Duration::from_secs(3600),
-            checks: vec![CheckSpec {
-                name: "count".into(),
-                command: Some(vec![
-                    "sh".into(),
-                    "-c".into(),
-                    format!("echo run >> {}", runs.display()),
-                ]),
-                http: None,
-                timeout: Duration::from_secs(5),
-            }],
+            checks: vec![crate::health::counting_check(&runs)],
         };
         // STATE is whatever the test host has on /: ready or not, the
         // endpoints must agree with the report.

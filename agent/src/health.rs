@@ -713,6 +713,21 @@ async fn http_get(url: &str) -> Result<String, String> {
     }
 }
 
+/// Tests: a user check that appends a line to `runs` each time it runs.
+#[cfg(test)]
+pub fn counting_check(runs: &Path) -> CheckSpec {
+    CheckSpec {
+        name: "count".into(),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo run >> {}", runs.display()),
+        ]),
+        http: None,
+        timeout: Duration::from_secs(5),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,16 +908,7 @@ mod tests {
         let interval = Duration::from_millis(400);
         let config = HealthConfig {
             interval: DEFAULT_INTERVAL,
-            checks: vec![CheckSpec {
-                name: "count".into(),
-                command: Some(vec![
-                    "sh".into(),
-                    "-c".into(),
-                    format!("echo run >> {}", runs.display()),
-                ]),
-                http: None,
-                timeout: Duration::from_secs(5),
-            }],
+            checks: vec![counting_check(&runs)],
         };
         let sources = BuiltinSources {
             mountinfo: write_mountinfo(dir.path(), MOUNTINFO),
