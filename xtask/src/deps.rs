@@ -23,13 +23,23 @@ pub const HOST_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "kmod",
     "musl-tools",
+    // C code in the agent's dependencies (ring) for the static targets:
+    // gcc builds x86_64, the cross gcc aarch64. Each needs its libc headers,
+    // which are only Recommends of the compiler and so left out by
+    // --no-install-recommends: name them, or a fresh machine cannot build
+    // the aarch64 agent (`stdint.h` not found).
+    "libc6-dev",
     "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
     "cpio",
     "zstd",
     "busybox-static",
     "openssl",
     "curl",
     "nginx-light",
+    // efi-virtio.rom, the option ROM of virtio-net-pci under UEFI: a
+    // Depends of qemu-system-x86 but only a Recommends of qemu-system-arm.
+    "ipxe-qemu",
 ];
 
 /// Host packages taken from bookworm-backports (they must match the
@@ -198,6 +208,126 @@ pub fn install() -> Result<()> {
         args.extend(&missing_targets);
         run("rustup", &args)?;
     }
+    verify()?;
     eprintln!("host dependencies are in place");
     Ok(())
+}
+
+/// Programs the image builder, the VM harness and the tests run, each with
+/// the package that ships it.
+pub const REQUIRED_PROGRAMS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-system-aarch64", "qemu-system-arm"),
+    ("qemu-img", "qemu-utils"),
+    ("socat", "socat"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("veritysetup", "cryptsetup-bin"),
+    ("mcopy", "mtools"),
+    ("mkfs.fat", "dosfstools"),
+    ("sgdisk", "gdisk"),
+    ("mke2fs", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    ("depmod", "kmod"),
+    ("cpio", "cpio"),
+    ("zstd", "zstd"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+    ("nginx", "nginx-light"),
+    ("gcc", "gcc"),
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+];
+
+/// Files the VM harness reads: UEFI firmware for both arches and the
+/// virtio-net option ROM.
+pub const REQUIRED_FILES: &[(&str, &str)] = &[
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+    ("/usr/share/OVMF/OVMF_VARS_4M.fd", "ovmf"),
+    ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64"),
+    ("/usr/share/AAVMF/AAVMF_VARS.fd", "qemu-efi-aarch64"),
+    ("/usr/lib/ipxe/qemu/efi-virtio.rom", "ipxe-qemu"),
+];
+
+/// A C file that needs the libc headers ring's build includes.
+const C_PROBE: &str = "#include <stdint.h>\n#include <string.h>\n\
+    uint32_t probe(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }\n";
+
+/// Checks what a package list cannot show: that every program is on PATH,
+/// the firmware is where the harness looks, and each C compiler the
+/// `.cargo/config.toml` names (`CC_<target>`) compiles against its libc
+/// headers. A missing Recommends shows up here, at the first step of CI,
+/// not half an hour later in the first aarch64 image.
+pub fn verify() -> Result<()> {
+    let mut problems = Vec::new();
+    for (program, package) in REQUIRED_PROGRAMS {
+        if which(program).is_none() {
+            problems.push(format!("`{program}` is not on PATH (package {package})"));
+        }
+    }
+    for (file, package) in REQUIRED_FILES {
+        if !Path::new(file).is_file() {
+            problems.push(format!("{file} is missing (package {package})"));
+        }
+    }
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let source = dir.path().join("probe.c");
+    std::fs::write(&source, C_PROBE).context("writing the C probe")?;
+    for (target, cc) in cross_compilers()? {
+        let object = dir.path().join(format!("{target}.o"));
+        let out = Command::new(&cc)
+            .arg("-c")
+            .arg(&source)
+            .arg("-o")
+            .arg(&object)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => eprintln!("ok: {cc} compiles C for {target}"),
+            Ok(o) => problems.push(format!(
+                "{cc} (C compiler for {target}) cannot compile against its libc headers: {}",
+                String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+            )),
+            Err(e) => problems.push(format!("{cc} (C compiler for {target}): {e}")),
+        }
+    }
+    if problems.is_empty() {
+        eprintln!(
+            "ok: {} programs, {} firmware files, C compilers for {} targets",
+            REQUIRED_PROGRAMS.len(),
+            REQUIRED_FILES.len(),
+            RUST_TARGETS.len()
+        );
+        Ok(())
+    } else {
+        for p in &problems {
+            eprintln!("missing: {p}");
+        }
+        bail!("{} host dependency check(s) failed", problems.len())
+    }
+}
+
+/// The `CC_<target>` compilers `.cargo/config.toml` sets for [`RUST_TARGETS`].
+fn cross_compilers() -> Result<Vec<(&'static str, String)>> {
+    let path = crate::workspace_root().join(".cargo/config.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let env = config.get("env").and_then(|e| e.as_table());
+    RUST_TARGETS
+        .iter()
+        .map(|target| {
+            let key = format!("CC_{}", target.replace('-', "_"));
+            env.and_then(|e| e.get(&key))
+                .and_then(|v| v.as_str())
+                .map(|cc| (*target, cc.to_owned()))
+                .with_context(|| format!("{} sets no [env] {key}", path.display()))
+        })
+        .collect()
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
 }
