@@ -283,7 +283,10 @@ pub fn verify() -> Result<()> {
             Ok(o) if o.status.success() => eprintln!("ok: {cc} compiles C for {target}"),
             Ok(o) => problems.push(format!(
                 "{cc} (C compiler for {target}) cannot compile against its libc headers: {}",
-                String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
             )),
             Err(e) => problems.push(format!("{cc} (C compiler for {target}): {e}")),
         }

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::supervisor::{log_path, rotated_log_path, valid_service_name, DEFAULT_LOG_DIR};
+use crate::node::supervisor::{log_path, rotated_log_path, valid_service_name, DEFAULT_LOG_DIR};
 
 /// How often follow mode looks for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
@@ -210,7 +210,7 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::RotatingLog;
+    use crate::node::supervisor::RotatingLog;
 
     #[test]
     fn tail_prints_the_last_lines_across_the_rotation() {

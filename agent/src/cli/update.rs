@@ -223,7 +223,7 @@ fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
 
 /// USR-A and USR-B on the disk that holds the running slot.
 fn discover_slots(running: &BootParams) -> anyhow::Result<Vec<SlotDevice>> {
-    let parts = crate::disks::Roots::default().partitions();
+    let parts = crate::boot::disks::Roots::default().partitions();
     let current = parts
         .iter()
         .find(|p| p.partuuid == running.usr_partuuid)
@@ -271,12 +271,12 @@ fn trust(source: &SourceArgs) -> anyhow::Result<TrustedKeys> {
 
 /// The node's `[update]` settings; an unreadable configuration only
 /// means no defaults from it (flags still work off the node).
-fn configured() -> crate::update_loop::UpdateConfig {
+fn configured() -> crate::update::UpdateConfig {
     match super::config::effective() {
         Ok(c) => c.update,
         Err(e) => {
             tracing::debug!(error = %e, "no node configuration for update defaults");
-            crate::update_loop::UpdateConfig::default()
+            crate::update::UpdateConfig::default()
         }
     }
 }

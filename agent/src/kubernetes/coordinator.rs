@@ -221,8 +221,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// for the life of the agent; a failed report is logged and retried.
 pub async fn report_loop(
     cluster: std::sync::Arc<Cluster>,
-    health: crate::health::HealthMonitor,
-    update: crate::update_loop::SharedUpdateStatus,
+    health: crate::node::health::HealthMonitor,
+    update: crate::update::SharedUpdateStatus,
     version: String,
     slot: String,
 ) {
@@ -261,7 +261,7 @@ pub async fn report_loop(
 
 /// A Node report from the health checks and the update state.
 pub fn node_report(
-    health: Option<&crate::health::HealthReport>,
+    health: Option<&crate::node::health::HealthReport>,
     version: &str,
     slot: &str,
     update_state: &str,
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn reports_follow_health_and_update_state() {
-        use crate::health::{CheckResult, HealthReport};
+        use crate::node::health::{CheckResult, HealthReport};
         let now = SystemTime::now();
         let r = node_report(None, "1.0.0", "a", "idle", now);
         assert_eq!(

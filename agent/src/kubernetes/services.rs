@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::supervisor::{RestartPolicy, ServiceSpec};
+use crate::node::supervisor::{RestartPolicy, ServiceSpec};
 
 use super::config::KubernetesConfig;
 use super::render::{self, RenderError, Rendered, CONTAINERD_CONFIG};
@@ -201,7 +201,7 @@ mod tests {
             .command
             .contains(&"--hostname-override=node-1".to_owned()));
         // The supervisor accepts the pair and starts containerd first.
-        let order = crate::supervisor::start_order(&prepared.services).unwrap();
+        let order = crate::node::supervisor::start_order(&prepared.services).unwrap();
         assert_eq!(order, ["containerd", "kubelet"]);
     }
 

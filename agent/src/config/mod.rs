@@ -84,11 +84,11 @@ pub struct Config {
     #[serde(default)]
     pub network: NetworkConfig,
     #[serde(default)]
-    pub health: crate::health::HealthConfig,
+    pub health: crate::node::health::HealthConfig,
     #[serde(default)]
-    pub services: BTreeMap<String, crate::supervisor::ServiceSpec>,
+    pub services: BTreeMap<String, crate::node::supervisor::ServiceSpec>,
     #[serde(default)]
-    pub update: crate::update_loop::UpdateConfig,
+    pub update: crate::update::UpdateConfig,
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::kubernetes::config::KubernetesConfig>,
@@ -176,7 +176,8 @@ impl Config {
             .health
             .validate()
             .map_err(|e| invalid(e.to_string()))?;
-        crate::supervisor::start_order(&config.services).map_err(|e| invalid(e.to_string()))?;
+        crate::node::supervisor::start_order(&config.services)
+            .map_err(|e| invalid(e.to_string()))?;
         if let Some(k8s) = &config.kubernetes {
             crate::kubernetes::validate::validate(k8s).map_err(|e| invalid(e.to_string()))?;
             crate::kubernetes::services::check_service_names(&config.services)
@@ -431,7 +432,7 @@ pub fn find_user_data() -> Option<Layer> {
             text,
         })
         .or_else(|| {
-            crate::cidata::find().map(|(text, device)| Layer {
+            crate::boot::cidata::find().map(|(text, device)| Layer {
                 source: device,
                 text,
             })

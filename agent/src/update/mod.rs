@@ -36,8 +36,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::console;
-use crate::health::HealthMonitor;
-use crate::power::Action;
+use crate::node::health::HealthMonitor;
+use crate::node::power::Action;
 
 /// The `[update]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,13 +15,14 @@ use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::bootinfo::{BootInfo, BOOT_INFO_PATH};
+use crate::boot::bootinfo::{BootInfo, BOOT_INFO_PATH};
+use crate::boot::mounts;
 use crate::config::Config;
-use crate::health::{BuiltinSources, HealthChecker, HealthMonitor};
-use crate::power::Action;
-use crate::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
-use crate::update_loop::UpdateContext;
-use crate::{api, console, mounts};
+use crate::node::health::{BuiltinSources, HealthChecker, HealthMonitor};
+use crate::node::power::Action;
+use crate::node::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
+use crate::update::UpdateContext;
+use crate::{api, console};
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
 const FACTORY_ETC: &str = "/usr/share/factory/etc";
@@ -39,7 +40,7 @@ pub fn run() -> ! {
     std::panic::set_hook(Box::new(|info| {
         console::emit("panic", &[("reason", Value::from(info.to_string()))]);
         std::thread::sleep(Duration::from_secs(5));
-        crate::power::reboot_now(Action::Reboot);
+        crate::node::power::reboot_now(Action::Reboot);
     }));
     // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reset.
     let _ = nix::sys::reboot::set_cad_enabled(false);
@@ -65,7 +66,9 @@ async fn main_loop() -> Action {
         tracing::error!(target, error = %e, "mount failed");
     }
     crate::reopen_console();
-    if let Err(e) = crate::failpoints::load(Path::new(crate::failpoints::FAILPOINTS_FILE)) {
+    if let Err(e) =
+        crate::node::failpoints::load(Path::new(crate::node::failpoints::FAILPOINTS_FILE))
+    {
         tracing::error!(error = %e, "fail points not armed");
     }
     render_etc();
@@ -79,7 +82,7 @@ async fn main_loop() -> Action {
     if let Some(info) = &info {
         mount_esp(info);
     }
-    let dir = crate::modules::running_kernel_dir();
+    let dir = crate::boot::modules::running_kernel_dir();
     let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
     for m in wanted
         .lines()
@@ -87,7 +90,7 @@ async fn main_loop() -> Action {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
         // One at a time: a driver for absent hardware must not stop the rest.
-        if let Err(e) = crate::modules::load(&dir, &[m]) {
+        if let Err(e) = crate::boot::modules::load(&dir, &[m]) {
             tracing::warn!(module = m, error = %crate::error_chain(&e), "module not loaded");
         }
     }
@@ -177,7 +180,7 @@ async fn main_loop() -> Action {
         .as_ref()
         .map(|c| HealthMonitor::start(c.clone(), config.health.interval));
 
-    let update_status = crate::update_loop::new_status();
+    let update_status = crate::update::new_status();
     let (power_tx, mut power_rx) = mpsc::channel(1);
     let shared = api::Shared {
         status: status.clone(),
@@ -235,7 +238,7 @@ async fn main_loop() -> Action {
             power: power_tx,
             node_id: machine_id(),
         };
-        tokio::spawn(crate::update_loop::run(ctx));
+        tokio::spawn(crate::update::run(ctx));
     }
 
     let action = wait_for_shutdown(&mut power_rx).await;
@@ -326,7 +329,7 @@ fn shutdown(action: Action) -> ! {
     reap_zombies();
     nix::unistd::sync();
     mounts::unmount_for_shutdown();
-    crate::power::reboot_now(action)
+    crate::node::power::reboot_now(action)
 }
 
 /// Copies the factory `/etc` into the tmpfs so every boot starts the same.

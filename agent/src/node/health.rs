@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::supervisor::{Reaper, ServiceState, SupervisorHandle};
+use crate::node::supervisor::{Reaper, ServiceState, SupervisorHandle};
 
 /// How long a user check may take when its `timeout` is not set.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -566,7 +566,7 @@ pub fn network_up(addresses: &[InterfaceAddress]) -> Result<String, String> {
 
 /// Every service is running or finished successfully.
 pub fn services_running(
-    statuses: Option<&[crate::supervisor::ServiceStatus]>,
+    statuses: Option<&[crate::node::supervisor::ServiceStatus]>,
 ) -> Result<String, String> {
     let statuses = statuses.unwrap_or_default();
     let bad: Vec<String> = statuses
@@ -612,7 +612,7 @@ async fn run_command(
     command
         .args(&argv[1..])
         .env_clear()
-        .env("PATH", crate::supervisor::DEFAULT_PATH)
+        .env("PATH", crate::node::supervisor::DEFAULT_PATH)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -731,7 +731,7 @@ pub fn counting_check(runs: &Path) -> CheckSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::supervisor::{ExitInfo, ReapScope, ServiceStatus};
+    use crate::node::supervisor::{ExitInfo, ReapScope, ServiceStatus};
 
     const MOUNTINFO: &str = "\
 22 1 0:21 / / ro,relatime shared:1 - erofs /dev/mapper/usr ro

@@ -19,11 +19,13 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
-use crate::health::{HealthMonitor, HealthSnapshot};
-use crate::metrics::{self, MetricsInput};
-use crate::power::Action;
-use crate::supervisor::{ServiceStatus, SupervisorHandle};
-use crate::update_loop::{SharedUpdateStatus, UpdateStatus};
+use crate::node::health::{HealthMonitor, HealthSnapshot};
+pub mod metrics;
+
+use crate::node::power::Action;
+use crate::node::supervisor::{ServiceStatus, SupervisorHandle};
+use crate::update::{SharedUpdateStatus, UpdateStatus};
+use metrics::MetricsInput;
 
 pub const SOCKET_PATH: &str = "/run/ballast/api.sock";
 
@@ -335,7 +337,7 @@ mod tests {
         let shared = Arc::new(Shared {
             status: status(),
             power: tx,
-            update: crate::update_loop::new_status(),
+            update: crate::update::new_status(),
             services: None,
             health: None,
             boots_total: 3,
@@ -385,15 +387,15 @@ mod tests {
     /// check, and they say how old the report is.
     #[tokio::test(flavor = "current_thread")]
     async fn health_endpoints_read_the_last_report() {
-        use crate::health::{BuiltinSources, HealthChecker, HealthConfig};
-        use crate::supervisor::{ReapScope, Reaper};
+        use crate::node::health::{BuiltinSources, HealthChecker, HealthConfig};
+        use crate::node::supervisor::{ReapScope, Reaper};
         use std::time::Duration;
 
         let dir = tempfile::tempdir().unwrap();
         let runs = dir.path().join("runs");
         let config = HealthConfig {
             interval: Duration::from_secs(3600),
-            checks: vec![crate::health::counting_check(&runs)],
+            checks: vec![crate::node::health::counting_check(&runs)],
         };
         // STATE is whatever the test host has on /: ready or not, the
         // endpoints must agree with the report.
@@ -410,7 +412,7 @@ mod tests {
         let shared = Arc::new(Shared {
             status: status(),
             power: tx,
-            update: crate::update_loop::new_status(),
+            update: crate::update::new_status(),
             services: None,
             health: Some(monitor.clone()),
             boots_total: 1,

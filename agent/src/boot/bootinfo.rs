@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ballast_updater::cmdline::Slot;
 use serde::{Deserialize, Serialize};
 
-use crate::disks::Partition;
+use crate::boot::disks::Partition;
 
 pub const BOOT_INFO_PATH: &str = "/run/ballast/boot.json";
 

@@ -17,10 +17,11 @@ use ballast_updater::cmdline::{BootParams, CmdlineError};
 use nix::mount::{mount, MsFlags};
 use serde_json::Value;
 
-use crate::bootinfo::BootInfo;
-use crate::disks::{DiskError, Partition, Roots, Wanted};
-use crate::modules::ModuleError;
-use crate::{console, mounts, sys};
+use crate::boot::bootinfo::BootInfo;
+use crate::boot::disks::{DiskError, Partition, Roots, Wanted};
+use crate::boot::modules::ModuleError;
+use crate::boot::mounts;
+use crate::{console, sys};
 
 /// Where the slot is mounted before `switch_root`.
 const SYSROOT: &str = "/sysroot";
@@ -80,7 +81,7 @@ pub fn run() -> ! {
     eprintln!("ballast: early boot failed: {reason}");
     console::emit("boot-failed", &[("reason", Value::from(reason))]);
     std::thread::sleep(FAILURE_REBOOT_DELAY);
-    crate::power::reboot_now(crate::power::Action::Reboot)
+    crate::node::power::reboot_now(crate::node::power::Action::Reboot)
 }
 
 fn boot() -> Result<Infallible, EarlyBootError> {
@@ -99,7 +100,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    let count = crate::modules::load(&crate::modules::running_kernel_dir(), &wanted)?;
+    let count = crate::boot::modules::load(&crate::boot::modules::running_kernel_dir(), &wanted)?;
     tracing::info!(count, "kernel modules loaded");
 
     let roots = Roots::default();
@@ -142,7 +143,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         target: var.clone(),
         source,
     })?;
-    if let Err(e) = crate::state_grow::grow_to_disk_end(&state, Path::new(&var)) {
+    if let Err(e) = crate::boot::state_grow::grow_to_disk_end(&state, Path::new(&var)) {
         // A node whose STATE could not grow still works; say so and go on.
         tracing::warn!(error = %crate::error_chain(&e), "STATE not grown");
     }
@@ -163,7 +164,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         state,
         esp,
     };
-    info.write(Path::new(crate::bootinfo::BOOT_INFO_PATH))
+    info.write(Path::new(crate::boot::bootinfo::BOOT_INFO_PATH))
         .map_err(EarlyBootError::BootInfo)?;
 
     switch_root(Path::new(SYSROOT)).map_err(EarlyBootError::SwitchRoot)

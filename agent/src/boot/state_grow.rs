@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::disks::Partition;
+use crate::boot::disks::Partition;
 use crate::sys;
 
 /// Partitions end on 1 MiB boundaries, as the image build lays them out.

@@ -19,8 +19,8 @@
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
 
-use crate::health::HealthReport;
-use crate::supervisor::{ServiceState, ServiceStatus};
+use crate::node::health::HealthReport;
+use crate::node::supervisor::{ServiceState, ServiceStatus};
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -199,8 +199,8 @@ pub fn render(input: &MetricsInput) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::CheckResult;
-    use crate::supervisor::ExitInfo;
+    use crate::node::health::CheckResult;
+    use crate::node::supervisor::ExitInfo;
 
     fn input() -> MetricsInput {
         let service = |name: &str, state, restarts| ServiceStatus {

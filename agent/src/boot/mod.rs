@@ -1,0 +1,12 @@
+//! Early boot: the initramfs `/init` stage and what it (and PID 1 later)
+//! needs of the machine: block devices and GPT, the boot facts handed from
+//! the initramfs to PID 1, kernel modules, mounts, STATE growth and the
+//! CIDATA user-data volume.
+
+pub mod bootinfo;
+pub mod cidata;
+pub mod disks;
+pub mod initramfs;
+pub mod modules;
+pub mod mounts;
+pub mod state_grow;

@@ -1,0 +1,7 @@
+//! The node's runtime services under PID 1: power actions, service
+//! supervision and reaping, health checks, and fail points.
+
+pub mod failpoints;
+pub mod health;
+pub mod power;
+pub mod supervisor;
