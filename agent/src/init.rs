@@ -408,7 +408,7 @@ mod tests {
     fn default_hostnames_are_valid_node_names() {
         let name = default_hostname("0123456789abcdef0123456789abcdef");
         assert_eq!(name, "ballast-01234567");
-        let k8s = crate::kubernetes::config::KubernetesConfig::default();
+        let k8s = crate::config::kubernetes::KubernetesConfig::default();
         assert_eq!(
             crate::kubernetes::render::node_name(&k8s, Some(&name)).unwrap(),
             name

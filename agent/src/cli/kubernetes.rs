@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::config::kubernetes_validate as validate;
 use crate::config::Config;
-use crate::kubernetes::{render, validate};
+use crate::kubernetes::render;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KubernetesCommand {

@@ -12,6 +12,9 @@
 //! wrong types are errors naming the file, line and key; a bad config leaves
 //! the last good one in force.
 
+pub mod kubernetes;
+pub mod kubernetes_validate;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -91,7 +94,7 @@ pub struct Config {
     pub update: crate::update::UpdateConfig,
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
-    pub kubernetes: Option<crate::kubernetes::config::KubernetesConfig>,
+    pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -179,8 +182,9 @@ impl Config {
         crate::node::supervisor::start_order(&config.services)
             .map_err(|e| invalid(e.to_string()))?;
         if let Some(k8s) = &config.kubernetes {
-            crate::kubernetes::validate::validate(k8s).map_err(|e| invalid(e.to_string()))?;
-            crate::kubernetes::services::check_service_names(&config.services)
+            crate::config::kubernetes_validate::validate(k8s)
+                .map_err(|e| invalid(e.to_string()))?;
+            crate::config::kubernetes_validate::check_service_names(&config.services)
                 .map_err(|e| invalid(e.to_string()))?;
         }
         for (name, iface) in &config.network.interfaces {
@@ -256,9 +260,11 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     let config = Config::parse(&text, Path::new("merged configuration"))?;
     // A layer may hold part of [kubernetes]; only the whole must be complete.
     if let Some(k8s) = &config.kubernetes {
-        crate::kubernetes::validate::check_complete(k8s).map_err(|e| ConfigError::Invalid {
-            path: "merged configuration".into(),
-            detail: e.to_string(),
+        crate::config::kubernetes_validate::check_complete(k8s).map_err(|e| {
+            ConfigError::Invalid {
+                path: "merged configuration".into(),
+                detail: e.to_string(),
+            }
         })?;
     }
     Ok((config, merged))

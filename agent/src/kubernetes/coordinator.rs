@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use super::client::{Auth, ClientConfig, KubeClient, KubeError};
-use super::config::KubernetesConfig;
 use super::drain::{self, DrainError, DrainOptions};
 use super::lease::{Acquire, LeaseError, RebootSemaphore, SemaphoreConfig};
 use super::node_report::{self, ConditionStatus, NodeReport, NodeReportError};
+use crate::config::kubernetes::KubernetesConfig;
 
 /// How long to wait before asking for a reboot slot again.
 const SLOT_RETRY: Duration = Duration::from_secs(30);

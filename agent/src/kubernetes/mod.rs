@@ -4,7 +4,6 @@
 //! semaphore, cordon and drain).
 
 pub mod client;
-pub mod config;
 pub mod coordinator;
 pub mod drain;
 pub mod lease;
@@ -13,4 +12,3 @@ pub mod render;
 pub mod services;
 #[cfg(test)]
 pub mod testserver;
-pub mod validate;

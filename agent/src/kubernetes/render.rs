@@ -30,8 +30,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::config::KubernetesConfig;
-use super::validate::{self, KubernetesConfigError};
+use crate::config::kubernetes::KubernetesConfig;
+use crate::config::kubernetes_validate::{self as validate, KubernetesConfigError};
 
 pub const KUBELET_CONFIG: &str = "/etc/kubernetes/kubelet-config.json";
 pub const KUBELET_ARGS: &str = "/etc/kubernetes/kubelet.args";
@@ -439,12 +439,13 @@ fn kubelet_configuration(
         path: KUBELET_CONFIG,
         source,
     })?;
-    let extra = toml_to_json(&toml::Value::Table(config.kubelet_extra.clone())).map_err(
-        |(path, detail)| KubernetesConfigError::Invalid {
-            key: format!("kubernetes.kubelet_extra{path}"),
-            detail,
-        },
-    )?;
+    let extra = crate::config::kubernetes_validate::toml_to_json(&toml::Value::Table(
+        config.kubelet_extra.clone(),
+    ))
+    .map_err(|(path, detail)| KubernetesConfigError::Invalid {
+        key: format!("kubernetes.kubelet_extra{path}"),
+        detail,
+    })?;
     merge_json(&mut value, extra);
     Ok(value)
 }
@@ -528,49 +529,6 @@ fn merge_json(into: &mut Value, from: Value) {
         }
         (into, from) => *into = from,
     }
-}
-
-/// TOML to JSON; a date or a non-finite float has no JSON form and is an
-/// error with its dotted path (`.a.b[2]`).
-pub fn toml_to_json(value: &toml::Value) -> Result<Value, (String, String)> {
-    fn convert(value: &toml::Value, path: &mut String) -> Result<Value, (String, String)> {
-        Ok(match value {
-            toml::Value::String(s) => Value::String(s.clone()),
-            toml::Value::Integer(i) => Value::from(*i),
-            toml::Value::Boolean(b) => Value::Bool(*b),
-            toml::Value::Float(f) => serde_json::Number::from_f64(*f)
-                .map(Value::Number)
-                .ok_or_else(|| (path.clone(), format!("{f} is not a finite number")))?,
-            toml::Value::Datetime(_) => {
-                return Err((
-                    path.clone(),
-                    "a TOML date has no JSON form; write it as a string".into(),
-                ))
-            }
-            toml::Value::Array(items) => {
-                let mut out = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let len = path.len();
-                    path.push_str(&format!("[{i}]"));
-                    out.push(convert(item, path)?);
-                    path.truncate(len);
-                }
-                Value::Array(out)
-            }
-            toml::Value::Table(table) => {
-                let mut out = serde_json::Map::new();
-                for (key, item) in table {
-                    let len = path.len();
-                    path.push('.');
-                    path.push_str(key);
-                    out.insert(key.clone(), convert(item, path)?);
-                    path.truncate(len);
-                }
-                Value::Object(out)
-            }
-        })
-    }
-    convert(value, &mut String::new())
 }
 
 /// Writes `files` under `root` (each path taken relative to `/`): to a

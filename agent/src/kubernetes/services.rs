@@ -12,14 +12,11 @@ use std::path::{Path, PathBuf};
 
 use crate::node::supervisor::{RestartPolicy, ServiceSpec};
 
-use super::config::KubernetesConfig;
 use super::render::{self, RenderError, Rendered, CONTAINERD_CONFIG};
-use super::validate::KubernetesConfigError;
+use crate::config::kubernetes::KubernetesConfig;
+pub use crate::config::kubernetes::{CONTAINERD_SERVICE, KUBELET_SERVICE};
 
 pub const CONTAINERD_PATH: &str = "/usr/bin/containerd";
-/// Service names the integration takes; `[services]` may not reuse them.
-pub const CONTAINERD_SERVICE: &str = "containerd";
-pub const KUBELET_SERVICE: &str = "kubelet";
 
 /// What the boot-time wiring did.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,22 +27,6 @@ pub struct Prepared {
     pub written: Vec<PathBuf>,
     /// [`kubelet_installed`] at boot.
     pub kubelet: Result<String, String>,
-}
-
-/// Refuses `[services.containerd]` and `[services.kubelet]` next to a
-/// `[kubernetes]` table: the integration runs those.
-pub fn check_service_names(
-    services: &BTreeMap<String, ServiceSpec>,
-) -> Result<(), KubernetesConfigError> {
-    for name in [CONTAINERD_SERVICE, KUBELET_SERVICE] {
-        if services.contains_key(name) {
-            return Err(KubernetesConfigError::Invalid {
-                key: format!("services.{name}"),
-                detail: "is run by the [kubernetes] integration; remove this service".into(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// `Ok` with where the kubelet is, or `Err("kubelet not installed ...")`.
@@ -217,9 +198,11 @@ mod tests {
     fn service_names_are_reserved() {
         let mut services = BTreeMap::new();
         services.insert("web".to_owned(), ServiceSpec::default());
-        assert!(check_service_names(&services).is_ok());
+        assert!(crate::config::kubernetes_validate::check_service_names(&services).is_ok());
         services.insert("kubelet".to_owned(), ServiceSpec::default());
-        let err = check_service_names(&services).unwrap_err().to_string();
+        let err = crate::config::kubernetes_validate::check_service_names(&services)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("services.kubelet:"), "{err}");
     }
 }

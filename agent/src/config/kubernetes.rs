@@ -2,8 +2,8 @@
 //! settings, the standalone mode, the agent's own API credential
 //! (`[kubernetes.agent]`) and reboot coordination (`[kubernetes.reboot]`).
 //!
-//! Types only hold what the TOML says; [`super::validate`] checks values
-//! against the API server's own rules and [`super::render`] turns them into
+//! Types only hold what the TOML says; [`super::kubernetes_validate`] checks values
+//! against the API server's own rules and [`crate::kubernetes::render`] turns them into
 //! files. Every table rejects unknown keys, like the rest of the config.
 
 use std::collections::BTreeMap;
@@ -224,6 +224,10 @@ impl KubernetesConfig {
         self.pod_cidr.as_deref().unwrap_or(DEFAULT_POD_CIDR)
     }
 }
+
+/// Service names the integration takes; `[services]` may not reuse them.
+pub const CONTAINERD_SERVICE: &str = "containerd";
+pub const KUBELET_SERVICE: &str = "kubelet";
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::config::{KubernetesConfig, RebootConfig};
+use super::kubernetes::{KubernetesConfig, RebootConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KubernetesConfigError {
@@ -209,7 +209,7 @@ pub fn validate(c: &KubernetesConfig) -> Result<(), KubernetesConfigError> {
             ));
         }
     }
-    super::render::toml_to_json(&toml::Value::Table(c.kubelet_extra.clone()))
+    toml_to_json(&toml::Value::Table(c.kubelet_extra.clone()))
         .map_err(|(path, d)| invalid(format!("kubernetes.kubelet_extra{path}"), d))?;
     if let Some(path) = &c.kubelet_path {
         absolute(path).map_err(|d| invalid("kubernetes.kubelet_path", d))?;
@@ -550,6 +550,69 @@ fn eviction_threshold(text: &str) -> Result<(), String> {
         return Ok(());
     }
     non_negative_quantity(text)
+}
+
+/// TOML to JSON; a date or a non-finite float has no JSON form and is an
+/// error with its dotted path (`.a.b[2]`).
+pub fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, (String, String)> {
+    use serde_json::Value;
+    fn convert(value: &toml::Value, path: &mut String) -> Result<Value, (String, String)> {
+        Ok(match value {
+            toml::Value::String(s) => Value::String(s.clone()),
+            toml::Value::Integer(i) => Value::from(*i),
+            toml::Value::Boolean(b) => Value::Bool(*b),
+            toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(Value::Number)
+                .ok_or_else(|| (path.clone(), format!("{f} is not a finite number")))?,
+            toml::Value::Datetime(_) => {
+                return Err((
+                    path.clone(),
+                    "a TOML date has no JSON form; write it as a string".into(),
+                ))
+            }
+            toml::Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    out.push(convert(item, path)?);
+                    path.truncate(len);
+                }
+                Value::Array(out)
+            }
+            toml::Value::Table(table) => {
+                let mut out = serde_json::Map::new();
+                for (key, item) in table {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(key);
+                    out.insert(key.clone(), convert(item, path)?);
+                    path.truncate(len);
+                }
+                Value::Object(out)
+            }
+        })
+    }
+    convert(value, &mut String::new())
+}
+
+/// Refuses `[services.containerd]` and `[services.kubelet]` next to a
+/// `[kubernetes]` table: the integration runs those.
+pub fn check_service_names(
+    services: &std::collections::BTreeMap<String, crate::node::supervisor::ServiceSpec>,
+) -> Result<(), KubernetesConfigError> {
+    for name in [
+        super::kubernetes::CONTAINERD_SERVICE,
+        super::kubernetes::KUBELET_SERVICE,
+    ] {
+        if services.contains_key(name) {
+            return Err(KubernetesConfigError::Invalid {
+                key: format!("services.{name}"),
+                detail: "is run by the [kubernetes] integration; remove this service".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
