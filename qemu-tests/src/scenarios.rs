@@ -66,6 +66,34 @@ pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
     pub run: fn(&Context) -> Result<(), ScenarioError>,
+    /// Where the default set (CI) runs it.
+    pub tier: Tier,
+}
+
+/// How widely a scenario runs by default, so CI stays within its time
+/// budget as scenarios are added: VM boots under TCG are the scarce
+/// resource (2 cores), so only what can differ between architectures runs
+/// on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Every submission, on both architectures: the boot chain, dm-verity,
+    /// the A/B update path and the hardware watchdog, whose firmware,
+    /// loader, kernel and drivers differ per architecture.
+    Core,
+    /// Every submission, on x86_64 only: agent logic that is the same code
+    /// on both architectures (runtime config, k8s profile, update failure
+    /// modes, FleetLock). Runnable on aarch64 by name.
+    Extended,
+}
+
+impl Tier {
+    /// Whether the default set on `arch` includes this tier.
+    pub fn runs_by_default_on(self, arch: ballast_updater::payload::Arch) -> bool {
+        match self {
+            Tier::Core => true,
+            Tier::Extended => arch == ballast_updater::payload::Arch::X86_64,
+        }
+    }
 }
 
 /// Every scenario, in the order `vm-test` runs them.
@@ -74,26 +102,31 @@ pub const ALL: &[Scenario] = &[
         name: "boot",
         about: "UEFI boot to ready; version/arch/slot match the payload; DHCP lease 10.0.2.15/24 with no network config",
         run: boot,
+        tier: Tier::Core,
     },
     Scenario {
         name: "reboot",
         about: "POST /v1/reboot: shutdown event, then ready again with a new boot_id",
         run: reboot,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "verity",
         about: "one flipped byte in USR-A data: boot-failed from dm-verity, never ready",
         run: verity,
+        tier: Tier::Core,
     },
     Scenario {
         name: "runtime",
         about: "CIDATA user-data (hostname, static address, TCP API, HTTP check): /readyz, /status, /metrics from the host",
         run: crate::runtime::runtime,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "k8s",
         about: "k8s-profile image: containerd supervised, a local OCI image imported with ctr, its container's console event, /status",
         run: crate::k8s::k8s,
+        tier: Tier::Extended,
     },
 ];
 

@@ -3,7 +3,7 @@
 //! image builds for both architectures, and the VM scenarios on both.
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ballast_updater::payload::Arch;
@@ -17,6 +17,11 @@ pub struct CiArgs {
     #[arg(long, value_parser = crate::parse_arch)]
     pub arch: Vec<Arch>,
 }
+
+/// What one CI run may take on the 2-core machines (the hard limit is 90
+/// minutes). The VM scenarios are tiered to stay inside it: see
+/// `qemu_tests::scenarios::Tier` and the README.
+const TIME_BUDGET: Duration = Duration::from_secs(60 * 60);
 
 /// One step: a name and the command line it runs.
 struct Step {
@@ -106,7 +111,17 @@ pub fn run(args: CiArgs) -> Result<()> {
             }
         }
     }
-    println!("==> CI took {} s", started.elapsed().as_secs());
+    let took = started.elapsed();
+    let verdict = if took <= TIME_BUDGET {
+        "within"
+    } else {
+        "OVER"
+    };
+    println!(
+        "==> CI took {} s ({verdict} the {} min budget)",
+        took.as_secs(),
+        TIME_BUDGET.as_secs() / 60
+    );
     if failed.is_empty() {
         println!("ci: all {total} steps passed");
         Ok(())

@@ -36,9 +36,12 @@ pub struct VmTestArgs {
     /// build/<arch>/1.0.0.
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// Scenarios to run (default set when empty): boot, reboot, verity,
-    /// runtime, k8s (builds build/<arch>/k8s/1.0.0 when missing), update, update-unhealthy, update-never-boots, update-power-cut,
-    /// update-tampered, update-fleetlock; update-all for every update one.
+    /// Scenarios to run (default when empty: the core tier on both arches,
+    /// the extended tier too on x86_64): boot, reboot, verity, runtime, k8s
+    /// (builds build/<arch>/k8s/1.0.0 when missing), update,
+    /// update-unhealthy, update-never-boots, update-power-cut,
+    /// update-tampered, update-fleetlock, update-watchdog; update-all for
+    /// every update one, all for every one.
     pub scenarios: Vec<String>,
 }
 
@@ -48,6 +51,9 @@ pub enum AccelChoice {
     Kvm,
     Auto,
 }
+
+/// Name that selects every scenario, whatever its tier.
+pub const GROUP_EVERY: &str = "all";
 
 /// Versions built besides the test image for the update scenarios (only
 /// their payloads are used).
@@ -212,14 +218,18 @@ pub fn resolve_accel(choice: AccelChoice, image: &BuiltImage) -> Result<Accel> {
     })
 }
 
-/// The scenarios named (`update-all`: every update scenario), or by
-/// default the base ones and the update ones that run by default on `arch`.
+/// The scenarios named (`update-all`: every update scenario; `all`:
+/// every scenario), or by default those whose tier runs on `arch` (core on
+/// both, extended on x86_64).
 fn select(names: &[String], arch: Arch) -> Result<Vec<&'static scenarios::Scenario>> {
+    let every = || scenarios::ALL.iter().chain(update::UPDATE);
     if names.is_empty() {
-        let updates = update::UPDATE
-            .iter()
-            .filter(|s| update::runs_by_default(s.name, arch));
-        return Ok(scenarios::ALL.iter().chain(updates).collect());
+        return Ok(every()
+            .filter(|s| s.tier.runs_by_default_on(arch))
+            .collect());
+    }
+    if names.iter().any(|n| n == GROUP_EVERY) {
+        return Ok(every().collect());
     }
     let mut out = Vec::new();
     for n in names {
@@ -234,7 +244,7 @@ fn select(names: &[String], arch: Arch) -> Result<Vec<&'static scenarios::Scenar
                     .iter()
                     .chain(update::UPDATE)
                     .map(|s| s.name)
-                    .chain([update::GROUP_ALL])
+                    .chain([update::GROUP_ALL, GROUP_EVERY])
                     .collect();
                 format!("unknown scenario {n:?} (known: {})", known.join(", "))
             })?;
@@ -346,8 +356,12 @@ mod tests {
         let x86 = names(select(&[], Arch::X86_64).unwrap());
         assert!(x86.contains(&"boot") && x86.contains(&"update-fleetlock"));
         let arm = names(select(&[], Arch::Aarch64).unwrap());
-        assert!(arm.contains(&"update") && arm.contains(&"update-fleetlock"));
+        assert!(arm.contains(&"update") && !arm.contains(&"update-fleetlock"));
+        assert!(arm.contains(&"boot") && arm.contains(&"verity") && !arm.contains(&"k8s"));
         assert!(x86.contains(&"update-watchdog") && arm.contains(&"update-watchdog"));
+        assert!(x86.contains(&"k8s") && x86.contains(&"runtime"));
+        let every = names(select(&["all".into()], Arch::Aarch64).unwrap());
+        assert_eq!(every.len(), scenarios::ALL.len() + update::UPDATE.len());
         let all = names(select(&["update-all".into()], Arch::Aarch64).unwrap());
         assert_eq!(all.len(), update::UPDATE.len());
         let one = names(select(&["update-tampered".into()], Arch::Aarch64).unwrap());

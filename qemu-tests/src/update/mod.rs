@@ -14,7 +14,7 @@ pub mod server;
 
 use ballast_updater::payload::Arch;
 
-use crate::scenarios::{Scenario, ScenarioError};
+use crate::scenarios::{Scenario, ScenarioError, Tier};
 use crate::{disk::DiskError, http::HttpError, vm::VmError};
 
 /// Errors of the update scenarios.
@@ -70,52 +70,52 @@ pub const UPDATE: &[Scenario] = &[
         name: "update",
         about: "1.0.0 finds 1.1.0: installed, rebooted, committed on slot b; then 1.2.0 back to slot a",
         run: scenarios::update,
+        tier: Tier::Core,
     },
     Scenario {
         name: "update-unhealthy",
         about: "1.1.0's health check answers 503: trial-failed, back on 1.0.0, rolled-back reported, no retry",
         run: scenarios::unhealthy,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "update-never-boots",
         about: "1.1.0 with a wrong verity root hash: boot-failed on each try, systemd-boot falls back, rolled-back",
         run: scenarios::never_boots,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "update-power-cut",
         about: "QEMU killed at a random moment of the install (BALLAST_TEST_SEED replays), restarted: 1.0.0 ready, then committed 1.1.0",
         run: scenarios::power_cut,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "update-tampered",
         about: "one byte of usr.img flipped by the server: update-error on the hash, nothing installed, ESP entries unchanged",
         run: scenarios::tampered,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "update-fleetlock",
         about: "two nodes with strategy fleetlock share one lock slot: reboot windows never overlap, both committed",
         run: scenarios::fleetlock,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "update-watchdog",
         about: "1.1.0 (generic kernel, fail point) hangs in its trial: the i6300esb watchdog resets each try, the counter runs out, 1.0.0 reports rolled-back",
         run: scenarios::hung_trial,
+        tier: Tier::Core,
     },
 ];
 
-/// Update scenarios that run by default (no names given) on `arch`:
-/// all of them on both architectures. Measured under TCG on the 2-core
-/// machines, the six take about 8 min of VM time per architecture, well
-/// inside the ~40 min the CI budget leaves for VMs. Should aarch64 get
-/// slower, the cheapest trim is to keep `update`, `update-unhealthy` and
-/// `update-tampered` there (the rest stay runnable by name).
-/// `update-watchdog` adds a generic-kernel image build and about 3 min of
-/// VM time per architecture; QEMU's i6300esb is a PCI device, so the
-/// same test runs on x86_64 q35 and aarch64 virt.
+/// Whether an update scenario runs by default (no names given) on `arch`:
+/// its [`Tier`](crate::scenarios::Tier) decides. `update` and
+/// `update-watchdog` are core (both arches); the failure modes and
+/// FleetLock run on x86_64, being the same agent code on both.
 pub fn runs_by_default(name: &str, arch: Arch) -> bool {
-    match arch {
-        Arch::X86_64 | Arch::Aarch64 => find(name).is_some(),
-    }
+    find(name).is_some_and(|s| s.tier.runs_by_default_on(arch))
 }
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
@@ -134,7 +134,8 @@ mod tests {
             assert!(runs_by_default(s.name, Arch::X86_64));
         }
         assert!(find(GROUP_ALL).is_none());
-        assert!(runs_by_default("update-fleetlock", Arch::Aarch64));
+        assert!(!runs_by_default("update-fleetlock", Arch::Aarch64));
         assert!(runs_by_default("update-watchdog", Arch::Aarch64));
+        assert!(runs_by_default("update", Arch::Aarch64));
     }
 }
