@@ -267,7 +267,9 @@ mod tests {
                 reason: s("carrier lost"),
                 address: None,
             },
-            Event::Shutdown { action: s("reboot") },
+            Event::Shutdown {
+                action: s("reboot"),
+            },
             Event::Panic { reason: s("r") },
             Event::FailpointArmed {
                 name: s("n"),
@@ -298,7 +300,9 @@ mod tests {
                 entry: s("e.conf"),
             },
             Event::UpdateError { reason: s("r") },
-            Event::RebootNeeded { version: s("1.1.0") },
+            Event::RebootNeeded {
+                version: s("1.1.0"),
+            },
             Event::RebootBlocked {
                 version: s("1.1.0"),
                 reason: s("r"),
@@ -406,11 +410,7 @@ mod tests {
         let err = serde_json::from_str::<Event>(r#"{"event":"no-such-event"}"#)
             .unwrap_err()
             .to_string();
-        let listed: Vec<&str> = err
-            .split('`')
-            .skip(3)
-            .step_by(2)
-            .collect();
+        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
         assert_eq!(listed, Event::NAMES, "{err}");
     }
 

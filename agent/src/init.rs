@@ -14,15 +14,15 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::api;
 use crate::boot::bootinfo::{BootInfo, BOOT_INFO_PATH};
 use crate::boot::mounts;
 use crate::config::Config;
+use crate::console::{self, Event};
 use crate::node::health::{BuiltinSources, HealthChecker, HealthMonitor};
 use crate::node::power::Action;
 use crate::node::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
 use crate::update::UpdateContext;
-use crate::console::{self, Event};
-use crate::api;
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
 const FACTORY_ETC: &str = "/usr/share/factory/etc";

@@ -16,7 +16,6 @@
 
 use std::path::Path;
 
-
 use crate::console::{self, Event};
 
 /// The fail-point file in the usr image.
