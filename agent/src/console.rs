@@ -1,38 +1,230 @@
 //! Lifecycle events on the serial console: one line per event,
 //! `BALLAST-EVENT {json}`, so VM tests and users' tooling find them among
-//! kernel messages. The format is documented in docs/console-events.md.
+//! kernel messages. [`Event`] is the whole contract: the agent prints it and
+//! qemu-tests parses it back; docs/console-events.md lists the same events
+//! (checked by a test below).
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Every event line starts with this.
 pub const EVENT_PREFIX: &str = "BALLAST-EVENT ";
 
+/// One lifecycle event. The JSON object has `event` (the variant's kebab
+/// name), `ms` (added by [`render`]) and the variant's fields. Field names
+/// and types are a public contract: change them only by adding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// The initramfs `/init` started and mounted `/proc`, `/sys`, `/dev`.
+    EarlyBoot,
+    /// Early boot (or PID 1's runtime) cannot continue; the node reboots.
+    BootFailed { reason: String },
+    /// User-data was malformed; defaults (or the last good config) stay.
+    ConfigError { reason: String },
+    /// PID 1 in the slot finished its setup and serves the API.
+    Ready {
+        version: String,
+        arch: String,
+        slot: String,
+        boot_id: String,
+    },
+    /// An address was put on an interface.
+    NetworkConfigured {
+        interface: String,
+        address: String,
+        source: AddressSource,
+        /// Printed as `null` when there is none.
+        gateway: Option<String>,
+        /// DHCP only: the lease time in seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_s: Option<u64>,
+    },
+    /// An interface lost its carrier, or its DHCP lease ended.
+    NetworkLost {
+        interface: String,
+        reason: String,
+        /// The lease's address, when a lease ended.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
+    /// PID 1 begins an orderly shutdown (`reboot`, `poweroff` or `halt`).
+    Shutdown { action: String },
+    /// The agent hit a bug; the node reboots.
+    Panic { reason: String },
+    /// Test images only: a fail point is armed.
+    FailpointArmed { name: String, actions: String },
+    /// The API listens on `addr`; clients pin the certificate by its hash.
+    ApiListening { addr: String, cert_sha256: String },
+    /// One API request was answered.
+    ApiRequest {
+        who: String,
+        method: String,
+        path: String,
+        status: u16,
+    },
+    /// A signed release applies to this node.
+    UpdateFound { version: String, running: String },
+    /// The install advanced.
+    InstallProgress {
+        version: String,
+        artifact: String,
+        percent: u64,
+    },
+    /// The boot entry was renamed into place (the commit point).
+    Installed {
+        version: String,
+        slot: String,
+        entry: String,
+    },
+    /// A check or install failed; nothing was changed.
+    UpdateError { reason: String },
+    /// Strategy `off`: installed, waiting for someone to reboot.
+    RebootNeeded { version: String },
+    /// Strategy `kubernetes`: the reboot may not happen yet.
+    RebootBlocked { version: String, reason: String },
+    /// The agent reboots into `version`; `reason` is `rollback` going back.
+    Rebooting {
+        version: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A trial boot opened the hardware watchdog.
+    WatchdogArmed { device: String },
+    /// A new version booted on a counted entry and runs its health gate.
+    TrialBoot { version: String, deadline_s: u64 },
+    /// The gate passed: the entry was blessed.
+    Committed { version: String, slot: String },
+    /// The gate failed or its deadline passed.
+    TrialFailed { version: String, reason: String },
+    /// The previous version runs again after a failed trial.
+    RolledBack {
+        from: String,
+        to: String,
+        reason: String,
+    },
+}
+
+/// Where a `network-configured` address came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddressSource {
+    Static,
+    Dhcp,
+}
+
+impl Event {
+    /// The kebab-case names of all events, in declaration order: the
+    /// `event` values a consumer can meet.
+    pub const NAMES: &'static [&'static str] = &[
+        "early-boot",
+        "boot-failed",
+        "config-error",
+        "ready",
+        "network-configured",
+        "network-lost",
+        "shutdown",
+        "panic",
+        "failpoint-armed",
+        "api-listening",
+        "api-request",
+        "update-found",
+        "install-progress",
+        "installed",
+        "update-error",
+        "reboot-needed",
+        "reboot-blocked",
+        "rebooting",
+        "watchdog-armed",
+        "trial-boot",
+        "committed",
+        "trial-failed",
+        "rolled-back",
+    ];
+
+    /// The `event` value of this event (one of [`Event::NAMES`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::EarlyBoot => "early-boot",
+            Event::BootFailed { .. } => "boot-failed",
+            Event::ConfigError { .. } => "config-error",
+            Event::Ready { .. } => "ready",
+            Event::NetworkConfigured { .. } => "network-configured",
+            Event::NetworkLost { .. } => "network-lost",
+            Event::Shutdown { .. } => "shutdown",
+            Event::Panic { .. } => "panic",
+            Event::FailpointArmed { .. } => "failpoint-armed",
+            Event::ApiListening { .. } => "api-listening",
+            Event::ApiRequest { .. } => "api-request",
+            Event::UpdateFound { .. } => "update-found",
+            Event::InstallProgress { .. } => "install-progress",
+            Event::Installed { .. } => "installed",
+            Event::UpdateError { .. } => "update-error",
+            Event::RebootNeeded { .. } => "reboot-needed",
+            Event::RebootBlocked { .. } => "reboot-blocked",
+            Event::Rebooting { .. } => "rebooting",
+            Event::WatchdogArmed { .. } => "watchdog-armed",
+            Event::TrialBoot { .. } => "trial-boot",
+            Event::Committed { .. } => "committed",
+            Event::TrialFailed { .. } => "trial-failed",
+            Event::RolledBack { .. } => "rolled-back",
+        }
+    }
+}
+
 /// Milliseconds since the kernel started (CLOCK_BOOTTIME includes suspend,
 /// which a booting node never does, and starts with the kernel).
 pub fn ms_since_boot() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .map(|t| {
+            // A clock before the epoch of boot cannot happen; 0 if it did.
+            let secs = u64::try_from(t.tv_sec()).unwrap_or(0);
+            let nanos = u64::try_from(t.tv_nsec()).unwrap_or(0);
+            secs * 1000 + nanos / 1_000_000
+        })
         .unwrap_or(0)
 }
 
-/// Renders one event line (without the newline).
-pub fn render(event: &str, fields: &[(&str, Value)]) -> String {
+/// Renders one event line (without the newline). The keys come out
+/// sorted (serde_json's map), as they always have.
+pub fn render(event: &Event, ms: u64) -> String {
+    let mut map = match serde_json::to_value(event) {
+        Ok(Value::Object(map)) => map,
+        // Cannot happen for this enum (strings and numbers only); keep the
+        // name rather than lose the line.
+        _ => {
+            let mut map = Map::new();
+            map.insert("event".into(), Value::from(event.name()));
+            map
+        }
+    };
+    map.insert("ms".into(), Value::from(ms));
+    format!("{EVENT_PREFIX}{}", Value::Object(map))
+}
+
+/// Prints an event on the console. Best effort: a console that cannot be
+/// written must never stop a boot.
+pub fn emit(event: &Event) {
+    tracing::info!(event = event.name(), "console event");
+    write_line(&render(event, ms_since_boot()));
+}
+
+/// Transitional: the untyped form, for the call sites in `update/` and
+/// `api/` until they move to [`Event`]. Prints exactly what [`emit`] would.
+pub fn emit_raw(event: &str, fields: &[(&str, Value)]) {
     let mut map = Map::new();
     map.insert("event".into(), Value::from(event));
     map.insert("ms".into(), Value::from(ms_since_boot()));
     for (k, v) in fields {
         map.insert((*k).to_owned(), v.clone());
     }
-    format!("{EVENT_PREFIX}{}", Value::Object(map))
+    tracing::info!(event, "console event");
+    write_line(&format!("{EVENT_PREFIX}{}", Value::Object(map)));
 }
 
-/// Prints an event on the console. Best effort: a console that cannot be
-/// written must never stop a boot.
-pub fn emit(event: &str, fields: &[(&str, Value)]) {
-    let line = render(event, fields);
-    tracing::info!(event, "console event");
+fn write_line(line: &str) {
     // /dev/console reaches the kernel console (serial) even when stdout was
     // redirected; fall back to stdout off a node (tests, CLI).
     let written = std::fs::OpenOptions::new()
@@ -48,20 +240,195 @@ pub fn emit(event: &str, fields: &[(&str, Value)]) {
 mod tests {
     use super::*;
 
+    /// One of every event; the match in `name` keeps this honest: a new
+    /// variant must get a name, and `every_variant_is_named_once` needs it
+    /// here.
+    fn samples() -> Vec<Event> {
+        let s = |t: &str| t.to_owned();
+        vec![
+            Event::EarlyBoot,
+            Event::BootFailed { reason: s("r") },
+            Event::ConfigError { reason: s("r") },
+            Event::Ready {
+                version: s("1.0.0"),
+                arch: s("x86_64"),
+                slot: s("a"),
+                boot_id: s("b"),
+            },
+            Event::NetworkConfigured {
+                interface: s("eth0"),
+                address: s("10.0.2.15/24"),
+                source: AddressSource::Dhcp,
+                gateway: None,
+                lease_s: Some(86400),
+            },
+            Event::NetworkLost {
+                interface: s("eth0"),
+                reason: s("carrier lost"),
+                address: None,
+            },
+            Event::Shutdown {
+                action: s("reboot"),
+            },
+            Event::Panic { reason: s("r") },
+            Event::FailpointArmed {
+                name: s("n"),
+                actions: s("pause"),
+            },
+            Event::ApiListening {
+                addr: s("0.0.0.0:8443"),
+                cert_sha256: s("ab"),
+            },
+            Event::ApiRequest {
+                who: s("admin"),
+                method: s("GET"),
+                path: s("/status"),
+                status: 200,
+            },
+            Event::UpdateFound {
+                version: s("1.1.0"),
+                running: s("1.0.0"),
+            },
+            Event::InstallProgress {
+                version: s("1.1.0"),
+                artifact: s("usr"),
+                percent: 25,
+            },
+            Event::Installed {
+                version: s("1.1.0"),
+                slot: s("b"),
+                entry: s("e.conf"),
+            },
+            Event::UpdateError { reason: s("r") },
+            Event::RebootNeeded {
+                version: s("1.1.0"),
+            },
+            Event::RebootBlocked {
+                version: s("1.1.0"),
+                reason: s("r"),
+            },
+            Event::Rebooting {
+                version: s("1.1.0"),
+                reason: Some(s("rollback")),
+            },
+            Event::WatchdogArmed {
+                device: s("/dev/watchdog"),
+            },
+            Event::TrialBoot {
+                version: s("1.1.0"),
+                deadline_s: 300,
+            },
+            Event::Committed {
+                version: s("1.1.0"),
+                slot: s("b"),
+            },
+            Event::TrialFailed {
+                version: s("1.1.0"),
+                reason: s("r"),
+            },
+            Event::RolledBack {
+                from: s("1.1.0"),
+                to: s("1.0.0"),
+                reason: s("r"),
+            },
+        ]
+    }
+
     #[test]
     fn event_lines_are_prefixed_single_line_json() {
         let line = render(
-            "ready",
-            &[
-                ("version", Value::from("1.0.0")),
-                ("reason", Value::from("a\nb")),
-            ],
+            &Event::BootFailed {
+                reason: "a\nb".into(),
+            },
+            42,
         );
-        let json = line.strip_prefix(EVENT_PREFIX).unwrap();
         assert!(!line.contains('\n'));
+        let json = line.strip_prefix(EVENT_PREFIX).unwrap();
         let v: Value = serde_json::from_str(json).unwrap();
-        assert_eq!(v["event"], "ready");
-        assert_eq!(v["version"], "1.0.0");
-        assert!(v["ms"].is_u64());
+        assert_eq!(v["event"], "boot-failed");
+        assert_eq!(v["reason"], "a\nb");
+        assert_eq!(v["ms"], 42);
+    }
+
+    #[test]
+    fn lines_keep_the_bytes_of_the_untyped_form() {
+        // The exact lines the agent printed before the enum (sorted keys,
+        // `null` gateway, optional fields left out).
+        let cases = [
+            (
+                Event::Ready {
+                    version: "1.0.0".into(),
+                    arch: "x86_64".into(),
+                    slot: "a".into(),
+                    boot_id: "b1".into(),
+                },
+                r#"{"arch":"x86_64","boot_id":"b1","event":"ready","ms":7,"slot":"a","version":"1.0.0"}"#,
+            ),
+            (
+                Event::NetworkConfigured {
+                    interface: "eth0".into(),
+                    address: "10.0.2.16/24".into(),
+                    source: AddressSource::Static,
+                    gateway: None,
+                    lease_s: None,
+                },
+                r#"{"address":"10.0.2.16/24","event":"network-configured","gateway":null,"interface":"eth0","ms":7,"source":"static"}"#,
+            ),
+            (Event::EarlyBoot, r#"{"event":"early-boot","ms":7}"#),
+            (
+                Event::Rebooting {
+                    version: "1.1.0".into(),
+                    reason: None,
+                },
+                r#"{"event":"rebooting","ms":7,"version":"1.1.0"}"#,
+            ),
+        ];
+        for (event, json) in cases {
+            assert_eq!(render(&event, 7), format!("{EVENT_PREFIX}{json}"));
+        }
+    }
+
+    #[test]
+    fn every_event_round_trips_with_its_name() {
+        for event in samples() {
+            let line = render(&event, 1);
+            let json = line.strip_prefix(EVENT_PREFIX).unwrap();
+            let v: Value = serde_json::from_str(json).unwrap();
+            assert_eq!(v["event"], event.name(), "{line}");
+            // `ms` is not part of the enum; consumers ignore unknown keys.
+            let back: Event = serde_json::from_str(json).unwrap();
+            assert_eq!(back, event);
+        }
+    }
+
+    #[test]
+    fn every_variant_is_named_once() {
+        let names: Vec<&str> = samples().iter().map(Event::name).collect();
+        assert_eq!(names, Event::NAMES, "samples and NAMES disagree");
+        // serde's own variant list (from its unknown-variant error) is the
+        // source of truth for what parses.
+        let err = serde_json::from_str::<Event>(r#"{"event":"no-such-event"}"#)
+            .unwrap_err()
+            .to_string();
+        let listed: Vec<&str> = err.split('`').skip(3).step_by(2).collect();
+        assert_eq!(listed, Event::NAMES, "{err}");
+    }
+
+    #[test]
+    fn the_doc_lists_exactly_the_events() {
+        let doc = include_str!("../../docs/console-events.md");
+        // First cell of every table row: | `name` | ...
+        let mut documented: Vec<&str> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`').map(|(name, _)| name))
+            .collect();
+        documented.sort_unstable();
+        let mut names = Event::NAMES.to_vec();
+        names.sort_unstable();
+        assert_eq!(
+            documented, names,
+            "docs/console-events.md's tables must list exactly console::Event's variants"
+        );
     }
 }

@@ -11,18 +11,18 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use serde_json::Value;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::api;
 use crate::boot::bootinfo::{BootInfo, BOOT_INFO_PATH};
 use crate::boot::mounts;
 use crate::config::Config;
+use crate::console::{self, Event};
 use crate::node::health::{BuiltinSources, HealthChecker, HealthMonitor};
 use crate::node::power::Action;
 use crate::node::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
 use crate::update::UpdateContext;
-use crate::{api, console};
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
 const FACTORY_ETC: &str = "/usr/share/factory/etc";
@@ -38,7 +38,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run() -> ! {
     std::panic::set_hook(Box::new(|info| {
-        console::emit("panic", &[("reason", Value::from(info.to_string()))]);
+        console::emit(&Event::Panic {
+            reason: info.to_string(),
+        });
         std::thread::sleep(Duration::from_secs(5));
         crate::node::power::reboot_now(Action::Reboot);
     }));
@@ -51,10 +53,9 @@ pub fn run() -> ! {
     {
         Ok(rt) => rt.block_on(main_loop()),
         Err(e) => {
-            console::emit(
-                "boot-failed",
-                &[("reason", Value::from(format!("starting the runtime: {e}")))],
-            );
+            console::emit(&Event::BootFailed {
+                reason: format!("starting the runtime: {e}"),
+            });
             Action::Reboot
         }
     };
@@ -194,15 +195,12 @@ async fn main_loop() -> Action {
         tracing::error!(error = %crate::error_chain(&e), "API not served");
     }
 
-    console::emit(
-        "ready",
-        &[
-            ("version", Value::from(status.version.as_str())),
-            ("arch", Value::from(status.arch)),
-            ("slot", Value::from(status.slot.as_str())),
-            ("boot_id", Value::from(boot_id)),
-        ],
-    );
+    console::emit(&Event::Ready {
+        version: status.version.clone(),
+        arch: status.arch.to_string(),
+        slot: status.slot.clone(),
+        boot_id,
+    });
 
     // The agent's own calls to the cluster (Node report, reboot strategy
     // `kubernetes`) need [kubernetes.agent]; without it only the kubelet
@@ -242,7 +240,9 @@ async fn main_loop() -> Action {
     }
 
     let action = wait_for_shutdown(&mut power_rx).await;
-    console::emit("shutdown", &[("action", Value::from(action.to_string()))]);
+    console::emit(&Event::Shutdown {
+        action: action.to_string(),
+    });
     if let Some(supervisor) = supervisor {
         supervisor.stop_all().await;
     }
@@ -391,7 +391,9 @@ fn load_config() -> (Config, Option<String>) {
         }
         Err(e) => {
             let reason = crate::error_chain(&e);
-            console::emit("config-error", &[("reason", Value::from(reason.clone()))]);
+            console::emit(&Event::ConfigError {
+                reason: reason.clone(),
+            });
             let last_good = std::fs::read_to_string(LAST_GOOD)
                 .ok()
                 .and_then(|text| Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok());

@@ -1,14 +1,26 @@
 //! Console events as the agent prints them on the serial console:
 //! `BALLAST-EVENT {"event":"ready","ms":1234,...}` (see ARCHITECTURE.md and
 //! docs/console-events.md). This module owns finding and parsing those
-//! lines; it does no I/O.
+//! lines; it does no I/O. The agent's events parse into its own type,
+//! [`ballast::console::Event`]; the few lines test programs print (the
+//! floor's `/init`, the k8s test container) are listed in [`TEST_EVENTS`].
 
 use std::time::Duration;
 
+pub use ballast::console::{Event as AgentEvent, EVENT_PREFIX};
 use serde_json::{Map, Value};
 
-/// Every event line carries this prefix.
-pub const EVENT_PREFIX: &str = "BALLAST-EVENT ";
+use crate::floor::FLOOR_EVENT;
+use crate::k8s::CONTAINER_EVENT;
+
+/// Events printed by test programs rather than the agent.
+pub const TEST_EVENTS: &[&str] = &[FLOOR_EVENT, CONTAINER_EVENT];
+
+/// Whether `name` is an event anyone prints: the agent's or a test
+/// program's. Waiting for anything else is a typo.
+pub fn is_known(name: &str) -> bool {
+    AgentEvent::NAMES.contains(&name) || TEST_EVENTS.contains(&name)
+}
 
 /// Errors parsing an event line that carries the prefix.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +35,12 @@ pub enum EventError {
     NotObject(String),
     #[error("event line lacks a string \"event\" field: {0:?}")]
     NoName(String),
+    #[error("event line does not match the agent's events (agent/src/console.rs): {line:?}")]
+    Agent {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One lifecycle event.
@@ -32,6 +50,8 @@ pub struct Event {
     pub name: String,
     /// All fields of the JSON object, `event` included.
     pub fields: Map<String, Value>,
+    /// The agent's event, typed; `None` for [`TEST_EVENTS`].
+    pub agent: Option<AgentEvent>,
     /// Time since the VM's QEMU process started when the harness read the
     /// line (`None` for events parsed outside a VM).
     pub host_elapsed: Option<Duration>,
@@ -77,9 +97,21 @@ fn parse_json(json: &str) -> Result<Event, EventError> {
         .and_then(Value::as_str)
         .ok_or_else(|| EventError::NoName(json.to_owned()))?
         .to_owned();
+    let agent = if TEST_EVENTS.contains(&name.as_str()) {
+        None
+    } else {
+        let typed = serde_json::from_value(Value::Object(fields.clone())).map_err(|source| {
+            EventError::Agent {
+                line: json.to_owned(),
+                source,
+            }
+        })?;
+        Some(typed)
+    };
     Ok(Event {
         name,
         fields,
+        agent,
         host_elapsed: None,
     })
 }
@@ -107,6 +139,51 @@ mod tests {
         assert_eq!(ev.str_field("slot"), Some("a"));
         assert_eq!(ev.str_field("boot_id"), Some("b1"));
         assert_eq!(ev.str_field("missing"), None);
+        assert_eq!(
+            ev.agent,
+            Some(AgentEvent::Ready {
+                version: "1.0.0".into(),
+                arch: "x86_64".into(),
+                slot: "a".into(),
+                boot_id: "b1".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn agent_events_must_match_the_agent_enum() {
+        // Unknown names and wrong field types are caught, not ignored.
+        assert!(matches!(
+            parse_line(r#"BALLAST-EVENT {"event":"redy","ms":1}"#),
+            Some(Err(EventError::Agent { .. }))
+        ));
+        assert!(matches!(
+            parse_line(
+                r#"BALLAST-EVENT {"event":"trial-boot","ms":1,"version":"1.1.0","deadline_s":"5"}"#
+            ),
+            Some(Err(EventError::Agent { .. }))
+        ));
+        // Test programs' own events stay untyped.
+        let floor = format!(r#"BALLAST-EVENT {{"event":"{FLOOR_EVENT}","ms":3}}"#);
+        let ev = parse_line(&floor).unwrap().unwrap();
+        assert_eq!(ev.agent, None);
+        assert_eq!(ev.ms(), Some(3));
+        assert!(is_known(FLOOR_EVENT) && is_known("rolled-back"));
+        assert!(!is_known("redy"));
+    }
+
+    #[test]
+    fn lines_the_agent_renders_parse_back() {
+        let event = AgentEvent::Rebooting {
+            version: "1.1.0".into(),
+            reason: Some("rollback".into()),
+        };
+        let ev = parse_line(&ballast::console::render(&event, 9))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ev.name, "rebooting");
+        assert_eq!(ev.ms(), Some(9));
+        assert_eq!(ev.agent, Some(event));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("waiting for {0:?}, which is neither an agent event (agent/src/console.rs) nor a test program's")]
+    UnknownEvent(String),
     #[error("no {wanted} event within {timeout:?}; {at}")]
     Timeout {
         wanted: String,
@@ -876,6 +878,9 @@ impl Vm {
         names: &[&str],
         timeout: Duration,
     ) -> Result<Option<Event>, VmError> {
+        if let Some(unknown) = names.iter().find(|n| !events::is_known(n)) {
+            return Err(VmError::UnknownEvent((*unknown).to_owned()));
+        }
         let wanted = names.join(" or ");
         let deadline = Instant::now() + timeout;
         loop {
@@ -1038,7 +1043,7 @@ mod tests {
 
     #[test]
     fn serial_reader_splits_lines_logs_bytes_and_keeps_the_partial_line() {
-        let console: &[u8] = b"\x1b[2JBdsDxe: loading\r\nBALLAST-EVENT {\"event\":\"ready\",\"ms\":7}\r\nBALLAST-EVENT {bad\nhalf a line";
+        let console: &[u8] = b"\x1b[2JBdsDxe: loading\r\nBALLAST-EVENT {\"event\":\"early-boot\",\"ms\":7}\r\nBALLAST-EVENT {bad\nhalf a line";
         let tail = Arc::new(Mutex::new(TailBuf::default()));
         let (tx, rx) = mpsc::channel();
         let mut log = Vec::new();
@@ -1047,7 +1052,7 @@ mod tests {
         let msgs: Vec<SerialMsg> = rx.try_iter().collect();
         assert_eq!(msgs.len(), 2);
         assert!(
-            matches!(&msgs[0], SerialMsg::Event(e) if e.name == "ready" && e.host_elapsed.is_some())
+            matches!(&msgs[0], SerialMsg::Event(e) if e.name == "early-boot" && e.host_elapsed.is_some())
         );
         assert!(matches!(&msgs[1], SerialMsg::Malformed(_)));
         let text = tail.lock().unwrap().text();

@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use ballast_updater::cmdline::{BootParams, CmdlineError};
 use nix::mount::{mount, MsFlags};
-use serde_json::Value;
 
 use crate::boot::bootinfo::BootInfo;
 use crate::boot::disks::{DiskError, Partition, Roots, Wanted};
 use crate::boot::modules::ModuleError;
 use crate::boot::mounts;
-use crate::{console, sys};
+use crate::console::{self, Event};
+use crate::sys;
 
 /// Where the slot is mounted before `switch_root`.
 const SYSROOT: &str = "/sysroot";
@@ -79,7 +79,7 @@ pub fn run() -> ! {
     };
     let reason = crate::error_chain(&err);
     eprintln!("ballast: early boot failed: {reason}");
-    console::emit("boot-failed", &[("reason", Value::from(reason))]);
+    console::emit(&Event::BootFailed { reason });
     std::thread::sleep(FAILURE_REBOOT_DELAY);
     crate::node::power::reboot_now(crate::node::power::Action::Reboot)
 }
@@ -88,7 +88,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     mounts::mount_api_filesystems()
         .map_err(|(target, source)| EarlyBootError::Mount { target, source })?;
     crate::reopen_console();
-    console::emit("early-boot", &[]);
+    console::emit(&Event::EarlyBoot);
 
     let cmdline = read_to_string("/proc/cmdline")?;
     let params = BootParams::parse(&cmdline)?;

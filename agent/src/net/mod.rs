@@ -27,11 +27,10 @@ use netlink_packet_route::address::{AddressAttribute, CacheInfo};
 use netlink_packet_route::route::RouteProtocol;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket;
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{parse_cidr, InterfaceConfig, NetworkConfig};
-use crate::console;
+use crate::console::{self, AddressSource, Event};
 use lease::{Action, Client, Destination, Lease};
 use link::{LinkChange, LinkInfo, LinkTracker};
 use resolv::{Entry, Resolv, Source};
@@ -359,10 +358,11 @@ impl Interface {
                     match carrier.on(&change) {
                         Some(link::CarrierAction::Pause) => {
                             tracing::info!(interface = %self.name, "carrier lost");
-                            console::emit("network-lost", &[
-                                ("interface", Value::from(self.name.clone())),
-                                ("reason", Value::from("carrier lost")),
-                            ]);
+                            console::emit(&Event::NetworkLost {
+                                interface: self.name.clone(),
+                                reason: "carrier lost".into(),
+                                address: None,
+                            });
                             if let Some((client, _)) = &mut dhcp {
                                 client.link_down();
                             }
@@ -434,20 +434,13 @@ impl Interface {
                 .await;
             match added {
                 Ok(()) => {
-                    console::emit(
-                        "network-configured",
-                        &[
-                            ("interface", Value::from(name.clone())),
-                            ("address", Value::from(a.clone())),
-                            ("source", Value::from("static")),
-                            (
-                                "gateway",
-                                self.config
-                                    .gateway
-                                    .map_or(Value::Null, |g| Value::from(g.to_string())),
-                            ),
-                        ],
-                    );
+                    console::emit(&Event::NetworkConfigured {
+                        interface: name.clone(),
+                        address: a.clone(),
+                        source: AddressSource::Static,
+                        gateway: self.config.gateway.map(|g| g.to_string()),
+                        lease_s: None,
+                    });
                     let _ = self.updates.send(Update::Configured).await;
                 }
                 Err(e) => {
@@ -574,21 +567,13 @@ impl Interface {
         if fresh {
             let address = format!("{}/{}", lease.address, lease.prefix);
             tracing::info!(interface = %name, %address, lease = ?lease.lease_time, "DHCP lease bound");
-            console::emit(
-                "network-configured",
-                &[
-                    ("interface", Value::from(name)),
-                    ("address", Value::from(address)),
-                    ("source", Value::from("dhcp")),
-                    (
-                        "gateway",
-                        lease
-                            .router
-                            .map_or(Value::Null, |g| Value::from(g.to_string())),
-                    ),
-                    ("lease_s", Value::from(lease.lease_time.as_secs())),
-                ],
-            );
+            console::emit(&Event::NetworkConfigured {
+                interface: name,
+                address,
+                source: AddressSource::Dhcp,
+                gateway: lease.router.map(|g| g.to_string()),
+                lease_s: Some(lease.lease_time.as_secs()),
+            });
         } else {
             tracing::debug!(interface = %name, address = %lease.address, "DHCP lease renewed");
         }
@@ -655,14 +640,11 @@ impl Interface {
             }
         }
         self.applied = None;
-        console::emit(
-            "network-lost",
-            &[
-                ("interface", Value::from(name.clone())),
-                ("reason", Value::from("DHCP lease ended")),
-                ("address", Value::from(lease.address.to_string())),
-            ],
-        );
+        console::emit(&Event::NetworkLost {
+            interface: name.clone(),
+            reason: "DHCP lease ended".into(),
+            address: Some(lease.address.to_string()),
+        });
         let _ = self
             .updates
             .send(Update::Dns {

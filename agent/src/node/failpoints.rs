@@ -16,9 +16,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
-
-use crate::console;
+use crate::console::{self, Event};
 
 /// The fail-point file in the usr image.
 pub const FAILPOINTS_FILE: &str = "/usr/lib/ballast/failpoints";
@@ -90,13 +88,10 @@ pub fn load(path: &Path) -> Result<usize, FailpointError> {
     }
     for (name, actions) in &points {
         tracing::warn!(name, actions, "fail point armed (test image)");
-        console::emit(
-            "failpoint-armed",
-            &[
-                ("name", Value::from(name.as_str())),
-                ("actions", Value::from(actions.as_str())),
-            ],
-        );
+        console::emit(&Event::FailpointArmed {
+            name: name.clone(),
+            actions: actions.clone(),
+        });
     }
     Ok(points.len())
 }

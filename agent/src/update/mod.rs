@@ -301,7 +301,7 @@ pub async fn run(ctx: UpdateContext) {
                 set_state(&ctx.status, UpdateState::RebootPending { version });
                 wait_for_reboot_permission(&ctx, version).await;
                 set_state(&ctx.status, UpdateState::Rebooting { version });
-                console::emit("rebooting", &[("version", v(version))]);
+                console::emit_raw("rebooting", &[("version", v(version))]);
                 let _ = ctx.power.send(Action::Reboot).await;
                 return;
             }
@@ -309,7 +309,7 @@ pub async fn run(ctx: UpdateContext) {
             Err(e) => {
                 let reason = crate::error_chain(&e);
                 tracing::warn!(error = %reason, "update check failed");
-                console::emit("update-error", &[("reason", Value::from(reason.clone()))]);
+                console::emit_raw("update-error", &[("reason", Value::from(reason.clone()))]);
                 set_error(&ctx.status, Some(reason));
             }
         }
@@ -352,7 +352,7 @@ async fn settle_running_version(
                 if let Ok(mut s) = ctx.status.lock() {
                     s.rollbacks += 1;
                 }
-                console::emit(
+                console::emit_raw(
                     "rolled-back",
                     &[
                         ("from", v(failed)),
@@ -387,7 +387,7 @@ async fn settle_running_version(
     // A hung trial must fall back too: with a hardware watchdog, stop
     // petting it and the machine resets, spending one boot try.
     let watchdog = TrialWatchdog::arm();
-    console::emit(
+    console::emit_raw(
         "trial-boot",
         &[
             ("version", v(running)),
@@ -412,7 +412,7 @@ async fn settle_running_version(
             if let Some(w) = watchdog {
                 w.disarm();
             }
-            console::emit(
+            console::emit_raw(
                 "committed",
                 &[
                     ("version", v(running)),
@@ -452,7 +452,7 @@ async fn settle_running_version(
             reason: reason.clone(),
         },
     );
-    console::emit(
+    console::emit_raw(
         "trial-failed",
         &[
             ("version", v(running)),
@@ -465,7 +465,7 @@ async fn settle_running_version(
         control::rollback(&RealStorage, &l, &r, SystemTime::now())
     })
     .await??;
-    console::emit(
+    console::emit_raw(
         "rebooting",
         &[
             ("version", v(report.to)),
@@ -497,7 +497,7 @@ impl TrialWatchdog {
                 .open(Self::DEVICE)
                 .ok()?,
         );
-        console::emit("watchdog-armed", &[("device", Value::from(Self::DEVICE))]);
+        console::emit_raw("watchdog-armed", &[("device", Value::from(Self::DEVICE))]);
         let d = device.clone();
         let pet = tokio::spawn(async move {
             loop {
@@ -582,7 +582,7 @@ async fn check_and_install(
                 tracing::info!(decision = check.decision, reason = %check.reason, "no update");
                 return Ok(None);
             };
-            console::emit(
+            console::emit_raw(
                 "update-found",
                 &[("version", v(version)), ("running", v(check.running))],
             );
@@ -591,7 +591,7 @@ async fn check_and_install(
             let mut progress = |p: install::Progress| {
                 let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
                 if percent >= next_percent {
-                    console::emit(
+                    console::emit_raw(
                         "install-progress",
                         &[
                             ("version", v(version)),
@@ -614,7 +614,7 @@ async fn check_and_install(
             let Some(installed) = report.installed else {
                 return Ok(None);
             };
-            console::emit(
+            console::emit_raw(
                 "installed",
                 &[
                     ("version", v(installed.version)),
@@ -633,7 +633,7 @@ async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
     match ctx.config.strategy {
         Strategy::Immediate => {}
         Strategy::Off => {
-            console::emit("reboot-needed", &[("version", v(version))]);
+            console::emit_raw("reboot-needed", &[("version", v(version))]);
             std::future::pending::<()>().await;
         }
         Strategy::Window => loop {
@@ -651,7 +651,7 @@ async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
                 tracing::error!(
                     "strategy kubernetes without a usable [kubernetes] agent credential; not rebooting"
                 );
-                console::emit(
+                console::emit_raw(
                     "reboot-blocked",
                     &[
                         ("version", v(version)),
@@ -670,7 +670,7 @@ async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
                     Err(e) => {
                         let reason = crate::error_chain(&e);
                         tracing::warn!(error = %reason, "not rebooting yet");
-                        console::emit(
+                        console::emit_raw(
                             "reboot-blocked",
                             &[("version", v(version)), ("reason", Value::from(reason))],
                         );
