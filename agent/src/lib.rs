@@ -9,6 +9,8 @@
 //! and `kubernetes`, then `api`, then `init` (PID 1's wiring) and `cli`.
 //! Nothing below `cli` imports it.
 
+#![deny(unsafe_code)]
+
 pub mod api;
 pub mod boot;
 pub mod cli;
@@ -18,6 +20,8 @@ pub mod init;
 pub mod kubernetes;
 pub mod net;
 pub mod node;
+// The one module allowed to hold unsafe code (syscalls, ioctls).
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod update;
 

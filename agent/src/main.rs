@@ -2,6 +2,8 @@
 //! boot); as PID 1 in the slot it is the node's init; anywhere else it is
 //! the command-line tool.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 
 /// Present only in the initramfs (written by the image build).

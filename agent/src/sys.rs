@@ -116,8 +116,10 @@ impl DmBuffer {
             version: [4, 0, 0],
             data_size: u32::try_from(words.len() * 8)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            data_start: Self::HEADER as u32,
-            target_count: targets.len() as u32,
+            data_start: u32::try_from(Self::HEADER)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            target_count: u32::try_from(targets.len())
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
             open_count: 0,
             flags,
             event_nr: 0,
@@ -188,9 +190,11 @@ pub fn dm_create_readonly(
         return Err(e);
     }
     let dev = created.dev;
+    // Linux majors have 12 bits and minors 20: both fit.
+    let fit = |n: u64| u32::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidData));
     Ok((
-        nix::sys::stat::major(dev) as u32,
-        nix::sys::stat::minor(dev) as u32,
+        fit(nix::sys::stat::major(dev))?,
+        fit(nix::sys::stat::minor(dev))?,
     ))
 }
 
@@ -239,7 +243,8 @@ pub fn resize_partition(disk: &File, number: u32, start: u64, length: u64) -> io
     let arg = BlkpgIoctlArg {
         op: BLKPG_RESIZE_PARTITION,
         flags: 0,
-        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+        datalen: i32::try_from(std::mem::size_of::<BlkpgPartition>())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
         data: &mut part,
     };
     // SAFETY: `arg` points at a live, correctly sized blkpg_partition for

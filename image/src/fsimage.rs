@@ -15,7 +15,9 @@ use uuid::Uuid;
 use crate::cmd::{Cmd, CmdError};
 
 /// Data and hash block size of the usr image.
-pub const BLOCK: u64 = 4096;
+pub const BLOCK: u64 = BLOCK_U32 as u64;
+/// [`BLOCK`] as dm-verity's parameters carry it.
+const BLOCK_U32: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -187,8 +189,8 @@ pub fn verity_format(
         root_hash,
         salt: salt_hex.to_owned(),
         data_blocks: data_size / BLOCK,
-        data_block_size: BLOCK as u32,
-        hash_block_size: BLOCK as u32,
+        data_block_size: BLOCK_U32,
+        hash_block_size: BLOCK_U32,
         hash_offset: data_size,
         hash_algorithm: "sha256".to_owned(),
     })

@@ -6,7 +6,9 @@
 use uuid::Uuid;
 
 /// Logical sector size of the images we write.
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = SECTOR_LEN as u64;
+/// [`SECTOR`] as a buffer length.
+const SECTOR_LEN: usize = 512;
 /// Partitions start and end on 1 MiB boundaries.
 pub const ALIGN: u64 = 1 << 20;
 /// Standard entry count and size: 128 * 128 bytes = 32 sectors.
@@ -145,7 +147,7 @@ impl Layout {
         } else {
             (last, 1, last - ENTRY_SECTORS)
         };
-        let mut h = vec![0u8; SECTOR as usize];
+        let mut h = vec![0u8; SECTOR_LEN];
         h[0..8].copy_from_slice(b"EFI PART");
         h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
         h[12..16].copy_from_slice(&92u32.to_le_bytes());
@@ -164,7 +166,7 @@ impl Layout {
     }
 
     fn protective_mbr(&self) -> Vec<u8> {
-        let mut m = vec![0u8; SECTOR as usize];
+        let mut m = vec![0u8; SECTOR_LEN];
         let r = &mut m[446..462];
         r[0] = 0; // not bootable
         r[1..4].copy_from_slice(&[0x00, 0x02, 0x00]); // CHS of LBA 1
@@ -202,9 +204,9 @@ impl Layout {
 pub fn crc32(data: &[u8]) -> u32 {
     const fn table() -> [u32; 256] {
         let mut t = [0u32; 256];
-        let mut i = 0;
+        let mut i = 0u32;
         while i < 256 {
-            let mut c = i as u32;
+            let mut c = i;
             let mut k = 0;
             while k < 8 {
                 c = if c & 1 != 0 {
@@ -214,7 +216,7 @@ pub fn crc32(data: &[u8]) -> u32 {
                 };
                 k += 1;
             }
-            t[i] = c;
+            t[i as usize] = c;
             i += 1;
         }
         t

@@ -9,6 +9,8 @@
 //! (what each image profile ships: packages, libraries, modules), and
 //! [`cmd`] (running those tools with useful errors).
 
+#![forbid(unsafe_code)]
+
 pub mod apt;
 pub mod build;
 pub mod cmd;

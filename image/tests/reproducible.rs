@@ -84,7 +84,7 @@ fn tool_made_pieces_are_byte_identical_and_verity_checks() {
         fsimage::verity_verify(&img, &params).unwrap();
         // the tree starts one block after the superblock at hash_offset
         let bytes = fs::read(&img).unwrap();
-        let sb = &bytes[params.hash_offset as usize..];
+        let sb = &bytes[usize::try_from(params.hash_offset).unwrap()..];
         assert_eq!(&sb[..8], b"verity\0\0");
         assert_eq!(params.hash_start_block(), params.data_blocks + 1);
         // ESP and STATE
@@ -139,7 +139,7 @@ fn too_big_content_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big");
-    fs::write(&big, vec![1u8; (2 * MIB) as usize]).unwrap();
+    fs::write(&big, vec![1u8; usize::try_from(2 * MIB).unwrap()]).unwrap();
     let layout = disk_layout(Arch::X86_64, MIB, MIB, MIB).unwrap();
     let err = write_disk(&layout, &dir.path().join("d.raw"), &[("USR-A", &big)]).unwrap_err();
     assert!(err.to_string().contains("USR-A"), "{err}");

@@ -9,6 +9,8 @@
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
 
+#![forbid(unsafe_code)]
+
 pub mod disk;
 pub mod events;
 pub mod floor;

@@ -53,7 +53,7 @@ mod tests {
 
     #[test]
     fn agrees_with_sha2() {
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7).to_le_bytes()[0]).collect();
         assert_eq!(sha256_hex(&data), hex::encode(sha2::Sha256::digest(&data)));
         assert_eq!(
             sha256_hex(b""),

@@ -229,7 +229,7 @@ mod tests {
             Ok(Some(self.data.clone()))
         }
         fn open(&self, _: &str, offset: u64) -> Result<Box<dyn Read + Send>, FetchError> {
-            let start = offset as usize;
+            let start = usize::try_from(offset).unwrap();
             let end = (start + self.chunk).min(self.data.len());
             Ok(Box::new(io::Cursor::new(self.data[start..end].to_vec())))
         }

@@ -512,7 +512,9 @@ impl<'a> Install<'a> {
     fn stage(&self, name: &'static str, in_memory_max: u64) -> Result<Staged, InstallError> {
         let size = artifact(self.meta, name)?.size;
         if size <= in_memory_max {
-            let mut bytes = MemoryTarget(Vec::with_capacity(size as usize));
+            // At most in_memory_max bytes; a capacity hint only.
+            let capacity = usize::try_from(size).unwrap_or(0);
+            let mut bytes = MemoryTarget(Vec::with_capacity(capacity));
             self.download(name, &mut bytes, &mut |_| {})?;
             return Ok(Staged::Memory(bytes.0));
         }
@@ -577,8 +579,9 @@ impl<'a> Install<'a> {
         });
         tracing::info!(
             bytes = usr.size,
-            streamed_ms = streamed.as_millis() as u64,
-            synced_and_verified_ms = (started.elapsed() - streamed).as_millis() as u64,
+            streamed_ms = u64::try_from(streamed.as_millis()).unwrap_or(u64::MAX),
+            synced_and_verified_ms =
+                u64::try_from((started.elapsed() - streamed).as_millis()).unwrap_or(u64::MAX),
             "usr.img written"
         );
         synced.map_err(|_| InstallError::CopyThread {
@@ -921,7 +924,7 @@ mod tests {
     #[test]
     fn pipeline_copy_hashes_and_writes_everything() {
         let data: Vec<u8> = (0..(3 * COPY_BUFFER_BYTES + 17))
-            .map(|i| (i % 253) as u8)
+            .map(|i| u8::try_from(i % 253).unwrap())
             .collect();
         let fs = MemStorage::new();
         fs.create_dir_all(Path::new("/x")).unwrap();

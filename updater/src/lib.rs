@@ -6,6 +6,8 @@
 //! The core logic has no async runtime and does all I/O through small traits
 //! so every step runs on plain files in tests.
 
+#![forbid(unsafe_code)]
+
 pub mod bootentry;
 pub mod bootmodel;
 pub mod cmdline;

@@ -134,7 +134,7 @@ fn a_big_kernel_waits_on_state_and_its_spool_file_is_removed() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = with_kernel_size(
         payload("1.1.0", Arch::X86_64, "base", 2),
-        STAGE_IN_MEMORY_MAX as usize + 12_345,
+        usize::try_from(STAGE_IN_MEMORY_MAX).unwrap() + 12_345,
     );
     let repo = Repo::new(&[&v1, &v2]);
     let node = TestNode::new(&v1);
@@ -162,7 +162,7 @@ fn a_refusal_after_spooling_changes_nothing() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = with_kernel_size(
         payload("1.1.0", Arch::X86_64, "base", 2),
-        STAGE_IN_MEMORY_MAX as usize + 1,
+        usize::try_from(STAGE_IN_MEMORY_MAX).unwrap() + 1,
     );
     let repo = Repo::new(&[&v1, &v2]);
     // The kernel is fine and spooled first; the initrd object is corrupt.
@@ -182,7 +182,7 @@ fn every_power_cut_while_spooling_or_after_leaves_a_bootable_node() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = with_kernel_size(
         payload("1.1.0", Arch::X86_64, "base", 2),
-        STAGE_IN_MEMORY_MAX as usize * 2 + 3,
+        usize::try_from(STAGE_IN_MEMORY_MAX).unwrap() * 2 + 3,
     );
     let repo = Repo::new(&[&v1, &v2]);
     let total = {

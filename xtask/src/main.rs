@@ -2,6 +2,8 @@
 //! builds, VM runs and tests, benchmarks, the CI suite). Each task lives in
 //! its own module; this file only parses the command line.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod ci;
 mod deps;

@@ -85,7 +85,8 @@ impl AgentUsage {
         let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
             .ok()
             .flatten()
-            .unwrap_or(100) as u64;
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(100);
         let cpu_ms = std::fs::read_to_string("/proc/self/stat")
             .ok()
             .and_then(|s| {

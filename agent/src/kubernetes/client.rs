@@ -452,7 +452,7 @@ impl KubeClient {
                 }
             };
             let pause = self.retry.backoff(attempt);
-            tracing::warn!(%verb, path, attempt, error = %failure, retry_in_ms = pause.as_millis() as u64, "kubernetes request failed, retrying");
+            tracing::warn!(%verb, path, attempt, error = %failure, retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), "kubernetes request failed, retrying");
             tokio::time::sleep(pause).await;
         }
     }
@@ -657,7 +657,9 @@ pub(crate) fn timestamp(t: std::time::SystemTime) -> k8s_openapi::jiff::Timestam
         .unwrap_or(Duration::ZERO);
     i64::try_from(d.as_secs())
         .ok()
-        .and_then(|s| k8s_openapi::jiff::Timestamp::new(s, d.subsec_nanos() as i32).ok())
+        .and_then(|s| {
+            k8s_openapi::jiff::Timestamp::new(s, i32::try_from(d.subsec_nanos()).ok()?).ok()
+        })
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
 }
 

@@ -232,7 +232,9 @@ impl RebootSemaphore {
             .is_some_and(|h| !h.is_empty() && h != self.config.holder);
         LeaseSpec {
             holder_identity: Some(self.config.holder.clone()),
-            lease_duration_seconds: Some(self.config.ttl.as_secs() as i32),
+            lease_duration_seconds: Some(
+                i32::try_from(self.config.ttl.as_secs()).unwrap_or(i32::MAX),
+            ),
             acquire_time: Some(now.clone()),
             renew_time: Some(now),
             lease_transitions: Some(transitions + i32::from(holder_changes)),
@@ -300,7 +302,8 @@ impl RebootSemaphore {
             };
             let spec = current.spec.get_or_insert_with(LeaseSpec::default);
             spec.renew_time = Some(MicroTime(timestamp(now)));
-            spec.lease_duration_seconds = Some(self.config.ttl.as_secs() as i32);
+            spec.lease_duration_seconds =
+                Some(i32::try_from(self.config.ttl.as_secs()).unwrap_or(i32::MAX));
             match self
                 .client
                 .put::<_, Lease>(&self.path(slot), &current)

@@ -316,7 +316,9 @@ pub struct LeaseOptions {
 pub fn mask_prefix(mask: Ipv4Addr) -> Option<u8> {
     let m = u32::from(mask);
     let ones = m.leading_ones();
-    (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+    (m.checked_shl(ones).unwrap_or(0) == 0)
+        .then(|| u8::try_from(ones).ok())
+        .flatten()
 }
 
 #[cfg(test)]

@@ -305,12 +305,16 @@ mod tests {
         dnssl.resize(24, 0);
         opts.extend_from_slice(&dnssl);
         let mut body = vec![10u8, 0];
-        body.extend_from_slice(&(opts.len() as u16).to_ne_bytes());
+        body.extend_from_slice(&u16::try_from(opts.len()).unwrap().to_ne_bytes());
         body.extend_from_slice(&2i32.to_ne_bytes());
         body.extend_from_slice(&[ICMPV6_RA, 0, 0, 0, 0, 0, 0, 0]);
         body.extend_from_slice(&opts);
         let mut msg = Vec::new();
-        msg.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(
+            &u32::try_from(NLMSG_HDRLEN + body.len())
+                .unwrap()
+                .to_ne_bytes(),
+        );
         msg.extend_from_slice(&RTM_NEWNDUSEROPT.to_ne_bytes());
         msg.extend_from_slice(&[0; 10]);
         msg.extend_from_slice(&body);

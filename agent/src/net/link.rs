@@ -150,7 +150,7 @@ mod tests {
             ethernet: true,
             physical: true,
             carrier,
-            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            mac: Some([2, 0, 0, 0, 0, u8::try_from(index).unwrap()]),
         }
     }
 

@@ -300,7 +300,7 @@ fn rfc3339<S: serde::Serializer>(at: &SystemTime, serializer: S) -> Result<S::Ok
 }
 
 fn age_ms<S: serde::Serializer>(began: &Instant, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_u64(began.elapsed().as_millis() as u64)
+    serializer.serialize_u64(u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The latest snapshot, `None` until the first run ends.
@@ -411,7 +411,7 @@ fn finish(name: &str, outcome: Result<String, String>, began: Instant) -> CheckR
         name: name.to_owned(),
         ok,
         message,
-        duration_ms: began.elapsed().as_millis() as u64,
+        duration_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -635,7 +635,11 @@ async fn run_command(
     let status = match tokio::time::timeout(timeout, &mut exit).await {
         Ok(status) => status.map_err(|_| "exit status lost".to_owned())?,
         Err(_) => {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            // A pid that does not fit would wrap to a negative "group";
+            // never send that.
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), exit).await;
             excerpt.abort();
             return Err(format!(

@@ -162,6 +162,9 @@ impl Limits {
         }
         if let Some(cpus) = self.cpu_max {
             let period = 100_000u64;
+            // `as` from f64 saturates (NaN becomes 0) and the value is at
+            // least 1000 here: no wrap, no sign to lose.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let quota = (cpus * period as f64).round().max(1000.0) as u64;
             files.push(("cpu.max", format!("{quota} {period}")));
         }
@@ -359,7 +362,10 @@ impl Reaper {
         let mut waiters = lock(&self.inner.waiters);
         let child = command.spawn()?;
         let (tx, rx) = oneshot::channel();
-        waiters.insert(child.id() as i32, tx);
+        // Linux pids stop at PID_MAX_LIMIT (2^22): they fit in i32.
+        #[allow(clippy::cast_possible_wrap)]
+        let pid = child.id() as i32;
+        waiters.insert(pid, tx);
         Ok((child, rx))
     }
 
@@ -1001,7 +1007,12 @@ fn spawn_process(context: &ServiceContext) -> Result<Running, SupervisorError> {
 
 /// Signals the service's process group (the service and what it forked).
 fn signal_group(pid: u32, signal: Signal, service: &str) {
-    if let Err(e) = killpg(Pid::from_raw(pid as i32), signal) {
+    // A pid that does not fit would wrap to a negative "group"; never send that.
+    let Ok(raw) = i32::try_from(pid) else {
+        tracing::warn!(service, pid, %signal, "pid out of range; signal not sent");
+        return;
+    };
+    if let Err(e) = killpg(Pid::from_raw(raw), signal) {
         if e != nix::errno::Errno::ESRCH {
             tracing::warn!(service, pid, %signal, error = %e, "signal not sent");
         }
@@ -1665,7 +1676,7 @@ command = ["db"]
             .await
             .expect("an exit was missed");
         for (i, exit) in ended.into_iter().enumerate() {
-            assert_eq!(exit.unwrap().code, Some(i as i32 % 3));
+            assert_eq!(exit.unwrap().code, Some(i32::try_from(i % 3).unwrap()));
         }
     }
 
@@ -1675,7 +1686,7 @@ command = ["db"]
         let (child, exit) = reaper
             .spawn(std::process::Command::new("true").stdin(Stdio::null()))
             .unwrap();
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
         // Reap it the way PID 1 would, before the reaper's own task runs.
         let status = waitpid(pid, None).unwrap();
         assert!(reaper.deliver(status));

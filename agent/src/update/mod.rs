@@ -322,7 +322,7 @@ pub async fn run(ctx: UpdateContext) {
 fn with_jitter(interval: Duration) -> Duration {
     let mut seed = [0u8; 8];
     let _ = getrandom::getrandom(&mut seed);
-    let tenth = interval.as_millis() as u64 / 10;
+    let tenth = u64::try_from(interval.as_millis() / 10).unwrap_or(u64::MAX);
     let extra = if tenth == 0 {
         0
     } else {

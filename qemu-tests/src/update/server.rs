@@ -423,7 +423,8 @@ fn answer(
         }
         if let Some(flip) = &flip {
             if flip.offset >= pos && flip.offset < pos + n as u64 {
-                let i = (flip.offset - pos) as usize;
+                // Less than n (checked above), so it fits.
+                let i = usize::try_from(flip.offset - pos).unwrap_or(0);
                 buf[i] ^= 0xff;
                 served.tampered = true;
             }

@@ -38,7 +38,8 @@ fn wait(vm: &mut Vm, name: &str) -> Result<Event> {
 }
 
 fn host_ms(ev: &Event) -> u64 {
-    ev.host_elapsed.map_or(0, |d| d.as_millis() as u64)
+    ev.host_elapsed
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 pub fn run(args: UpdateBenchArgs) -> Result<()> {
