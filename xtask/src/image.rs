@@ -59,28 +59,6 @@ pub struct ImageArgs {
     pub check_reproducible: bool,
 }
 
-impl ImageArgs {
-    /// Defaults for `arch`/`version` (for `xtask run` and `vm-test`).
-    #[allow(dead_code)] // for the run/vm-test tasks
-    pub fn new(arch: Arch, version: &str) -> Self {
-        ImageArgs {
-            arch,
-            version: version.to_owned(),
-            out: None,
-            trust: Vec::new(),
-            kernel: KernelFlavor::Cloud,
-            profile: Profile::Base,
-            kubelet: None,
-            failpoints: Vec::new(),
-            pins: Vec::new(),
-            slot_size: 1024,
-            state_size: 256,
-            agent: None,
-            check_reproducible: false,
-        }
-    }
-}
-
 /// `SOURCE_DATE_EPOCH` from the environment, else the commit time of HEAD,
 /// else a fixed constant.
 pub fn source_date_epoch(root: &Path) -> Result<u64> {

@@ -21,10 +21,11 @@
 //!   orphans it reaped. PID 1 then must not reap on its own while the
 //!   runtime runs (system.rs drops its SIGCHLD arm); other code in PID 1 that
 //!   starts processes uses [`Reaper::spawn`] too (the health checks do).
-//! * [`ReapScope::OwnChildren`] (tests, the CLI): it calls `waitpid(pid)` for
+//! * `ReapScope::OwnChildren` (tests only): it calls `waitpid(pid)` for
 //!   the pids it spawned only, so it never disturbs anyone else's children.
 //!
-//! An external reaper can also hand statuses over with [`Reaper::deliver`].
+//! In tests, an external reaper can also hand statuses over with
+//! `Reaper::deliver`.
 //! Spawning and reaping take the same lock, so a child that exits before its
 //! pid is recorded cannot be reaped unseen.
 //!
@@ -250,7 +251,8 @@ pub enum ReapScope {
     /// `waitpid(-1)`: every child of the process, orphans included (PID 1).
     AllChildren,
     /// `waitpid(pid)` for the children spawned through the reaper only.
-    #[allow(dead_code)] // PID 1 reaps everything; tests and tools use this.
+    /// Tests only: PID 1 reaps everything.
+    #[cfg(test)]
     OwnChildren,
 }
 
@@ -371,7 +373,7 @@ impl Reaper {
 
     /// Hands over a status reaped elsewhere; true when the pid was spawned
     /// through this reaper.
-    #[allow(dead_code)] // For a caller that keeps its own waitpid(-1) loop.
+    #[cfg(test)]
     pub fn deliver(&self, status: WaitStatus) -> bool {
         Self::deliver_locked(&mut lock(&self.inner.waiters), status)
     }
@@ -406,6 +408,7 @@ impl Reaper {
                     }
                 }
             },
+            #[cfg(test)]
             ReapScope::OwnChildren => {
                 let pids: Vec<i32> = waiters.keys().copied().collect();
                 for pid in pids {
@@ -810,7 +813,8 @@ impl SupervisorHandle {
         lock(&self.shared.services).values().cloned().collect()
     }
 
-    #[allow(dead_code)] // For callers after one service (tests, a future API).
+    /// One service's status (tests; the API reads [`Self::statuses`]).
+    #[cfg(test)]
     pub fn status(&self, service: &str) -> Option<ServiceStatus> {
         lock(&self.shared.services).get(service).cloned()
     }
