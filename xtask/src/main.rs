@@ -10,6 +10,8 @@ mod deps;
 mod fuzz;
 mod image;
 mod run;
+#[cfg(test)]
+mod tidy;
 mod vm_test;
 
 use std::path::PathBuf;
