@@ -4,10 +4,11 @@
 //! (`kubernetes`), configuration (`config`) and the command-line tool
 //! (`cli`). `main.rs` only picks one of the three entry points.
 //!
-//! Layers only look down (checked by the tidy test): `sys` and `console` at
-//! the bottom, then `config`, then `node`, `net` and `boot`, then `update`
-//! and `kubernetes`, then `api`, then `init` (PID 1's wiring) and `cli`.
-//! Nothing below `cli` imports it.
+//! Layers only look down (checked by xtask's tidy test): `sys` and
+//! `console` at the bottom, then `node` and `boot`, then `config` (which
+//! composes their tables), then `net`, then `update` and `kubernetes`, then
+//! `api`, then `init` (PID 1's wiring) and `cli`. Nothing but `main.rs`
+//! imports `cli`.
 
 #![deny(unsafe_code)]
 
