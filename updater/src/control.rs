@@ -11,7 +11,7 @@ use crate::bootmodel::boot_order;
 use crate::cmdline::Slot;
 use crate::esp::{list_entries, running_entry, InstalledEntry, NodeLayout};
 use crate::payload::Version;
-use crate::state::{Event, StateDir, StateError};
+use crate::state::{Event, EventKind, StateDir, StateError};
 use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ pub fn mark_good(
         if !state.rejected()?.contains(v) {
             state.reject(*v)?;
             state.record(&Event::new(
-                "rollback-detected",
+                EventKind::RollbackDetected,
                 *v,
                 running.slot.other(),
                 now,
@@ -92,7 +92,7 @@ pub fn mark_good(
     }
     if !was_blessed {
         state.record(&Event::new(
-            "bless",
+            EventKind::Bless,
             running.version,
             running.slot,
             now,
@@ -175,7 +175,7 @@ pub fn rollback(
         state.reject(running.version)?;
     }
     state.record(&Event::new(
-        "rollback",
+        EventKind::Rollback,
         other.name.version,
         other_slot,
         now,

@@ -35,7 +35,7 @@ use crate::manifest::{
     MAX_MANIFEST_BYTES, SIGNATURES_FILE,
 };
 use crate::payload::{Arch, Artifact, PayloadMetadata, Version, INITRD, KERNEL, USR_IMAGE};
-use crate::state::{Event, StateDir, StateError};
+use crate::state::{Event, EventKind, StateDir, StateError};
 use crate::storage::{Storage, StorageError, WriteTarget};
 
 /// Boots a new version gets before systemd-boot falls back.
@@ -215,11 +215,47 @@ pub struct CheckReport {
     pub expires: String,
     pub signed_by: Vec<String>,
     pub running: Version,
-    /// `install`, `up-to-date` or `waiting`.
-    pub decision: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<Version>,
+    /// In JSON as `"decision"` (`install`, `up-to-date`, `waiting`) and,
+    /// unless up to date, `"version"`, as before it was typed.
+    #[serde(flatten)]
+    pub decision: Decision,
     pub reason: String,
+}
+
+/// What `check` decided for this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "decision", content = "version", rename_all = "kebab-case")]
+pub enum Decision {
+    /// This release applies and should be installed.
+    Install(Version),
+    /// Nothing newer than the running version applies.
+    UpToDate,
+    /// This release exists but the node's rollout wave has not started.
+    Waiting(Version),
+}
+
+impl Decision {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decision::Install(_) => "install",
+            Decision::UpToDate => "up-to-date",
+            Decision::Waiting(_) => "waiting",
+        }
+    }
+
+    /// The release the decision is about, if any.
+    pub fn version(&self) -> Option<Version> {
+        match self {
+            Decision::Install(v) | Decision::Waiting(v) => Some(*v),
+            Decision::UpToDate => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// What `apply` did.
@@ -296,14 +332,12 @@ fn decide(
         expires: m.expires.clone(),
         signed_by: verified.signed_by.clone(),
         running,
-        decision: "up-to-date",
-        version: None,
+        decision: Decision::UpToDate,
         reason: String::new(),
     };
     let release = match selection {
         Selection::Install(r) => {
-            report.decision = "install";
-            report.version = Some(r.version());
+            report.decision = Decision::Install(r.version());
             report.reason = format!(
                 "release {} for {} {} is the newest applicable (running {running})",
                 r.version(),
@@ -325,8 +359,7 @@ fn decide(
             None
         }
         Selection::Waiting { version } => {
-            report.decision = "waiting";
-            report.version = Some(version);
+            report.decision = Decision::Waiting(version);
             report.reason = format!(
                 "release {version} exists but this node's rollout wave (bucket {}) has not started",
                 facts.bucket
@@ -605,7 +638,7 @@ impl<'a> Install<'a> {
         self.advance(InstallPhase::Committed)?;
         let state = StateDir::new(self.node.storage, &self.node.layout.state_dir);
         state.record(&Event::new(
-            "install",
+            EventKind::Install,
             self.meta.version,
             self.target,
             self.node.now,
@@ -958,5 +991,29 @@ mod tests {
             Some(InstallPhase::InactiveEntriesRemoved)
         );
         assert_eq!(InstallPhase::Committed.next(), None);
+    }
+
+    #[test]
+    fn a_check_report_keeps_its_json_shape() {
+        let v: Version = "1.2.0".parse().unwrap();
+        let report = |decision| CheckReport {
+            repo: "r".into(),
+            sequence: 1,
+            expires: "e".into(),
+            signed_by: vec![],
+            running: "1.1.0".parse().unwrap(),
+            decision,
+            reason: "why".into(),
+        };
+        let json = serde_json::to_value(report(Decision::Install(v))).unwrap();
+        assert_eq!(json["decision"], "install");
+        assert_eq!(json["version"], "1.2.0");
+        let json = serde_json::to_value(report(Decision::Waiting(v))).unwrap();
+        assert_eq!(json["decision"], "waiting");
+        assert_eq!(json["version"], "1.2.0");
+        let json = serde_json::to_value(report(Decision::UpToDate)).unwrap();
+        assert_eq!(json["decision"], "up-to-date");
+        assert!(json.get("version").is_none(), "{json}");
+        assert_eq!(Decision::UpToDate.to_string(), "up-to-date");
     }
 }

@@ -17,6 +17,8 @@ const SEQUENCE_FILE: &str = "highest-sequence";
 const LAST_EVENT_FILE: &str = "last-event.json";
 const REJECTED_FILE: &str = "rejected.json";
 const BUCKET_FILE: &str = "rollout-bucket";
+/// One empty file per version whose fall-back the agent has reported.
+const ROLLBACK_REPORTED_PREFIX: &str = "rollback-reported-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -26,11 +28,41 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+/// The kinds of [`Event`]; on disk as the kebab-case names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A release was installed into the other slot.
+    Install,
+    /// The running version passed its trial.
+    Bless,
+    /// The node was sent back to the other slot.
+    Rollback,
+    /// A newer version used up its boot tries and systemd-boot fell back.
+    RollbackDetected,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Install => "install",
+            EventKind::Bless => "bless",
+            EventKind::Rollback => "rollback",
+            EventKind::RollbackDetected => "rollback-detected",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What happened last, for `ballast update status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `install`, `bless`, `rollback`, `rollback-detected`.
-    pub kind: String,
+    pub kind: EventKind,
     pub version: Version,
     pub slot: Slot,
     /// RFC 3339.
@@ -41,14 +73,14 @@ pub struct Event {
 
 impl Event {
     pub fn new(
-        kind: &str,
+        kind: EventKind,
         version: Version,
         slot: Slot,
         now: SystemTime,
         reason: Option<String>,
     ) -> Self {
         Event {
-            kind: kind.to_owned(),
+            kind,
             version,
             slot,
             at: humantime::format_rfc3339_seconds(now).to_string(),
@@ -152,6 +184,19 @@ impl<'a> StateDir<'a> {
         Ok(())
     }
 
+    /// Notes that the fall-back from `version` has been reported; true
+    /// the first time, so the agent reports each fall-back once, not at
+    /// every boot. The marker is written atomically like every state file.
+    pub fn note_rollback_reported(&self, version: Version) -> Result<bool, StateError> {
+        let name = format!("{ROLLBACK_REPORTED_PREFIX}{version}");
+        if self.read_opt(&name)?.is_some() {
+            return Ok(false);
+        }
+        self.storage.create_dir_all(self.dir)?;
+        write_atomic(self.storage, &self.dir.join(&name), b"")?;
+        Ok(true)
+    }
+
     /// The node's rollout bucket (0..100), drawn once at random and kept.
     pub fn bucket(&self) -> Result<u8, StateError> {
         if let Some(bytes) = self.read_opt(BUCKET_FILE)? {
@@ -195,5 +240,43 @@ mod tests {
         assert_eq!(st.bucket().unwrap(), b);
         st.reject("1.0.0".parse().unwrap()).unwrap();
         assert_eq!(st.rejected().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_rollback_is_reported_once_even_across_a_crash() {
+        let fs = MemStorage::new();
+        let dir = Path::new("/state");
+        let st = StateDir::new(&fs, dir);
+        let v: Version = "1.2.0".parse().unwrap();
+        assert!(st.note_rollback_reported(v).unwrap());
+        fs.reboot_after_crash();
+        assert!(!st.note_rollback_reported(v).unwrap());
+        assert!(st.note_rollback_reported("1.3.0".parse().unwrap()).unwrap());
+        // The same file name as before the change, so old markers count.
+        assert!(fs.read(&dir.join("rollback-reported-1.2.0")).is_ok());
+    }
+
+    #[test]
+    fn event_kinds_keep_their_on_disk_names() {
+        let now = SystemTime::UNIX_EPOCH;
+        let v: Version = "1.0.0".parse().unwrap();
+        for (kind, name) in [
+            (EventKind::Install, "install"),
+            (EventKind::Bless, "bless"),
+            (EventKind::Rollback, "rollback"),
+            (EventKind::RollbackDetected, "rollback-detected"),
+        ] {
+            let json = serde_json::to_value(Event::new(kind, v, Slot::A, now, None)).unwrap();
+            assert_eq!(json["kind"], name);
+            assert_eq!(kind.to_string(), name);
+            let back: Event = serde_json::from_value(json).unwrap();
+            assert_eq!(back.kind, kind);
+        }
+        let old = r#"{"kind":"rollback-detected","version":"1.0.0","slot":"b","at":"2026-01-01T00:00:00Z"}"#;
+        assert_eq!(
+            serde_json::from_str::<Event>(old).unwrap().kind,
+            EventKind::RollbackDetected
+        );
+        assert!(serde_json::from_str::<Event>(&old.replace("rollback-detected", "explode")).is_err());
     }
 }

@@ -518,13 +518,9 @@ impl TrialWatchdog {
 /// True the first time a rollback from `failed` is seen on this node
 /// (a marker on STATE), so it is reported once, not at every boot.
 fn first_report_of_rollback(layout: &NodeLayout, failed: Version) -> bool {
-    let marker = layout.state_dir.join(format!("rollback-reported-{failed}"));
-    if marker.exists() {
-        return false;
-    }
-    let _ = std::fs::create_dir_all(&layout.state_dir);
-    let _ = std::fs::write(&marker, b"");
-    true
+    ballast_updater::state::StateDir::new(&RealStorage, &layout.state_dir)
+        .note_rollback_reported(failed)
+        .unwrap_or(true)
 }
 
 async fn check_and_install(
@@ -578,8 +574,8 @@ async fn check_and_install(
                 s.last_check =
                     Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
             }
-            let Some(version) = check.version.filter(|_| check.decision == "install") else {
-                tracing::info!(decision = check.decision, reason = %check.reason, "no update");
+            let install::Decision::Install(version) = check.decision else {
+                tracing::info!(decision = %check.decision, reason = %check.reason, "no update");
                 return Ok(None);
             };
             console::emit_raw(
