@@ -6,6 +6,7 @@
 //! reboot, SIGUSR2 powers off, SIGUSR1 halts.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -22,6 +23,8 @@ use crate::console::{self, Event};
 use crate::node::health::{BuiltinSources, HealthChecker, HealthMonitor};
 use crate::node::power::Action;
 use crate::node::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
+use crate::config::update::{Strategy, UpdateConfig};
+use crate::update::strategy::{self, RebootStrategy};
 use crate::update::UpdateContext;
 
 /// Factory defaults copied into the `/etc` tmpfs every boot.
@@ -228,13 +231,14 @@ async fn main_loop() -> Action {
     }
 
     if let Some(health) = health {
+        let (strategy, holders) = reboot_strategy(&config.update, cluster, machine_id());
         let ctx = UpdateContext {
             config: config.update.clone(),
             health,
-            cluster,
+            strategy,
+            holders,
             status: update_status,
             power: power_tx,
-            node_id: machine_id(),
         };
         tokio::spawn(crate::update::run(ctx));
     }
@@ -260,6 +264,42 @@ fn count_boot() -> u64 {
     let _ = std::fs::create_dir_all(STATE_DIR);
     let _ = std::fs::write(&path, format!("{boots}\n"));
     boots
+}
+
+/// The configured reboot strategy, and everything that may hold a reboot
+/// lock of this node (released after a healthy boot whatever the strategy).
+fn reboot_strategy(
+    config: &UpdateConfig,
+    cluster: Option<std::sync::Arc<crate::kubernetes::coordinator::Cluster>>,
+    node_id: String,
+) -> (Arc<dyn RebootStrategy>, Vec<Arc<dyn RebootStrategy>>) {
+    let fleetlock = config.fleetlock.clone().map(|config| {
+        Arc::new(strategy::FleetLock { config, node_id }) as Arc<dyn RebootStrategy>
+    });
+    let cluster = cluster.map(|c| c as Arc<dyn RebootStrategy>);
+    // Config::merge rejects window and fleetlock without their tables, so
+    // `Unavailable` there is only a guard.
+    let unavailable = |reason: &str| -> Arc<dyn RebootStrategy> {
+        tracing::error!(reason, "the update strategy cannot work; not rebooting");
+        Arc::new(strategy::Unavailable {
+            reason: reason.to_owned(),
+        })
+    };
+    let chosen = match config.strategy {
+        Strategy::Immediate => Arc::new(strategy::Immediate) as Arc<dyn RebootStrategy>,
+        Strategy::Off => Arc::new(strategy::Off),
+        Strategy::Window => match &config.window {
+            Some(w) => Arc::new(strategy::Window(w.clone())),
+            None => unavailable("strategy window without [update.window]"),
+        },
+        Strategy::Fleetlock => fleetlock
+            .clone()
+            .unwrap_or_else(|| unavailable("strategy fleetlock without [update.fleetlock]")),
+        Strategy::Kubernetes => cluster
+            .clone()
+            .unwrap_or_else(|| unavailable("no Kubernetes credential for the agent")),
+    };
+    (chosen, fleetlock.into_iter().chain(cluster).collect())
 }
 
 /// A random id made at first boot and kept on STATE (FleetLock's node id).

@@ -231,8 +231,7 @@ async fn handle(
                     .unwrap_or_default(),
                 last_update_check: update
                     .as_ref()
-                    .and_then(|u| u.last_check.as_deref())
-                    .and_then(|t| humantime::parse_rfc3339(t).ok()),
+                    .and_then(|u| u.last_check),
                 services: shared.services(),
                 health_age: health.as_ref().map(|s| s.age()),
                 health: health.map(|s| s.report.clone()),

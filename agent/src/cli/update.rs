@@ -3,29 +3,26 @@
 //! running version from /proc/cmdline, the slots by GPT label (`USR-A`,
 //! `USR-B`) on the disk that holds the running slot, the ESP at /efi, the
 //! state in /var/lib/ballast/update. Overrides make it run on plain files.
-//! The logic is `ballast_updater::{install, control}`.
+//! Discovery is `crate::update::layout` (PID 1's update driver uses the
+//! same); the logic is `ballast_updater::{install, control}`.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use ballast_updater::cmdline::{BootParams, Slot};
 use ballast_updater::control;
-use ballast_updater::esp::{list_entries, NodeLayout, SlotDevice};
+use ballast_updater::esp::NodeLayout;
 use ballast_updater::install::{self, ApplyOptions, Node, Progress, Source};
 use ballast_updater::keys::TrustedKeys;
 use ballast_updater::payload::{Arch, Version};
-use ballast_updater::storage::{RealStorage, Storage};
-use uuid::Uuid;
+use ballast_updater::storage::RealStorage;
 
-const DEFAULT_ESP: &str = "/efi";
-const DEFAULT_STATE: &str = "/var/lib/ballast/update";
-const DEFAULT_TRUST: &str = "/usr/lib/ballast/trust";
+use crate::update::layout;
+
 /// One line: the repository URL, when neither `--repo` nor `[update]
 /// repository` gives one.
 const DEFAULT_REPO_FILE: &str = "/etc/ballast/update-repo";
-const OS_RELEASE: &str = "/usr/lib/os-release";
 
 /// Where the node's pieces are; each defaults to discovery on a node.
 #[derive(Debug, Clone, clap::Args)]
@@ -40,10 +37,10 @@ pub struct NodeArgs {
     #[arg(long, value_name = "PATH[=PARTUUID]")]
     slot_b: Option<String>,
     /// Kernel command line of the running system.
-    #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+    #[arg(long, value_name = "FILE", default_value = layout::DEFAULT_CMDLINE)]
     cmdline: PathBuf,
     /// Updater state directory.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE)]
+    #[arg(long, value_name = "DIR", default_value = layout::DEFAULT_STATE)]
     state: PathBuf,
     /// Machine-readable output.
     #[arg(long)]
@@ -126,143 +123,26 @@ pub enum UpdateCommand {
     },
 }
 
-/// `PATH[=PARTUUID]`.
-fn split_slot_arg(arg: &str) -> anyhow::Result<(PathBuf, Option<Uuid>)> {
-    match arg.rsplit_once('=') {
-        Some((path, uuid)) if Uuid::parse_str(uuid).is_ok() => {
-            Ok((PathBuf::from(path), Uuid::parse_str(uuid).ok()))
-        }
-        _ => Ok((PathBuf::from(arg), None)),
-    }
-}
-
-/// A slot's PARTUUID when the override gave none: the running slot's is on
-/// the command line; the other's is in an entry that boots it.
-fn partuuid_for(
-    storage: &dyn Storage,
-    esp: &Path,
-    running: &BootParams,
-    slot: Slot,
-) -> Option<Uuid> {
-    if slot == running.slot {
-        return Some(running.usr_partuuid);
-    }
-    list_entries(storage, esp)
-        .ok()?
-        .into_iter()
-        .filter_map(|e| e.entry.ok())
-        .find(|e| e.params.slot == slot)
-        .map(|e| e.params.usr_partuuid)
-}
-
-/// The running node's layout, found as `ballast update` finds it without
-/// overrides; the agent's update loop uses it.
-pub fn node_layout() -> anyhow::Result<NodeLayout> {
-    layout(&NodeArgs {
-        esp: None,
-        slot_a: None,
-        slot_b: None,
-        cmdline: "/proc/cmdline".into(),
-        state: DEFAULT_STATE.into(),
-        json: false,
-    })
-}
-
 fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
-    let cmdline = std::fs::read_to_string(&args.cmdline)
-        .with_context(|| format!("reading {}", args.cmdline.display()))?;
-    let running = BootParams::parse(&cmdline)
-        .with_context(|| format!("{} does not name a Ballast version", args.cmdline.display()))?;
-    let esp = args.esp.clone().unwrap_or_else(|| DEFAULT_ESP.into());
-    let discovered = if args.slot_a.is_none() || args.slot_b.is_none() {
-        Some(discover_slots(&running)?)
-    } else {
-        None
-    };
-    let mut slots = Vec::new();
-    for (slot, arg) in [(Slot::A, &args.slot_a), (Slot::B, &args.slot_b)] {
-        let dev = match arg {
-            Some(arg) => {
-                let (path, uuid) = split_slot_arg(arg)?;
-                let partuuid = match uuid {
-                    Some(u) => u,
-                    None => {
-                        partuuid_for(&RealStorage, &esp, &running, slot).with_context(|| {
-                            format!(
-                                "no PARTUUID known for slot {slot}: pass --slot-{slot} {}=PARTUUID",
-                                path.display()
-                            )
-                        })?
-                    }
-                };
-                SlotDevice {
-                    slot,
-                    path,
-                    partuuid,
-                }
-            }
-            None => discovered
-                .as_ref()
-                .and_then(|d| d.iter().find(|s| s.slot == slot).cloned())
-                .with_context(|| {
-                    format!("no partition labelled {} found", slot.partition_label())
-                })?,
-        };
-        slots.push(dev);
-    }
-    let slot_b = slots.pop().context("slot b")?;
-    let slot_a = slots.pop().context("slot a")?;
-    Ok(NodeLayout {
-        esp,
-        slot_a,
-        slot_b,
-        state_dir: args.state.clone(),
-        running,
-    })
-}
-
-/// USR-A and USR-B on the disk that holds the running slot.
-fn discover_slots(running: &BootParams) -> anyhow::Result<Vec<SlotDevice>> {
-    let parts = crate::boot::disks::Roots::default().partitions();
-    let current = parts
-        .iter()
-        .find(|p| p.partuuid == running.usr_partuuid)
-        .with_context(|| {
-            format!(
-                "the running slot's partition (PARTUUID {}) is on no disk; pass --slot-a/--slot-b",
-                running.usr_partuuid
-            )
-        })?;
-    Ok([Slot::A, Slot::B]
-        .into_iter()
-        .filter_map(|slot| {
-            parts
-                .iter()
-                .find(|p| p.disk == current.disk && p.label == slot.partition_label())
-                .map(|p| SlotDevice {
-                    slot,
-                    path: p.device.clone(),
-                    partuuid: p.partuuid,
-                })
-        })
-        .collect())
+    Ok(layout::discover(&layout::Overrides {
+        esp: args.esp.clone().unwrap_or_else(|| layout::DEFAULT_ESP.into()),
+        slot_a: args.slot_a.as_deref().map(layout::SlotOverride::parse),
+        slot_b: args.slot_b.as_deref().map(layout::SlotOverride::parse),
+        cmdline: args.cmdline.clone(),
+        state: args.state.clone(),
+    })?)
 }
 
 fn variant(source: &SourceArgs) -> anyhow::Result<String> {
     if let Some(v) = &source.variant {
         return Ok(v.clone());
     }
-    let text = std::fs::read_to_string(OS_RELEASE)
-        .with_context(|| format!("reading {OS_RELEASE} (or pass --variant)"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VARIANT_ID="))
-        .map(|v| v.trim_matches('"').to_owned())
-        .with_context(|| format!("{OS_RELEASE} has no VARIANT_ID (pass --variant)"))
+    layout::variant().context("pass --variant")
 }
 
 fn trust(source: &SourceArgs) -> anyhow::Result<TrustedKeys> {
     let paths = if source.trust.is_empty() {
-        vec![PathBuf::from(DEFAULT_TRUST)]
+        vec![PathBuf::from(layout::DEFAULT_TRUST)]
     } else {
         source.trust.clone()
     };
@@ -271,12 +151,12 @@ fn trust(source: &SourceArgs) -> anyhow::Result<TrustedKeys> {
 
 /// The node's `[update]` settings; an unreadable configuration only
 /// means no defaults from it (flags still work off the node).
-fn configured() -> crate::update::UpdateConfig {
+fn configured() -> crate::config::update::UpdateConfig {
     match super::config::effective() {
         Ok(c) => c.update,
         Err(e) => {
             tracing::debug!(error = %e, "no node configuration for update defaults");
-            crate::update::UpdateConfig::default()
+            crate::config::update::UpdateConfig::default()
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod kubernetes;
 pub mod kubernetes_validate;
+pub mod update;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -91,7 +92,7 @@ pub struct Config {
     #[serde(default)]
     pub services: BTreeMap<String, crate::node::supervisor::ServiceSpec>,
     #[serde(default)]
-    pub update: crate::update::UpdateConfig,
+    pub update: update::UpdateConfig,
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,
@@ -258,6 +259,15 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     }
     let text = toml::to_string(&merged).unwrap_or_default();
     let config = Config::parse(&text, Path::new("merged configuration"))?;
+    // A layer may set the strategy and another its table (vendor default
+    // and user-data); only the whole must be complete.
+    config
+        .update
+        .validate()
+        .map_err(|detail| ConfigError::Invalid {
+            path: "merged configuration".into(),
+            detail,
+        })?;
     // A layer may hold part of [kubernetes]; only the whole must be complete.
     if let Some(k8s) = &config.kubernetes {
         crate::config::kubernetes_validate::check_complete(k8s).map_err(|e| {
@@ -547,6 +557,47 @@ dns = ["10.0.2.3"]
         assert!(
             err.contains("b.toml") && err.contains("line 4") && err.contains("listn"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn an_update_strategy_needs_its_table_in_the_merged_config() {
+        let vendor = layer("10-vendor.toml", "[update]\nstrategy = \"window\"\n");
+        let err = merge(std::slice::from_ref(&vendor)).unwrap_err().to_string();
+        assert!(err.contains("[update.window]"), "{err}");
+        let err = merge(&[layer("u", "[update]\nstrategy = \"fleetlock\"\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[update.fleetlock]"), "{err}");
+        // The table may come from another layer.
+        let user = layer(
+            "user-data",
+            "[update.window]\nstart = \"02:00\"\nlength = \"1h\"\n",
+        );
+        let (config, _) = merge(&[vendor, user]).unwrap();
+        assert!(config.update.window.is_some());
+        // A bad time of day is an error naming the file and key.
+        let err = merge(&[layer(
+            "bad.toml",
+            "[update.window]\nstart = \"24:00\"\nlength = \"1h\"\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bad.toml") && err.contains("24:00"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_example_loads() {
+        let doc = include_str!("../../../docs/configuration.md");
+        let example = doc
+            .split("## Example\n\n```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/configuration.md has an example");
+        let (config, _) = merge(&[layer("docs/configuration.md", example)]).unwrap();
+        assert_eq!(
+            config.update.strategy,
+            crate::config::update::Strategy::Fleetlock
         );
     }
 

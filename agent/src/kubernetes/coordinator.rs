@@ -14,9 +14,12 @@ use super::drain::{self, DrainError, DrainOptions};
 use super::lease::{Acquire, LeaseError, RebootSemaphore, SemaphoreConfig};
 use super::node_report::{self, ConditionStatus, NodeReport, NodeReportError};
 use crate::config::kubernetes::KubernetesConfig;
+use crate::update::strategy::{Blocked, Notice, Permit, RebootStrategy};
 
 /// How long to wait before asking for a reboot slot again.
 const SLOT_RETRY: Duration = Duration::from_secs(30);
+/// How long to wait after a failed drain before trying again.
+const DRAIN_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -209,6 +212,39 @@ impl Cluster {
                 node: self.node.clone(),
                 source,
             })
+    }
+}
+
+/// The `kubernetes` reboot strategy: a Lease slot, cordon and drain
+/// before the reboot; uncordon and release after a healthy boot.
+impl RebootStrategy for Cluster {
+    fn permit(
+        &self,
+        _version: ballast_updater::payload::Version,
+    ) -> futures_util::future::BoxFuture<'_, Result<Permit, Blocked>> {
+        Box::pin(async {
+            self.before_reboot().await.map(|()| Permit).map_err(|e| {
+                let reason = crate::error_chain(&e);
+                tracing::warn!(error = %reason, "not rebooting yet");
+                Blocked {
+                    reason,
+                    retry_after: Some(DRAIN_RETRY),
+                    notice: Notice::RebootBlocked,
+                }
+            })
+        })
+    }
+
+    fn committed(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        self.back_in_service()
+    }
+
+    fn back_in_service(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async {
+            if let Err(e) = self.after_healthy_boot().await {
+                tracing::warn!(error = %crate::error_chain(&e), "node not put back in service");
+            }
+        })
     }
 }
 

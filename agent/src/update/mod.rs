@@ -1,172 +1,54 @@
-//! The automatic update lifecycle of PID 1, as an explicit state machine:
+//! The automatic update lifecycle of PID 1. The lifecycle itself is the
+//! pure state machine in [`machine`] (states, transitions and their tests);
+//! this module is its driver: it reads the boot's facts, feeds the machine
+//! inputs with the current time, and runs the effects it answers with
+//! (updater calls on a blocking thread, health gate, watchdog, reboot
+//! strategy, power, console), one at a time and in order. The driver is
+//! the only writer of the shared [`UpdateStatus`].
 //!
-//! ```text
-//!            boot on trial entry                      boot on blessed entry
-//!                   │                                          │
-//!                   ▼                                          ▼
-//!   ┌──────────── Trial ──gate passed──▶ Committed ──▶ Idle ◀──┘ (reports
-//!   │ gate failed /                                     │  ▲     fall-backs)
-//!   │ deadline passed                           interval│  │ nothing / error
-//!   ▼                                                   ▼  │
-//! RollingBack ──reboot──▶ (previous version)         Checking
-//!                                                       │ release applies
-//!                                                       ▼
-//!                                                  Installing ──error──▶ Idle
-//!                                                       │ installed (entry renamed = commit)
-//!                                                       ▼
-//!                                             RebootPending ──strategy allows──▶ Rebooting
-//! ```
+//! - [`layout`]: where the node's slots, ESP and state are (shared with
+//!   `ballast update`).
+//! - [`strategy`]: the [`RebootStrategy`] trait and the strategies that
+//!   need nothing outside `update`; `kubernetes` implements it itself.
+//! - [`watchdog`]: the hardware watchdog during a trial.
 //!
-//! The install itself is `ballast_updater::install` (blocking I/O, run on a
-//! blocking thread); blessing and rollback are `ballast_updater::control`.
-//! Every transition prints a console event and updates `/status`.
+//! The install is `ballast_updater::install`; blessing and rollback are
+//! `ballast_updater::control`.
 
+pub mod layout;
+pub mod machine;
+pub mod status;
+pub mod strategy;
+pub mod watchdog;
+
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use ballast_updater::control;
 use ballast_updater::esp::{list_entries, running_entry, NodeLayout};
 use ballast_updater::install::{self, ApplyOptions, Node, Source};
 use ballast_updater::keys::TrustedKeys;
 use ballast_updater::payload::{Arch, Version};
+use ballast_updater::state::StateDir;
 use ballast_updater::storage::RealStorage;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::mpsc;
 
+pub use self::status::{new_status, SharedUpdateStatus, UpdateState, UpdateStatus};
+pub use self::strategy::RebootStrategy;
+use self::machine::{BootFacts, Checked, Effect, Event, HealthResult, Input, Installed, Machine};
+use self::watchdog::TrialWatchdog;
+use crate::config::update::UpdateConfig;
 use crate::console;
 use crate::node::health::HealthMonitor;
 use crate::node::power::Action;
 
-/// The `[update]` table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateConfig {
-    /// Repository URL; automatic updates are off without one.
-    pub repository: Option<String>,
-    /// Time between checks, like `"30s"` or `"1h"`; up to a tenth more is
-    /// added at random so a fleet does not poll in step.
-    #[serde(default = "default_interval", with = "humantime_serde_compat")]
-    pub interval: Duration,
-    #[serde(default)]
-    pub strategy: Strategy,
-    /// How long a new version has to pass its health checks.
-    #[serde(default = "default_deadline", with = "humantime_serde_compat")]
-    pub health_deadline: Duration,
-    /// Trusted keys (files or directories of `*.pub`); default: the keys
-    /// built into the image.
-    #[serde(default)]
-    pub trust: Vec<PathBuf>,
-    /// Release channel to follow (`stable`, `beta`, ...): the node
-    /// installs only releases the manifest lists in it.
-    #[serde(default = "default_channel", deserialize_with = "channel_name")]
-    pub channel: String,
-    /// Install exactly this version and nothing newer.
-    pub version_lock: Option<Version>,
-    /// FleetLock server for `strategy = "fleetlock"`.
-    pub fleetlock: Option<FleetLockConfig>,
-    /// Maintenance window for `strategy = "window"`.
-    pub window: Option<WindowConfig>,
-}
-
-impl Default for UpdateConfig {
-    fn default() -> Self {
-        UpdateConfig {
-            repository: None,
-            interval: default_interval(),
-            strategy: Strategy::default(),
-            health_deadline: default_deadline(),
-            trust: Vec::new(),
-            channel: default_channel(),
-            version_lock: None,
-            fleetlock: None,
-            window: None,
-        }
-    }
-}
-
-fn default_channel() -> String {
-    ballast_updater::manifest::DEFAULT_CHANNEL.to_owned()
-}
-
-fn channel_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let name = String::deserialize(d)?;
-    if ballast_updater::manifest::valid_channel(&name) {
-        Ok(name)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "channel {name:?}: names are 1-32 of a-z, 0-9 and '-', not starting with '-'"
-        )))
-    }
-}
-
-fn default_interval() -> Duration {
-    Duration::from_secs(3600)
-}
-
-fn default_deadline() -> Duration {
-    Duration::from_secs(300)
-}
-
-/// When a node that installed an update may reboot into it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Strategy {
-    #[default]
-    Immediate,
-    Window,
-    Fleetlock,
-    /// A Lease semaphore in the cluster, with cordon and drain
-    /// (`[kubernetes.reboot]`).
-    Kubernetes,
-    Off,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetLockConfig {
-    /// Base URL of the lock server, e.g. `http://10.0.2.100:8080/`.
-    pub url: String,
-    #[serde(default = "default_group")]
-    pub group: String,
-}
-
-fn default_group() -> String {
-    "default".into()
-}
-
-/// Days and a daily start time in UTC, with a length.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WindowConfig {
-    /// `mon`..`sun`; every day when empty.
-    #[serde(default)]
-    pub days: Vec<String>,
-    /// `HH:MM`, UTC.
-    pub start: String,
-    #[serde(with = "humantime_serde_compat")]
-    pub length: Duration,
-}
-
-/// Serde for durations written like `"30s"`.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-}
+/// How often the background "back in service" task looks at the health.
+const READY_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpdateLoopError {
+pub enum UpdateError {
     #[error("loading the trusted keys")]
     Trust(#[source] ballast_updater::keys::KeyError),
     #[error("repository {url}")]
@@ -175,150 +57,241 @@ pub enum UpdateLoopError {
         #[source]
         source: ballast_updater::fetch::FetchError,
     },
+    #[error("node layout")]
+    Layout(#[from] layout::LayoutError),
     #[error("checking for updates")]
     Install(#[from] ballast_updater::install::InstallError),
     #[error("boot control")]
     Control(#[from] ballast_updater::control::ControlError),
-    #[error("fleetlock {url}")]
-    FleetLock { url: String, reason: String },
     #[error("the update worker stopped")]
     Worker(#[from] tokio::task::JoinError),
 }
 
-/// Where the lifecycle is, for `/status` and metrics.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "kebab-case")]
-pub enum UpdateState {
-    Disabled,
-    Trial { version: Version },
-    Idle,
-    Checking,
-    Installing { version: Version },
-    RebootPending { version: Version },
-    Rebooting { version: Version },
-    RollingBack { version: Version, reason: String },
-}
-
-impl UpdateState {
-    /// Short name for metrics labels.
-    pub fn name(&self) -> &'static str {
-        match self {
-            UpdateState::Disabled => "disabled",
-            UpdateState::Trial { .. } => "trial",
-            UpdateState::Idle => "idle",
-            UpdateState::Checking => "checking",
-            UpdateState::Installing { .. } => "installing",
-            UpdateState::RebootPending { .. } => "reboot-pending",
-            UpdateState::Rebooting { .. } => "rebooting",
-            UpdateState::RollingBack { .. } => "rolling-back",
-        }
-    }
-}
-
-/// Shared view of the loop.
-#[derive(Debug, Clone, Serialize)]
-pub struct UpdateStatus {
-    pub state: UpdateState,
-    pub last_check: Option<String>,
-    pub last_error: Option<String>,
-    pub rollbacks: u64,
-}
-
-pub type SharedUpdateStatus = Arc<Mutex<UpdateStatus>>;
-
-pub fn new_status() -> SharedUpdateStatus {
-    Arc::new(Mutex::new(UpdateStatus {
-        state: UpdateState::Disabled,
-        last_check: None,
-        last_error: None,
-        rollbacks: 0,
-    }))
-}
-
-/// Everything the loop needs from PID 1.
-#[derive(Debug)]
+/// Everything the lifecycle needs from PID 1.
 pub struct UpdateContext {
     pub config: UpdateConfig,
     pub health: HealthMonitor,
-    /// The cluster, when `[kubernetes]` gives the agent a credential.
-    pub cluster: Option<Arc<crate::kubernetes::coordinator::Cluster>>,
+    /// Decides when an installed update may be rebooted into.
+    pub strategy: Arc<dyn RebootStrategy>,
+    /// Everything that may hold a reboot lock of this node (FleetLock,
+    /// the Kubernetes slot and cordon), released after a healthy boot
+    /// whatever the current strategy, so a strategy change strands none.
+    pub holders: Vec<Arc<dyn RebootStrategy>>,
     pub status: SharedUpdateStatus,
     pub power: mpsc::Sender<Action>,
-    /// Stable id of this node for FleetLock.
-    pub node_id: String,
 }
 
-const DEFAULT_TRUST: &str = "/usr/lib/ballast/trust";
-const OS_RELEASE: &str = "/usr/lib/os-release";
-
-fn set_state(status: &SharedUpdateStatus, state: UpdateState) {
-    if let Ok(mut s) = status.lock() {
-        s.state = state;
+impl std::fmt::Debug for UpdateContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateContext")
+            .field("config", &self.config)
+            .field("strategy", &self.strategy)
+            .field("holders", &self.holders)
+            .finish_non_exhaustive()
     }
 }
 
-fn set_error(status: &SharedUpdateStatus, error: Option<String>) {
-    if let Ok(mut s) = status.lock() {
-        s.last_error = error;
-    }
-}
-
-fn v(version: Version) -> Value {
-    Value::from(version.to_string())
-}
-
-/// Runs the lifecycle until the node reboots. Errors are reported and
-/// retried on the next interval; only a missing layout ends the loop.
+/// Runs the lifecycle until the machine waits for nothing more (updates
+/// disabled, rebooting, or a reboot left to an operator).
 pub async fn run(ctx: UpdateContext) {
-    let layout = match crate::cli::update::node_layout() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "updates disabled: node layout unknown");
-            set_error(&ctx.status, Some(format!("{e:#}")));
-            return;
-        }
+    let mut machine = Machine::new(machine::Settings {
+        health_deadline: ctx.config.health_deadline,
+        interval: ctx.config.interval,
+        poll: ctx.config.repository.is_some(),
+    });
+    let mut driver = Driver {
+        ctx,
+        layout: None,
+        watchdog: None,
+        gate_reached: false,
     };
-    let layout = Arc::new(layout);
-
-    // 1. Settle the running version: pass or fail its trial, or notice
-    //    that we are a fall-back from a version that never came up.
-    if let Err(e) = settle_running_version(&ctx, &layout).await {
-        let reason = crate::error_chain(&e);
-        tracing::error!(error = %reason, "settling the running version failed");
-        set_error(&ctx.status, Some(reason));
-    }
-    let Some(repository) = ctx.config.repository.clone() else {
-        set_state(&ctx.status, UpdateState::Disabled);
-        return;
-    };
-
-    // 2. Poll.
-    loop {
-        set_state(&ctx.status, UpdateState::Checking);
-        match check_and_install(&ctx, &layout, &repository).await {
-            Ok(Some(version)) => {
-                set_error(&ctx.status, None);
-                set_state(&ctx.status, UpdateState::RebootPending { version });
-                wait_for_reboot_permission(&ctx, version).await;
-                set_state(&ctx.status, UpdateState::Rebooting { version });
-                console::emit_raw("rebooting", &[("version", v(version))]);
-                let _ = ctx.power.send(Action::Reboot).await;
-                return;
+    let mut inputs = VecDeque::from([driver.boot().await]);
+    while let Some(input) = inputs.pop_front() {
+        let effects = match machine.step(input, Instant::now()) {
+            Ok(effects) => effects,
+            Err(e) => {
+                tracing::error!(error = %e, "update machine input ignored");
+                Vec::new()
             }
-            Ok(None) => set_error(&ctx.status, None),
+        };
+        if let Ok(mut s) = driver.ctx.status.lock() {
+            *s = machine.status();
+        }
+        for effect in effects {
+            inputs.extend(driver.run(effect).await);
+        }
+    }
+    tracing::info!(state = machine.status().state.name(), "update lifecycle idle for good");
+}
+
+struct Driver {
+    ctx: UpdateContext,
+    layout: Option<Arc<NodeLayout>>,
+    watchdog: Option<TrialWatchdog>,
+    gate_reached: bool,
+}
+
+fn emit(event: &Event) {
+    console::emit(&event.to_console());
+}
+
+/// Runs a blocking updater call with the layout on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    layout: &Arc<NodeLayout>,
+    f: impl FnOnce(&NodeLayout) -> Result<T, UpdateError> + Send + 'static,
+) -> Result<T, String> {
+    let l = layout.clone();
+    match tokio::task::spawn_blocking(move || f(&l)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(crate::error_chain(&e)),
+        Err(e) => Err(crate::error_chain(&UpdateError::Worker(e))),
+    }
+}
+
+impl Driver {
+    /// The first input: this boot's facts, read from the ESP and STATE.
+    async fn boot(&mut self) -> Input {
+        let layout = match layout::node_layout() {
+            Ok(l) => Arc::new(l),
             Err(e) => {
                 let reason = crate::error_chain(&e);
-                tracing::warn!(error = %reason, "update check failed");
-                console::emit_raw("update-error", &[("reason", Value::from(reason.clone()))]);
-                set_error(&ctx.status, Some(reason));
+                tracing::error!(error = %reason, "updates disabled: node layout unknown");
+                return Input::NoLayout { reason };
+            }
+        };
+        self.layout = Some(layout.clone());
+        match blocking(&layout, boot_facts).await {
+            Ok(facts) => Input::Booted(facts),
+            Err(reason) => {
+                tracing::error!(error = %reason, "settling the running version failed");
+                Input::FactsUnknown { reason }
             }
         }
-        set_state(&ctx.status, UpdateState::Idle);
-        tokio::time::sleep(with_jitter(ctx.config.interval)).await;
+    }
+
+    async fn run(&mut self, effect: Effect) -> Option<Input> {
+        let layout = self.layout.clone();
+        match effect {
+            Effect::Emit(event) => emit(&event),
+            Effect::ArmWatchdog => {
+                self.watchdog = TrialWatchdog::arm();
+                if self.watchdog.is_some() {
+                    emit(&Event::WatchdogArmed {
+                        device: TrialWatchdog::DEVICE,
+                    });
+                }
+            }
+            Effect::DisarmWatchdog => {
+                if let Some(w) = self.watchdog.take() {
+                    w.disarm();
+                }
+            }
+            Effect::RunHealthGate => {
+                if !self.gate_reached {
+                    self.gate_reached = true;
+                    // Test images only (see failpoints.rs): `pause` here
+                    // hangs the trial.
+                    fail::fail_point!("trial-gate");
+                }
+                let report = self.ctx.health.run_now().await;
+                return Some(Input::Health(HealthResult {
+                    ready: report.ready,
+                    failing: report
+                        .checks
+                        .into_iter()
+                        .filter(|c| !c.ok)
+                        .map(|c| format!("{}: {}", c.name, c.message))
+                        .collect(),
+                }));
+            }
+            Effect::Bless => {
+                let layout = layout?;
+                let result = blocking(&layout, |l| {
+                    control::mark_good(&RealStorage, l, SystemTime::now())?;
+                    Ok(())
+                })
+                .await;
+                if let Err(reason) = &result {
+                    tracing::error!(error = %reason, "blessing the running version failed");
+                }
+                return Some(Input::Blessed(result));
+            }
+            Effect::Rollback { reason } => {
+                let layout = layout?;
+                let result = blocking(&layout, move |l| {
+                    Ok(control::rollback(&RealStorage, l, &reason, SystemTime::now())?.to)
+                })
+                .await;
+                if let Err(reason) = &result {
+                    tracing::error!(error = %reason, "rollback failed");
+                }
+                return Some(Input::RolledBack(result));
+            }
+            Effect::ReleaseHolds => {
+                for holder in &self.ctx.holders {
+                    holder.committed().await;
+                }
+            }
+            Effect::BackInService => {
+                if !self.ctx.holders.is_empty() {
+                    // However long the checks take, and never before.
+                    let health = self.ctx.health.clone();
+                    let holders = self.ctx.holders.clone();
+                    tokio::spawn(async move {
+                        while !health.latest().is_some_and(|s| s.report.ready) {
+                            tokio::time::sleep(READY_POLL).await;
+                        }
+                        for holder in holders {
+                            holder.back_in_service().await;
+                        }
+                    });
+                }
+            }
+            Effect::Check => {
+                let layout = layout?;
+                let config = self.ctx.config.clone();
+                let result = blocking(&layout, move |l| check(&config, l)).await;
+                match &result {
+                    Ok(c) => tracing::info!(decision = %c.decision, "update check"),
+                    Err(reason) => tracing::warn!(error = %reason, "update check failed"),
+                }
+                return Some(Input::CheckDone(result));
+            }
+            Effect::Install(version) => {
+                let layout = layout?;
+                let config = self.ctx.config.clone();
+                let result = blocking(&layout, move |l| apply(&config, l, version)).await;
+                if let Err(reason) = &result {
+                    tracing::warn!(error = %reason, "update install failed");
+                }
+                return Some(Input::InstallDone(result));
+            }
+            Effect::AskStrategy(version) => {
+                return Some(match self.ctx.strategy.permit(version).await {
+                    Ok(strategy::Permit) => Input::RebootPermitted,
+                    Err(blocked) => {
+                        tracing::info!(reason = %blocked.reason, "not rebooting yet");
+                        Input::RebootBlocked(blocked)
+                    }
+                });
+            }
+            Effect::Reboot => {
+                let _ = self.ctx.power.send(Action::Reboot).await;
+            }
+            Effect::WakeAt(at) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                return Some(Input::Tick);
+            }
+            Effect::PollIn(interval) => {
+                tokio::time::sleep(with_jitter(interval)).await;
+                return Some(Input::Tick);
+            }
+        }
+        None
     }
 }
 
-/// Interval plus up to a tenth at random.
+/// Interval plus up to a tenth at random, so a fleet does not poll in step.
 fn with_jitter(interval: Duration) -> Duration {
     let mut seed = [0u8; 8];
     let _ = getrandom::getrandom(&mut seed);
@@ -331,440 +304,118 @@ fn with_jitter(interval: Duration) -> Duration {
     interval + Duration::from_millis(extra)
 }
 
-async fn settle_running_version(
-    ctx: &UpdateContext,
-    layout: &Arc<NodeLayout>,
-) -> Result<(), UpdateLoopError> {
-    let running = layout.running.version;
-    let entries =
-        list_entries(&RealStorage, &layout.esp).map_err(|e| UpdateLoopError::Control(e.into()))?;
-    let on_trial =
-        running_entry(&entries, &layout.running).is_some_and(|e| e.name.counter.is_some());
-    if !on_trial {
-        // Blessed: report newer versions that used up their tries.
-        let l = layout.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            control::mark_good(&RealStorage, &l, SystemTime::now())
-        })
-        .await??;
+/// Trial or blessed; on a blessed boot, bless again (a no-op that records
+/// newer versions which used up their tries) and note which of those
+/// fall-backs are reported for the first time.
+fn boot_facts(layout: &NodeLayout) -> Result<BootFacts, UpdateError> {
+    let entries = list_entries(&RealStorage, &layout.esp).map_err(control::ControlError::from)?;
+    let trial = running_entry(&entries, &layout.running).is_some_and(|e| e.name.counter.is_some());
+    let mut rolled_back_from = Vec::new();
+    if !trial {
+        let report = control::mark_good(&RealStorage, layout, SystemTime::now())?;
+        let state = StateDir::new(&RealStorage, &layout.state_dir);
         for failed in report.rolled_back_from {
-            if first_report_of_rollback(layout, failed) {
-                if let Ok(mut s) = ctx.status.lock() {
-                    s.rollbacks += 1;
-                }
-                console::emit_raw(
-                    "rolled-back",
-                    &[
-                        ("from", v(failed)),
-                        ("to", v(running)),
-                        (
-                            "reason",
-                            Value::from("the new version did not pass its trial boot"),
-                        ),
-                    ],
-                );
-            }
-        }
-        // Back from a reboot we drained for (or from a rollback): put the
-        // node back in service once its checks pass, however long that
-        // takes, and never before.
-        if let Some(cluster) = ctx.cluster.clone() {
-            let health = ctx.health.clone();
-            tokio::spawn(async move {
-                while !health.latest().is_some_and(|s| s.report.ready) {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-                if let Err(e) = cluster.after_healthy_boot().await {
-                    tracing::warn!(error = %crate::error_chain(&e), "node not put back in service");
-                }
+            // Unsure is reported: twice is better than never.
+            let first = state.note_rollback_reported(failed).unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::error_chain(&e), version = %failed, "rollback marker not written");
+                true
             });
-        }
-        set_state(&ctx.status, UpdateState::Idle);
-        return Ok(());
-    }
-
-    set_state(&ctx.status, UpdateState::Trial { version: running });
-    // A hung trial must fall back too: with a hardware watchdog, stop
-    // petting it and the machine resets, spending one boot try.
-    let watchdog = TrialWatchdog::arm();
-    console::emit_raw(
-        "trial-boot",
-        &[
-            ("version", v(running)),
-            (
-                "deadline_s",
-                Value::from(ctx.config.health_deadline.as_secs()),
-            ),
-        ],
-    );
-    // Test images only (see failpoints.rs): `pause` here hangs the trial.
-    fail::fail_point!("trial-gate");
-    let deadline = tokio::time::Instant::now() + ctx.config.health_deadline;
-    let mut last = None;
-    while tokio::time::Instant::now() < deadline {
-        let report = ctx.health.run_now().await;
-        if report.ready {
-            let l = layout.clone();
-            tokio::task::spawn_blocking(move || {
-                control::mark_good(&RealStorage, &l, SystemTime::now())
-            })
-            .await??;
-            if let Some(w) = watchdog {
-                w.disarm();
+            if first {
+                rolled_back_from.push(failed);
             }
-            console::emit_raw(
-                "committed",
-                &[
-                    ("version", v(running)),
-                    ("slot", Value::from(layout.running.slot.to_string())),
-                ],
-            );
-            if let Some(fl) = &ctx.config.fleetlock {
-                if let Err(e) = fleetlock(fl, &ctx.node_id, "steady-state").await {
-                    tracing::warn!(error = %crate::error_chain(&e), "fleetlock lock not released");
-                }
-            }
-            back_in_cluster(ctx).await;
-            set_state(&ctx.status, UpdateState::Idle);
-            return Ok(());
         }
-        last = Some(report);
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let failing: Vec<String> = last
-        .map(|r| {
-            r.checks
-                .into_iter()
-                .filter(|c| !c.ok)
-                .map(|c| format!("{}: {}", c.name, c.message))
-                .collect()
-        })
-        .unwrap_or_default();
-    let reason = format!(
-        "health gate not passed within {:?}: {}",
-        ctx.config.health_deadline,
-        failing.join("; ")
-    );
-    set_state(
-        &ctx.status,
-        UpdateState::RollingBack {
-            version: running,
-            reason: reason.clone(),
-        },
-    );
-    console::emit_raw(
-        "trial-failed",
-        &[
-            ("version", v(running)),
-            ("reason", Value::from(reason.clone())),
-        ],
-    );
-    let l = layout.clone();
-    let r = reason.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        control::rollback(&RealStorage, &l, &r, SystemTime::now())
+    Ok(BootFacts {
+        running: layout.running.version,
+        slot: layout.running.slot,
+        trial,
+        rolled_back_from,
     })
-    .await??;
-    console::emit_raw(
-        "rebooting",
-        &[
-            ("version", v(report.to)),
-            ("reason", Value::from("rollback")),
-        ],
-    );
-    let _ = ctx.power.send(Action::Reboot).await;
-    // PID 1 is shutting down; never go on to poll.
-    std::future::pending::<()>().await;
-    Ok(())
 }
 
-/// `/dev/watchdog` kept alive by a task while a trial runs.
-#[derive(Debug)]
-struct TrialWatchdog {
-    pet: tokio::task::JoinHandle<()>,
-    device: Arc<std::fs::File>,
-}
-
-impl TrialWatchdog {
-    const DEVICE: &'static str = "/dev/watchdog";
-
-    /// Opens the watchdog (which starts it) and pets it every 5 s; `None`
-    /// when the machine has none.
-    fn arm() -> Option<Self> {
-        let device = Arc::new(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(Self::DEVICE)
-                .ok()?,
-        );
-        console::emit_raw("watchdog-armed", &[("device", Value::from(Self::DEVICE))]);
-        let d = device.clone();
-        let pet = tokio::spawn(async move {
-            loop {
-                let _ = std::io::Write::write_all(&mut &*d, b"\0");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
-        Some(TrialWatchdog { pet, device })
-    }
-
-    /// Stops it with the magic close, so it does not reset the machine.
-    fn disarm(self) {
-        self.pet.abort();
-        let _ = std::io::Write::write_all(&mut &*self.device, b"V");
-    }
-}
-
-/// True the first time a rollback from `failed` is seen on this node
-/// (a marker on STATE), so it is reported once, not at every boot.
-fn first_report_of_rollback(layout: &NodeLayout, failed: Version) -> bool {
-    ballast_updater::state::StateDir::new(&RealStorage, &layout.state_dir)
-        .note_rollback_reported(failed)
-        .unwrap_or(true)
-}
-
-async fn check_and_install(
-    ctx: &UpdateContext,
-    layout: &Arc<NodeLayout>,
-    repository: &str,
-) -> Result<Option<Version>, UpdateLoopError> {
-    let trust_paths = if ctx.config.trust.is_empty() {
-        vec![PathBuf::from(DEFAULT_TRUST)]
+/// The node and source for the updater, from `[update]`.
+fn with_source<T>(
+    config: &UpdateConfig,
+    layout: &NodeLayout,
+    f: impl FnOnce(&Node<'_>, &Source<'_>, ApplyOptions) -> Result<T, UpdateError>,
+) -> Result<T, UpdateError> {
+    let repository = config.repository.as_deref().unwrap_or_default();
+    let trust_paths = if config.trust.is_empty() {
+        vec![PathBuf::from(layout::DEFAULT_TRUST)]
     } else {
-        ctx.config.trust.clone()
+        config.trust.clone()
     };
-    let trust = TrustedKeys::load(&trust_paths, None).map_err(UpdateLoopError::Trust)?;
+    let trust = TrustedKeys::load(&trust_paths, None).map_err(UpdateError::Trust)?;
     let fetch = ballast_updater::http::for_location(repository).map_err(|source| {
-        UpdateLoopError::Repository {
+        UpdateError::Repository {
             url: repository.to_owned(),
             source,
         }
     })?;
-    let variant = std::fs::read_to_string(OS_RELEASE)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("VARIANT_ID="))
-                .map(|v| v.trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "base".into());
-    let channel = ctx.config.channel.clone();
+    let node = Node {
+        storage: &RealStorage,
+        layout,
+        arch: Arch::native(),
+        variant: layout::variant()?,
+        channel: config.channel.clone(),
+        now: SystemTime::now(),
+    };
+    let source = Source {
+        fetch: fetch.as_ref(),
+        trust: &trust,
+    };
     let opts = ApplyOptions {
-        version: ctx.config.version_lock,
+        version: config.version_lock,
         allow_downgrade: false,
     };
-    let l = layout.clone();
-    let status = ctx.status.clone();
-    let outcome =
-        tokio::task::spawn_blocking(move || -> Result<Option<Version>, UpdateLoopError> {
-            let node = Node {
-                storage: &RealStorage,
-                layout: &l,
-                arch: Arch::native(),
-                variant,
-                channel,
-                now: SystemTime::now(),
-            };
-            let source = Source {
-                fetch: fetch.as_ref(),
-                trust: &trust,
-            };
-            let check = install::check(&node, &source, &opts)?;
-            if let Ok(mut s) = status.lock() {
-                s.last_check =
-                    Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
-            }
-            let install::Decision::Install(version) = check.decision else {
-                tracing::info!(decision = %check.decision, reason = %check.reason, "no update");
-                return Ok(None);
-            };
-            console::emit_raw(
-                "update-found",
-                &[("version", v(version)), ("running", v(check.running))],
-            );
-            set_state(&status, UpdateState::Installing { version });
-            let mut next_percent = 0u64;
-            let mut progress = |p: install::Progress| {
-                let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
-                if percent >= next_percent {
-                    console::emit_raw(
-                        "install-progress",
-                        &[
-                            ("version", v(version)),
-                            ("artifact", Value::from(p.artifact.to_string())),
-                            ("percent", Value::from(percent)),
-                        ],
-                    );
-                    next_percent = percent + 25;
-                }
-            };
-            let report = install::apply(
-                &node,
-                &source,
-                &ApplyOptions {
-                    version: Some(version),
-                    ..opts
-                },
-                &mut progress,
-            )?;
-            let Some(installed) = report.installed else {
-                return Ok(None);
-            };
-            console::emit_raw(
-                "installed",
-                &[
-                    ("version", v(installed.version)),
-                    ("slot", Value::from(installed.slot.to_string())),
-                    ("entry", Value::from(installed.entry)),
-                ],
-            );
-            Ok(Some(installed.version))
+    f(&node, &source, opts)
+}
+
+fn check(config: &UpdateConfig, layout: &NodeLayout) -> Result<Checked, UpdateError> {
+    with_source(config, layout, |node, source, opts| {
+        let report = install::check(node, source, &opts)?;
+        tracing::info!(decision = %report.decision, reason = %report.reason, "update check");
+        Ok(Checked {
+            decision: report.decision,
+            running: report.running,
+            at: SystemTime::now(),
         })
-        .await??;
-    Ok(outcome)
-}
-
-/// Waits until the configured strategy lets this node reboot.
-async fn wait_for_reboot_permission(ctx: &UpdateContext, version: Version) {
-    match ctx.config.strategy {
-        Strategy::Immediate => {}
-        Strategy::Off => {
-            console::emit_raw("reboot-needed", &[("version", v(version))]);
-            std::future::pending::<()>().await;
-        }
-        Strategy::Window => loop {
-            match &ctx.config.window {
-                Some(w) if in_window(w, SystemTime::now()) => return,
-                Some(_) => {}
-                None => {
-                    tracing::error!("strategy window without [update.window]; not rebooting");
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        },
-        Strategy::Kubernetes => {
-            let Some(cluster) = &ctx.cluster else {
-                tracing::error!(
-                    "strategy kubernetes without a usable [kubernetes] agent credential; not rebooting"
-                );
-                console::emit_raw(
-                    "reboot-blocked",
-                    &[
-                        ("version", v(version)),
-                        (
-                            "reason",
-                            Value::from("no Kubernetes credential for the agent"),
-                        ),
-                    ],
-                );
-                std::future::pending::<()>().await;
-                return;
-            };
-            loop {
-                match cluster.before_reboot().await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        let reason = crate::error_chain(&e);
-                        tracing::warn!(error = %reason, "not rebooting yet");
-                        console::emit_raw(
-                            "reboot-blocked",
-                            &[("version", v(version)), ("reason", Value::from(reason))],
-                        );
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                }
-            }
-        }
-        Strategy::Fleetlock => {
-            let Some(fl) = &ctx.config.fleetlock else {
-                tracing::error!("strategy fleetlock without [update.fleetlock]; not rebooting");
-                std::future::pending::<()>().await;
-                return;
-            };
-            loop {
-                match fleetlock(fl, &ctx.node_id, "pre-reboot").await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::info!(reason = %crate::error_chain(&e), "reboot lock not granted; retrying");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// After a healthy boot: uncordon the node if we cordoned it and give
-/// back the reboot slot (no-ops when there is nothing of ours).
-async fn back_in_cluster(ctx: &UpdateContext) {
-    if let Some(cluster) = &ctx.cluster {
-        if let Err(e) = cluster.after_healthy_boot().await {
-            tracing::warn!(error = %crate::error_chain(&e), "node not put back in service");
-        }
-    }
-}
-
-/// Whether `now` falls in the window (UTC).
-pub fn in_window(w: &WindowConfig, now: SystemTime) -> bool {
-    const DAYS: [&str; 7] = ["thu", "fri", "sat", "sun", "mon", "tue", "wed"]; // 1970-01-01 was a Thursday
-    let Some((h, m)) = w.start.split_once(':') else {
-        return false;
-    };
-    let (Ok(h), Ok(m)) = (h.parse::<u64>(), m.parse::<u64>()) else {
-        return false;
-    };
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let start_of_day = |day: u64| day * 86_400 + h * 3600 + m * 60;
-    let today = secs / 86_400;
-    // A window may have started yesterday and still be open.
-    [today, today.saturating_sub(1)].into_iter().any(|day| {
-        let name = DAYS[(day % 7) as usize];
-        let allowed = w.days.is_empty()
-            || w.days
-                .iter()
-                .any(|d| d.to_ascii_lowercase().starts_with(name));
-        let start = start_of_day(day);
-        allowed && secs >= start && secs < start + w.length.as_secs()
     })
 }
 
-/// One FleetLock call (`pre-reboot` or `steady-state`); Ok when granted.
-async fn fleetlock(
-    config: &FleetLockConfig,
-    node_id: &str,
-    op: &str,
-) -> Result<(), UpdateLoopError> {
-    let url = format!("{}/v1/{op}", config.url.trim_end_matches('/'));
-    let body =
-        serde_json::json!({"client_params": {"id": node_id, "group": config.group}}).to_string();
-    let u = url.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let resp = client
-            .post(&u)
-            .header("fleet-lock-protocol", "true")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .map_err(|e| e.to_string())?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {}",
-                resp.status(),
-                resp.text().unwrap_or_default()
-            ))
-        }
+fn apply(
+    config: &UpdateConfig,
+    layout: &NodeLayout,
+    version: Version,
+) -> Result<Option<Installed>, UpdateError> {
+    with_source(config, layout, |node, source, opts| {
+        let mut next_percent = 0u64;
+        let mut progress = |p: install::Progress| {
+            let percent = (p.done * 100).checked_div(p.total).unwrap_or(100);
+            if percent >= next_percent {
+                emit(&Event::InstallProgress {
+                    version,
+                    artifact: p.artifact.to_string(),
+                    percent,
+                });
+                next_percent = percent + 25;
+            }
+        };
+        let report = install::apply(
+            node,
+            source,
+            &ApplyOptions {
+                version: Some(version),
+                ..opts
+            },
+            &mut progress,
+        )?;
+        Ok(report.installed.map(|i| Installed {
+            version: i.version,
+            slot: i.slot,
+            entry: i.entry,
+        }))
     })
-    .await?;
-    result.map_err(|reason| UpdateLoopError::FleetLock { url, reason })
 }
 
 #[cfg(test)]
@@ -772,50 +423,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_documented_update_table_parses() {
-        let c: UpdateConfig = toml::from_str(
-            "repository = \"http://10.0.2.100/\"\ninterval = \"30s\"\nstrategy = \"immediate\"\nhealth_deadline = \"2m\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.interval, Duration::from_secs(30));
-        assert_eq!(c.strategy, Strategy::Immediate);
-        assert_eq!(c.health_deadline, Duration::from_secs(120));
-        assert!(toml::from_str::<UpdateConfig>("strategy = \"sometimes\"\n").is_err());
-        assert!(toml::from_str::<UpdateConfig>("interval = \"soon\"\n").is_err());
-        assert_eq!(c.channel, "stable");
-        let beta: UpdateConfig = toml::from_str("channel = \"beta\"\n").unwrap();
-        assert_eq!(beta.channel, "beta");
-        let err = toml::from_str::<UpdateConfig>("channel = \"Beta 2\"\n").unwrap_err();
-        assert!(err.to_string().contains("channel \"Beta 2\""), "{err}");
-    }
-
-    #[test]
-    fn windows_open_on_their_days_and_hours_only() {
-        // 2026-11-26 is a Thursday.
-        let thursday_0230 = humantime::parse_rfc3339("2026-11-26T02:30:00Z").unwrap();
-        let thursday_0500 = humantime::parse_rfc3339("2026-11-26T05:00:00Z").unwrap();
-        let friday_0100 = humantime::parse_rfc3339("2026-11-27T01:00:00Z").unwrap();
-        let w = WindowConfig {
-            days: vec!["thu".into()],
-            start: "02:00".into(),
-            length: Duration::from_secs(3600),
-        };
-        assert!(in_window(&w, thursday_0230));
-        assert!(!in_window(&w, thursday_0500));
-        assert!(!in_window(&w, friday_0100));
-        let overnight = WindowConfig {
-            days: vec!["Thursday".into()],
-            start: "23:00".into(),
-            length: Duration::from_secs(4 * 3600),
-        };
-        assert!(in_window(&overnight, friday_0100));
-    }
-
-    #[test]
     fn jitter_adds_at_most_a_tenth() {
         for _ in 0..100 {
             let d = with_jitter(Duration::from_secs(30));
             assert!(d >= Duration::from_secs(30) && d < Duration::from_secs(33));
         }
+        assert_eq!(with_jitter(Duration::ZERO), Duration::ZERO);
     }
 }
