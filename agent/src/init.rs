@@ -18,12 +18,12 @@ use tokio::sync::mpsc;
 use crate::api;
 use crate::boot::bootinfo::{BootInfo, BOOT_INFO_PATH};
 use crate::boot::mounts;
+use crate::config::update::{Strategy, UpdateConfig};
 use crate::config::Config;
 use crate::console::{self, Event};
 use crate::node::health::{BuiltinSources, HealthChecker, HealthMonitor};
 use crate::node::power::Action;
 use crate::node::supervisor::{ReapScope, Reaper, Supervisor, SupervisorOptions};
-use crate::config::update::{Strategy, UpdateConfig};
 use crate::update::strategy::{self, RebootStrategy};
 use crate::update::UpdateContext;
 
@@ -273,9 +273,10 @@ fn reboot_strategy(
     cluster: Option<std::sync::Arc<crate::kubernetes::coordinator::Cluster>>,
     node_id: String,
 ) -> (Arc<dyn RebootStrategy>, Vec<Arc<dyn RebootStrategy>>) {
-    let fleetlock = config.fleetlock.clone().map(|config| {
-        Arc::new(strategy::FleetLock { config, node_id }) as Arc<dyn RebootStrategy>
-    });
+    let fleetlock = config
+        .fleetlock
+        .clone()
+        .map(|config| Arc::new(strategy::FleetLock { config, node_id }) as Arc<dyn RebootStrategy>);
     let cluster = cluster.map(|c| c as Arc<dyn RebootStrategy>);
     // Config::merge rejects window and fleetlock without their tables, so
     // `Unavailable` there is only a guard.

@@ -277,6 +277,8 @@ mod tests {
             serde_json::from_str::<Event>(old).unwrap().kind,
             EventKind::RollbackDetected
         );
-        assert!(serde_json::from_str::<Event>(&old.replace("rollback-detected", "explode")).is_err());
+        assert!(
+            serde_json::from_str::<Event>(&old.replace("rollback-detected", "explode")).is_err()
+        );
     }
 }

@@ -229,9 +229,7 @@ async fn handle(
                     .as_ref()
                     .map(|u| u.state.name().to_owned())
                     .unwrap_or_default(),
-                last_update_check: update
-                    .as_ref()
-                    .and_then(|u| u.last_check),
+                last_update_check: update.as_ref().and_then(|u| u.last_check),
                 services: shared.services(),
                 health_age: health.as_ref().map(|s| s.age()),
                 health: health.map(|s| s.report.clone()),

@@ -125,7 +125,10 @@ pub enum UpdateCommand {
 
 fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
     Ok(layout::discover(&layout::Overrides {
-        esp: args.esp.clone().unwrap_or_else(|| layout::DEFAULT_ESP.into()),
+        esp: args
+            .esp
+            .clone()
+            .unwrap_or_else(|| layout::DEFAULT_ESP.into()),
         slot_a: args.slot_a.as_deref().map(layout::SlotOverride::parse),
         slot_b: args.slot_b.as_deref().map(layout::SlotOverride::parse),
         cmdline: args.cmdline.clone(),

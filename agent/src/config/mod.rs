@@ -563,7 +563,9 @@ dns = ["10.0.2.3"]
     #[test]
     fn an_update_strategy_needs_its_table_in_the_merged_config() {
         let vendor = layer("10-vendor.toml", "[update]\nstrategy = \"window\"\n");
-        let err = merge(std::slice::from_ref(&vendor)).unwrap_err().to_string();
+        let err = merge(std::slice::from_ref(&vendor))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[update.window]"), "{err}");
         let err = merge(&[layer("u", "[update]\nstrategy = \"fleetlock\"\n")])
             .unwrap_err()

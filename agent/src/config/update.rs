@@ -376,10 +376,7 @@ mod tests {
         };
         assert!(overnight.contains(at("2026-11-27T01:00:00Z")));
         assert!(!overnight.contains(at("2026-11-27T03:00:00Z")));
-        let daily = WindowConfig {
-            days: vec![],
-            ..w
-        };
+        let daily = WindowConfig { days: vec![], ..w };
         assert!(daily.contains(at("2026-11-29T02:10:00Z")));
     }
 }

@@ -35,7 +35,9 @@ pub enum LayoutError {
     },
     #[error("no PARTUUID known for slot {slot}: pass --slot-{slot} {path}=PARTUUID")]
     NoPartuuid { slot: Slot, path: PathBuf },
-    #[error("the running slot's partition (PARTUUID {partuuid}) is on no disk; pass --slot-a/--slot-b")]
+    #[error(
+        "the running slot's partition (PARTUUID {partuuid}) is on no disk; pass --slot-a/--slot-b"
+    )]
     RunningSlotNotFound { partuuid: Uuid },
     #[error("no partition labelled {label} found")]
     NoSlotPartition { label: &'static str },
@@ -114,15 +116,16 @@ pub fn discover(args: &Overrides) -> Result<NodeLayout, LayoutError> {
     let device = |slot: Slot, arg: &Option<SlotOverride>| -> Result<SlotDevice, LayoutError> {
         match arg {
             Some(o) => {
-                let partuuid = match o.partuuid {
-                    Some(u) => u,
-                    None => partuuid_for(&RealStorage, &args.esp, &running, slot).ok_or_else(
-                        || LayoutError::NoPartuuid {
-                            slot,
-                            path: o.path.clone(),
-                        },
-                    )?,
-                };
+                let partuuid =
+                    match o.partuuid {
+                        Some(u) => u,
+                        None => partuuid_for(&RealStorage, &args.esp, &running, slot).ok_or_else(
+                            || LayoutError::NoPartuuid {
+                                slot,
+                                path: o.path.clone(),
+                            },
+                        )?,
+                    };
                 Ok(SlotDevice {
                     slot,
                     path: o.path.clone(),

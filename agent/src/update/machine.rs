@@ -37,8 +37,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ballast_updater::cmdline::Slot;
 use ballast_updater::install::Decision;
 use ballast_updater::payload::Version;
+use serde_json::Value;
+
 use super::status::{UpdateState, UpdateStatus};
-use crate::console;
 
 /// Time between two runs of the health gate during a trial.
 pub const GATE_RETRY: Duration = Duration::from_secs(2);
@@ -115,9 +116,13 @@ pub enum Notice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// The node's layout could not be found: updates are off.
-    NoLayout { reason: String },
+    NoLayout {
+        reason: String,
+    },
     /// The boot's facts could not be read; the trial state is unknown.
-    FactsUnknown { reason: String },
+    FactsUnknown {
+        reason: String,
+    },
     Booted(BootFacts),
     Health(HealthResult),
     /// The answer to [`Effect::Bless`].
@@ -164,7 +169,9 @@ pub enum Effect {
     /// Bless the running version; answer with [`Input::Blessed`].
     Bless,
     /// Make the other slot boot next; answer with [`Input::RolledBack`].
-    Rollback { reason: String },
+    Rollback {
+        reason: String,
+    },
     /// After a committed trial: give back every reboot lock this node
     /// holds (FleetLock, Kubernetes slot and cordon).
     ReleaseHolds,
@@ -187,89 +194,146 @@ pub enum Effect {
 /// The update lifecycle's console events (docs/console-events.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    TrialBoot { version: Version, deadline_s: u64 },
-    WatchdogArmed { device: &'static str },
-    Committed { version: Version, slot: Slot },
-    TrialFailed { version: Version, reason: String },
+    TrialBoot {
+        version: Version,
+        deadline_s: u64,
+    },
+    WatchdogArmed {
+        device: &'static str,
+    },
+    Committed {
+        version: Version,
+        slot: Slot,
+    },
+    TrialFailed {
+        version: Version,
+        reason: String,
+    },
     /// `reason` is `rollback` when the reboot is a fall-back.
-    Rebooting { version: Version, rollback: bool },
-    RolledBack { from: Version, to: Version },
-    UpdateFound { version: Version, running: Version },
-    UpdateError { reason: String },
-    InstallProgress { version: Version, artifact: String, percent: u64 },
-    Installed { version: Version, slot: Slot, entry: String },
-    RebootNeeded { version: Version },
-    RebootBlocked { version: Version, reason: String },
+    Rebooting {
+        version: Version,
+        rollback: bool,
+    },
+    RolledBack {
+        from: Version,
+        to: Version,
+    },
+    UpdateFound {
+        version: Version,
+        running: Version,
+    },
+    UpdateError {
+        reason: String,
+    },
+    InstallProgress {
+        version: Version,
+        artifact: String,
+        percent: u64,
+    },
+    Installed {
+        version: Version,
+        slot: Slot,
+        entry: String,
+    },
+    RebootNeeded {
+        version: Version,
+    },
+    RebootBlocked {
+        version: Version,
+        reason: String,
+    },
 }
 
 /// The reason `rolled-back` gives for a fall-back seen at boot.
 pub const ROLLED_BACK_REASON: &str = "the new version did not pass its trial boot";
 
 impl Event {
-    /// The console event (`crate::console::Event`, the typed contract
-    /// with qemu-tests); the driver prints it.
-    pub fn to_console(&self) -> console::Event {
-        let v = |version: &Version| version.to_string();
+    /// The console event's name and fields, as `console::emit` takes them.
+    pub fn to_console(&self) -> (&'static str, Vec<(&'static str, Value)>) {
+        let v = |version: &Version| Value::from(version.to_string());
         match self {
             Event::TrialBoot {
                 version,
                 deadline_s,
-            } => console::Event::TrialBoot {
-                version: v(version),
-                deadline_s: *deadline_s,
-            },
-            Event::WatchdogArmed { device } => console::Event::WatchdogArmed {
-                device: (*device).to_owned(),
-            },
-            Event::Committed { version, slot } => console::Event::Committed {
-                version: v(version),
-                slot: slot.to_string(),
-            },
-            Event::TrialFailed { version, reason } => console::Event::TrialFailed {
-                version: v(version),
-                reason: reason.clone(),
-            },
-            Event::Rebooting { version, rollback } => console::Event::Rebooting {
-                version: v(version),
-                reason: rollback.then(|| "rollback".to_owned()),
-            },
-            Event::RolledBack { from, to } => console::Event::RolledBack {
-                from: v(from),
-                to: v(to),
-                reason: ROLLED_BACK_REASON.to_owned(),
-            },
-            Event::UpdateFound { version, running } => console::Event::UpdateFound {
-                version: v(version),
-                running: v(running),
-            },
-            Event::UpdateError { reason } => console::Event::UpdateError {
-                reason: reason.clone(),
-            },
+            } => (
+                "trial-boot",
+                vec![
+                    ("version", v(version)),
+                    ("deadline_s", Value::from(*deadline_s)),
+                ],
+            ),
+            Event::WatchdogArmed { device } => {
+                ("watchdog-armed", vec![("device", Value::from(*device))])
+            }
+            Event::Committed { version, slot } => (
+                "committed",
+                vec![
+                    ("version", v(version)),
+                    ("slot", Value::from(slot.to_string())),
+                ],
+            ),
+            Event::TrialFailed { version, reason } => (
+                "trial-failed",
+                vec![
+                    ("version", v(version)),
+                    ("reason", Value::from(reason.as_str())),
+                ],
+            ),
+            Event::Rebooting { version, rollback } => {
+                let mut fields = vec![("version", v(version))];
+                if *rollback {
+                    fields.push(("reason", Value::from("rollback")));
+                }
+                ("rebooting", fields)
+            }
+            Event::RolledBack { from, to } => (
+                "rolled-back",
+                vec![
+                    ("from", v(from)),
+                    ("to", v(to)),
+                    ("reason", Value::from(ROLLED_BACK_REASON)),
+                ],
+            ),
+            Event::UpdateFound { version, running } => (
+                "update-found",
+                vec![("version", v(version)), ("running", v(running))],
+            ),
+            Event::UpdateError { reason } => (
+                "update-error",
+                vec![("reason", Value::from(reason.as_str()))],
+            ),
             Event::InstallProgress {
                 version,
                 artifact,
                 percent,
-            } => console::Event::InstallProgress {
-                version: v(version),
-                artifact: artifact.clone(),
-                percent: *percent,
-            },
+            } => (
+                "install-progress",
+                vec![
+                    ("version", v(version)),
+                    ("artifact", Value::from(artifact.as_str())),
+                    ("percent", Value::from(*percent)),
+                ],
+            ),
             Event::Installed {
                 version,
                 slot,
                 entry,
-            } => console::Event::Installed {
-                version: v(version),
-                slot: slot.to_string(),
-                entry: entry.clone(),
-            },
-            Event::RebootNeeded { version } => console::Event::RebootNeeded {
-                version: v(version),
-            },
-            Event::RebootBlocked { version, reason } => console::Event::RebootBlocked {
-                version: v(version),
-                reason: reason.clone(),
-            },
+            } => (
+                "installed",
+                vec![
+                    ("version", v(version)),
+                    ("slot", Value::from(slot.to_string())),
+                    ("entry", Value::from(entry.as_str())),
+                ],
+            ),
+            Event::RebootNeeded { version } => ("reboot-needed", vec![("version", v(version))]),
+            Event::RebootBlocked { version, reason } => (
+                "reboot-blocked",
+                vec![
+                    ("version", v(version)),
+                    ("reason", Value::from(reason.as_str())),
+                ],
+            ),
         }
     }
 }
@@ -289,7 +353,10 @@ pub enum State {
         failing: Vec<String>,
     },
     /// The gate passed; blessing.
-    Committing { version: Version, slot: Slot },
+    Committing {
+        version: Version,
+        slot: Slot,
+    },
     /// The gate failed; `rebooting` once the other slot boots next.
     RollingBack {
         version: Version,
@@ -298,9 +365,15 @@ pub enum State {
     },
     Idle,
     Checking,
-    Installing { version: Version },
-    RebootPending { version: Version },
-    Rebooting { version: Version },
+    Installing {
+        version: Version,
+    },
+    RebootPending {
+        version: Version,
+    },
+    Rebooting {
+        version: Version,
+    },
 }
 
 impl State {
@@ -663,7 +736,7 @@ mod tests {
     fn events(fx: &[Effect]) -> Vec<&'static str> {
         fx.iter()
             .filter_map(|e| match e {
-                Effect::Emit(ev) => Some(ev.to_console().name()),
+                Effect::Emit(ev) => Some(ev.to_console().0),
                 _ => None,
             })
             .collect()
@@ -793,10 +866,7 @@ mod tests {
         );
         // Rolling back twice is a driver bug, not a second reboot.
         assert!(m.step(Input::RolledBack(Ok(v("1.0.0"))), t0).is_err());
-        assert!(matches!(
-            m.status().state,
-            UpdateState::RollingBack { .. }
-        ));
+        assert!(matches!(m.status().state, UpdateState::RollingBack { .. }));
         assert_eq!(m.step(Input::Tick, t0 + DEADLINE * 2).unwrap(), []);
     }
 
@@ -876,7 +946,12 @@ mod tests {
     fn an_unknown_layout_disables_updates_and_says_why() {
         let t0 = Instant::now();
         let mut m = machine(true);
-        let fx = m.step(Input::NoLayout { reason: "no /proc".into() }, t0);
+        let fx = m.step(
+            Input::NoLayout {
+                reason: "no /proc".into(),
+            },
+            t0,
+        );
         assert_eq!(fx.unwrap(), []);
         assert_eq!(m.status().state, UpdateState::Disabled);
         assert_eq!(m.status().last_error.as_deref(), Some("no /proc"));
@@ -887,7 +962,12 @@ mod tests {
     fn unknown_boot_facts_are_reported_and_polling_starts() {
         let t0 = Instant::now();
         let mut m = machine(true);
-        let fx = m.step(Input::FactsUnknown { reason: "esp".into() }, t0);
+        let fx = m.step(
+            Input::FactsUnknown {
+                reason: "esp".into(),
+            },
+            t0,
+        );
         assert_eq!(fx.unwrap(), [Effect::Check]);
         assert_eq!(m.status().last_error.as_deref(), Some("esp"));
     }
@@ -914,7 +994,9 @@ mod tests {
     fn a_failed_check_is_an_update_error_and_a_later_success_clears_it() {
         let t0 = Instant::now();
         let mut m = checking(t0);
-        let fx = m.step(Input::CheckDone(Err("signature".into())), t0).unwrap();
+        let fx = m
+            .step(Input::CheckDone(Err("signature".into())), t0)
+            .unwrap();
         assert_eq!(
             fx,
             [
@@ -1057,7 +1139,10 @@ mod tests {
             t1,
         );
         assert_eq!(fx.unwrap(), [Effect::WakeAt(t1 + Duration::from_secs(5))]);
-        assert!(matches!(m.status().state, UpdateState::RebootPending { .. }));
+        assert!(matches!(
+            m.status().state,
+            UpdateState::RebootPending { .. }
+        ));
     }
 
     #[test]
@@ -1078,7 +1163,10 @@ mod tests {
                 version: v("1.2.0")
             })]
         );
-        assert!(matches!(m.status().state, UpdateState::RebootPending { .. }));
+        assert!(matches!(
+            m.status().state,
+            UpdateState::RebootPending { .. }
+        ));
     }
 
     #[test]
@@ -1112,36 +1200,38 @@ mod tests {
 
     #[test]
     fn events_keep_their_console_names_and_fields() {
-        let line = |e: Event| serde_json::to_value(e.to_console()).unwrap();
-        let json = line(Event::Rebooting {
+        let (name, fields) = Event::Rebooting {
             version: v("1.0.0"),
             rollback: true,
-        });
-        assert_eq!(json["event"], "rebooting");
-        assert_eq!(json["version"], "1.0.0");
-        assert_eq!(json["reason"], "rollback");
-        let json = line(Event::Rebooting {
+        }
+        .to_console();
+        assert_eq!(name, "rebooting");
+        assert_eq!(
+            fields,
+            [
+                ("version", Value::from("1.0.0")),
+                ("reason", Value::from("rollback"))
+            ]
+        );
+        let (name, fields) = Event::Rebooting {
             version: v("1.2.0"),
             rollback: false,
-        });
-        assert!(json.get("reason").is_none(), "{json}");
-        let json = line(Event::RolledBack {
+        }
+        .to_console();
+        assert_eq!((name, fields.len()), ("rebooting", 1));
+        let (name, fields) = Event::RolledBack {
             from: v("1.1.0"),
             to: v("1.0.0"),
-        });
-        assert_eq!(json["event"], "rolled-back");
-        assert_eq!(json["reason"], ROLLED_BACK_REASON);
-        let json = line(Event::Committed {
+        }
+        .to_console();
+        assert_eq!(name, "rolled-back");
+        assert_eq!(fields[2], ("reason", Value::from(ROLLED_BACK_REASON)));
+        let (name, fields) = Event::Committed {
             version: v("1.1.0"),
             slot: Slot::B,
-        });
-        assert_eq!(json["event"], "committed");
-        assert_eq!(json["slot"], "b");
-        let json = line(Event::TrialBoot {
-            version: v("1.1.0"),
-            deadline_s: 20,
-        });
-        assert_eq!(json["event"], "trial-boot");
-        assert_eq!(json["deadline_s"], 20);
+        }
+        .to_console();
+        assert_eq!(name, "committed");
+        assert_eq!(fields[1], ("slot", Value::from("b")));
     }
 }

@@ -35,9 +35,9 @@ use ballast_updater::state::StateDir;
 use ballast_updater::storage::RealStorage;
 use tokio::sync::mpsc;
 
+use self::machine::{BootFacts, Checked, Effect, Event, HealthResult, Input, Installed, Machine};
 pub use self::status::{new_status, SharedUpdateStatus, UpdateState, UpdateStatus};
 pub use self::strategy::RebootStrategy;
-use self::machine::{BootFacts, Checked, Effect, Event, HealthResult, Input, Installed, Machine};
 use self::watchdog::TrialWatchdog;
 use crate::config::update::UpdateConfig;
 use crate::console;
@@ -121,7 +121,10 @@ pub async fn run(ctx: UpdateContext) {
             inputs.extend(driver.run(effect).await);
         }
     }
-    tracing::info!(state = machine.status().state.name(), "update lifecycle idle for good");
+    tracing::info!(
+        state = machine.status().state.name(),
+        "update lifecycle idle for good"
+    );
 }
 
 struct Driver {

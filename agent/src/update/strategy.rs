@@ -78,7 +78,10 @@ impl Window {
             Ok(Permit)
         } else {
             Err(Blocked {
-                reason: format!("outside the maintenance window (starts {} UTC)", self.0.start),
+                reason: format!(
+                    "outside the maintenance window (starts {} UTC)",
+                    self.0.start
+                ),
                 retry_after: Some(WINDOW_RETRY),
                 notice: Notice::Quiet,
             })
@@ -136,8 +139,9 @@ impl FleetLock {
     /// One call (`pre-reboot` or `steady-state`); Ok when granted.
     async fn call(&self, op: &'static str) -> Result<(), FleetLockError> {
         let url = format!("{}/v1/{op}", self.config.url.trim_end_matches('/'));
-        let body = serde_json::json!({"client_params": {"id": self.node_id, "group": self.config.group}})
-            .to_string();
+        let body =
+            serde_json::json!({"client_params": {"id": self.node_id, "group": self.config.group}})
+                .to_string();
         let u = url.clone();
         let result = tokio::task::spawn_blocking(move || {
             let client = reqwest::blocking::Client::builder()
@@ -282,7 +286,9 @@ mod tests {
         assert_eq!(fl.permit(v()).await, Ok(Permit));
         let request = handle.join().unwrap();
         assert!(request.starts_with("POST /v1/pre-reboot "), "{request}");
-        assert!(request.to_ascii_lowercase().contains("fleet-lock-protocol: true"));
+        assert!(request
+            .to_ascii_lowercase()
+            .contains("fleet-lock-protocol: true"));
         assert!(request.contains("\"id\":\"node-a\"") && request.contains("\"group\":\"workers\""));
 
         let (url, handle) = server("409 Conflict");
