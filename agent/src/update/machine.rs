@@ -34,12 +34,11 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use super::status::{UpdateState, UpdateStatus};
+use crate::console;
 use ballast_updater::cmdline::Slot;
 use ballast_updater::install::Decision;
 use ballast_updater::payload::Version;
-use serde_json::Value;
-
-use super::status::{UpdateState, UpdateStatus};
 
 /// Time between two runs of the health gate during a trial.
 pub const GATE_RETRY: Duration = Duration::from_secs(2);
@@ -248,92 +247,70 @@ pub enum Event {
 pub const ROLLED_BACK_REASON: &str = "the new version did not pass its trial boot";
 
 impl Event {
-    /// The console event's name and fields, as `console::emit` takes them.
-    pub fn to_console(&self) -> (&'static str, Vec<(&'static str, Value)>) {
-        let v = |version: &Version| Value::from(version.to_string());
+    /// The console event (`crate::console::Event`, the typed contract
+    /// with qemu-tests); the driver prints it.
+    pub fn to_console(&self) -> console::Event {
+        let v = |version: &Version| version.to_string();
         match self {
             Event::TrialBoot {
                 version,
                 deadline_s,
-            } => (
-                "trial-boot",
-                vec![
-                    ("version", v(version)),
-                    ("deadline_s", Value::from(*deadline_s)),
-                ],
-            ),
-            Event::WatchdogArmed { device } => {
-                ("watchdog-armed", vec![("device", Value::from(*device))])
-            }
-            Event::Committed { version, slot } => (
-                "committed",
-                vec![
-                    ("version", v(version)),
-                    ("slot", Value::from(slot.to_string())),
-                ],
-            ),
-            Event::TrialFailed { version, reason } => (
-                "trial-failed",
-                vec![
-                    ("version", v(version)),
-                    ("reason", Value::from(reason.as_str())),
-                ],
-            ),
-            Event::Rebooting { version, rollback } => {
-                let mut fields = vec![("version", v(version))];
-                if *rollback {
-                    fields.push(("reason", Value::from("rollback")));
-                }
-                ("rebooting", fields)
-            }
-            Event::RolledBack { from, to } => (
-                "rolled-back",
-                vec![
-                    ("from", v(from)),
-                    ("to", v(to)),
-                    ("reason", Value::from(ROLLED_BACK_REASON)),
-                ],
-            ),
-            Event::UpdateFound { version, running } => (
-                "update-found",
-                vec![("version", v(version)), ("running", v(running))],
-            ),
-            Event::UpdateError { reason } => (
-                "update-error",
-                vec![("reason", Value::from(reason.as_str()))],
-            ),
+            } => console::Event::TrialBoot {
+                version: v(version),
+                deadline_s: *deadline_s,
+            },
+            Event::WatchdogArmed { device } => console::Event::WatchdogArmed {
+                device: (*device).to_owned(),
+            },
+            Event::Committed { version, slot } => console::Event::Committed {
+                version: v(version),
+                slot: slot.to_string(),
+            },
+            Event::TrialFailed { version, reason } => console::Event::TrialFailed {
+                version: v(version),
+                reason: reason.clone(),
+            },
+            Event::Rebooting { version, rollback } => console::Event::Rebooting {
+                version: v(version),
+                reason: rollback.then(|| "rollback".to_owned()),
+            },
+            Event::RolledBack { from, to } => console::Event::RolledBack {
+                from: v(from),
+                to: v(to),
+                reason: ROLLED_BACK_REASON.to_owned(),
+            },
+            Event::UpdateFound { version, running } => console::Event::UpdateFound {
+                version: v(version),
+                running: v(running),
+            },
+            Event::UpdateError { reason } => console::Event::UpdateError {
+                reason: reason.clone(),
+            },
             Event::InstallProgress {
                 version,
                 artifact,
                 percent,
-            } => (
-                "install-progress",
-                vec![
-                    ("version", v(version)),
-                    ("artifact", Value::from(artifact.as_str())),
-                    ("percent", Value::from(*percent)),
-                ],
-            ),
+            } => console::Event::InstallProgress {
+                version: v(version),
+                artifact: artifact.clone(),
+                percent: *percent,
+            },
             Event::Installed {
                 version,
                 slot,
                 entry,
-            } => (
-                "installed",
-                vec![
-                    ("version", v(version)),
-                    ("slot", Value::from(slot.to_string())),
-                    ("entry", Value::from(entry.as_str())),
-                ],
-            ),
-            Event::RebootNeeded { version } => ("reboot-needed", vec![("version", v(version))]),
-            Event::RebootBlocked { version, reason } => (
-                "reboot-blocked",
-                vec![
-                    ("version", v(version)),
-                    ("reason", Value::from(reason.as_str())),
-                ],
-            ),
+            } => console::Event::Installed {
+                version: v(version),
+                slot: slot.to_string(),
+                entry: entry.clone(),
+            },
+            Event::RebootNeeded { version } => console::Event::RebootNeeded {
+                version: v(version),
+            },
+            Event::RebootBlocked { version, reason } => console::Event::RebootBlocked {
+                version: v(version),
+                reason: reason.clone(),
+            },
         }
     }
 }
@@ -736,7 +713,7 @@ mod tests {
     fn events(fx: &[Effect]) -> Vec<&'static str> {
         fx.iter()
             .filter_map(|e| match e {
-                Effect::Emit(ev) => Some(ev.to_console().0),
+                Effect::Emit(ev) => Some(ev.to_console().name()),
                 _ => None,
             })
             .collect()
@@ -1200,38 +1177,36 @@ mod tests {
 
     #[test]
     fn events_keep_their_console_names_and_fields() {
-        let (name, fields) = Event::Rebooting {
+        let line = |e: Event| serde_json::to_value(e.to_console()).unwrap();
+        let json = line(Event::Rebooting {
             version: v("1.0.0"),
             rollback: true,
-        }
-        .to_console();
-        assert_eq!(name, "rebooting");
-        assert_eq!(
-            fields,
-            [
-                ("version", Value::from("1.0.0")),
-                ("reason", Value::from("rollback"))
-            ]
-        );
-        let (name, fields) = Event::Rebooting {
+        });
+        assert_eq!(json["event"], "rebooting");
+        assert_eq!(json["version"], "1.0.0");
+        assert_eq!(json["reason"], "rollback");
+        let json = line(Event::Rebooting {
             version: v("1.2.0"),
             rollback: false,
-        }
-        .to_console();
-        assert_eq!((name, fields.len()), ("rebooting", 1));
-        let (name, fields) = Event::RolledBack {
+        });
+        assert!(json.get("reason").is_none(), "{json}");
+        let json = line(Event::RolledBack {
             from: v("1.1.0"),
             to: v("1.0.0"),
-        }
-        .to_console();
-        assert_eq!(name, "rolled-back");
-        assert_eq!(fields[2], ("reason", Value::from(ROLLED_BACK_REASON)));
-        let (name, fields) = Event::Committed {
+        });
+        assert_eq!(json["event"], "rolled-back");
+        assert_eq!(json["reason"], ROLLED_BACK_REASON);
+        let json = line(Event::Committed {
             version: v("1.1.0"),
             slot: Slot::B,
-        }
-        .to_console();
-        assert_eq!(name, "committed");
-        assert_eq!(fields[1], ("slot", Value::from("b")));
+        });
+        assert_eq!(json["event"], "committed");
+        assert_eq!(json["slot"], "b");
+        let json = line(Event::TrialBoot {
+            version: v("1.1.0"),
+            deadline_s: 20,
+        });
+        assert_eq!(json["event"], "trial-boot");
+        assert_eq!(json["deadline_s"], 20);
     }
 }
