@@ -202,15 +202,7 @@ fn layer(top: &str) -> Option<u8> {
 /// Upward imports being removed by work in flight, as (file, imported
 /// top-level module). The test fails when one disappears too, so this list
 /// stays exact: delete an entry when its import goes.
-const LAYER_ALLOWLIST: &[(&str, &str)] = &[
-    // config reads the [update] schema still defined next to the update
-    // loop; it moves down into config (issue 10, item 3).
-    ("agent/src/config/mod.rs", "update"),
-    // The update loop takes node_layout from the CLI and the reboot gate
-    // from the Kubernetes coordinator; the state machine rewrite removes
-    // the first (issue 10, item 3).
-    ("agent/src/update/mod.rs", "cli"),
-];
+const LAYER_ALLOWLIST: &[(&str, &str)] = &[];
 
 /// A `crate::<top>` path in the agent: file, line, `<top>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
