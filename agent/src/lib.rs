@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod atomic;
 pub mod boot;
 pub mod cli;
 pub mod config;

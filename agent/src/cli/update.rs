@@ -223,16 +223,14 @@ fn layout(args: &NodeArgs) -> anyhow::Result<NodeLayout> {
 
 /// USR-A and USR-B on the disk that holds the running slot.
 fn discover_slots(running: &BootParams) -> anyhow::Result<Vec<SlotDevice>> {
-    let parts = crate::boot::disks::Roots::default().partitions();
-    let current = parts
-        .iter()
-        .find(|p| p.partuuid == running.usr_partuuid)
-        .with_context(|| {
-            format!(
-                "the running slot's partition (PARTUUID {}) is on no disk; pass --slot-a/--slot-b",
-                running.usr_partuuid
-            )
-        })?;
+    use crate::boot::disks::{unique, Roots, Wanted};
+    let parts = Roots::default().partitions();
+    let current = unique(&parts, &Wanted::PartUuid(running.usr_partuuid))?.with_context(|| {
+        format!(
+            "the running slot's partition (PARTUUID {}) is on no disk; pass --slot-a/--slot-b",
+            running.usr_partuuid
+        )
+    })?;
     Ok([Slot::A, Slot::B]
         .into_iter()
         .filter_map(|slot| {

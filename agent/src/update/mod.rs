@@ -47,12 +47,12 @@ pub struct UpdateConfig {
     pub repository: Option<String>,
     /// Time between checks, like `"30s"` or `"1h"`; up to a tenth more is
     /// added at random so a fleet does not poll in step.
-    #[serde(default = "default_interval", with = "humantime_serde_compat")]
+    #[serde(default = "default_interval", with = "crate::config::duration")]
     pub interval: Duration,
     #[serde(default)]
     pub strategy: Strategy,
     /// How long a new version has to pass its health checks.
-    #[serde(default = "default_deadline", with = "humantime_serde_compat")]
+    #[serde(default = "default_deadline", with = "crate::config::duration")]
     pub health_deadline: Duration,
     /// Trusted keys (files or directories of `*.pub`); default: the keys
     /// built into the image.
@@ -145,24 +145,8 @@ pub struct WindowConfig {
     pub days: Vec<String>,
     /// `HH:MM`, UTC.
     pub start: String,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::config::duration")]
     pub length: Duration,
-}
-
-/// Serde for durations written like `"30s"`.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -399,7 +383,11 @@ async fn settle_running_version(
     );
     // Test images only (see failpoints.rs): `pause` here hangs the trial.
     fail::fail_point!("trial-gate");
-    let deadline = tokio::time::Instant::now() + ctx.config.health_deadline;
+    let now = tokio::time::Instant::now();
+    // Bounded at load (config::duration::MAX); checked all the same.
+    let deadline = now
+        .checked_add(ctx.config.health_deadline)
+        .unwrap_or_else(|| now + crate::config::duration::MAX);
     let mut last = None;
     while tokio::time::Instant::now() < deadline {
         let report = ctx.health.run_now().await;
