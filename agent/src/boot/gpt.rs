@@ -168,7 +168,6 @@ pub fn crc32(data: &[u8]) -> u32 {
 struct Header {
     bytes: Vec<u8>,
     my_lba: u64,
-    alternate_lba: u64,
     first_usable: u64,
     last_usable: u64,
     disk_guid: Uuid,
@@ -226,7 +225,6 @@ fn header_at(
     bytes[16..20].copy_from_slice(&stored.to_le_bytes());
     let h = Header {
         my_lba: le_u64(&bytes, 24),
-        alternate_lba: le_u64(&bytes, 32),
         first_usable: le_u64(&bytes, 40),
         last_usable: le_u64(&bytes, 48),
         disk_guid: guid_at(&bytes, 56),
@@ -458,11 +456,12 @@ impl Table {
     pub fn write(&self, file: &File, disk_bytes: u64) -> Result<(), GptError> {
         let sectors = disk_bytes / self.sector;
         let array = self.array_sectors();
-        // Room for: protective MBR, primary header and array, the usable
-        // area, backup array and header.
+        // Room for: protective MBR, primary header and array (rewritten at
+        // LBA 2, before the first usable LBA), the usable area, backup
+        // array and header.
         let Some(last_usable) = sectors
             .checked_sub(2 + array)
-            .filter(|l| *l >= self.first_usable)
+            .filter(|l| *l >= self.first_usable && self.first_usable >= 2 + array)
         else {
             return Err(GptError::Write {
                 offset: 0,
