@@ -345,12 +345,12 @@ impl Table {
         let mut entries = Vec::new();
         let mut warnings = Vec::new();
         let size = h.entry_size as usize;
-        for (i, e) in raw.chunks_exact(size).enumerate() {
+        // Entry numbers count from 1; the count is a u32, so they fit.
+        for (number, e) in (1..=h.entry_count).zip(raw.chunks_exact(size)) {
             let type_guid = guid_at(e, 0);
             if type_guid.is_nil() {
                 continue;
             }
-            let number = i as u32 + 1;
             let (first, last) = (le_u64(e, 32), le_u64(e, 40));
             if first > last || first < h.first_usable || last > h.last_usable {
                 warnings.push(
@@ -517,10 +517,11 @@ pub(crate) mod tests {
         parts: &[(&str, u64, u64)],
         disk_bytes: u64,
     ) -> Vec<u8> {
-        let mut disk = vec![0u8; disk_bytes as usize];
+        let mut disk = vec![0u8; usize::try_from(disk_bytes).unwrap()];
         let sectors = disk_bytes / sector;
         let array = (u64::from(count) * u64::from(entry_size)).div_ceil(sector);
-        let mut entries = vec![0u8; (u64::from(count) * u64::from(entry_size)) as usize];
+        let mut entries =
+            vec![0u8; usize::try_from(u64::from(count) * u64::from(entry_size)).unwrap()];
         for (i, (label, first, last)) in parts.iter().enumerate() {
             let e = &mut entries[i * entry_size as usize..];
             e[0..16].copy_from_slice(&Uuid::from_u128(0x0fc6_3daf).to_bytes_le());
@@ -553,7 +554,7 @@ pub(crate) mod tests {
         };
         let last_usable = sectors - 2 - array;
         let put = |disk: &mut Vec<u8>, bytes: &[u8], lba: u64| {
-            let off = (lba * sector) as usize;
+            let off = usize::try_from(lba * sector).unwrap();
             disk[off..off + bytes.len()].copy_from_slice(bytes);
         };
         put(&mut disk, &t.header_bytes(true, sectors, last_usable), 1);
@@ -664,7 +665,7 @@ pub(crate) mod tests {
     #[test]
     fn truncated_disks_and_lbas_beyond_the_disk_are_refused() {
         let disk = standard();
-        for len in [0, 511, 1024, 1100, 2048, 4 * MIB as usize] {
+        for len in [0, 511, 1024, 1100, 2048, 4 << 20] {
             assert!(Table::read(&disk[..len]).is_err(), "{len}");
         }
         // An entry array claimed beyond the disk.
