@@ -40,13 +40,7 @@ const NETWORK_WAIT: Duration = Duration::from_secs(5);
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub fn run() -> ! {
-    std::panic::set_hook(Box::new(|info| {
-        console::emit(&Event::Panic {
-            reason: info.to_string(),
-        });
-        std::thread::sleep(Duration::from_secs(5));
-        crate::node::power::reboot_now(Action::Reboot);
-    }));
+    crate::node::power::reboot_on_panic(|reason| Event::Panic { reason }, Duration::from_secs(5));
     // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reset.
     let _ = nix::sys::reboot::set_cad_enabled(false);
 
@@ -261,8 +255,13 @@ fn count_boot() -> u64 {
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0)
         + 1;
-    let _ = std::fs::create_dir_all(STATE_DIR);
-    let _ = std::fs::write(&path, format!("{boots}\n"));
+    if let Err(e) = crate::atomic::write(
+        &path,
+        format!("{boots}\n").as_bytes(),
+        crate::atomic::PUBLIC,
+    ) {
+        tracing::warn!(error = %crate::error_chain(&e), "boot not counted");
+    }
     boots
 }
 
@@ -320,8 +319,12 @@ fn machine_id() -> String {
     let mut bytes = [0u8; 16];
     let _ = getrandom::getrandom(&mut bytes);
     let id = hex::encode(bytes);
-    let _ = std::fs::create_dir_all(STATE_DIR);
-    let _ = std::fs::write(&path, format!("{id}\n"));
+    // Atomic: a torn machine id would give the node a new name and
+    // FleetLock id at the next boot, orphaning a lock held under the old.
+    if let Err(e) = crate::atomic::write(&path, format!("{id}\n").as_bytes(), crate::atomic::PUBLIC)
+    {
+        tracing::warn!(error = %crate::error_chain(&e), "machine id not kept on STATE");
+    }
     id
 }
 
@@ -421,12 +424,7 @@ fn load_config() -> (Config, Option<String>) {
     match loaded {
         Ok((config, table)) => {
             if let Ok(text) = toml::to_string(&table) {
-                if let Some(dir) = std::path::Path::new(LAST_GOOD).parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                if let Err(e) = std::fs::write(LAST_GOOD, text) {
-                    tracing::warn!(error = %e, "last good configuration not saved");
-                }
+                crate::config::save_last_good(Path::new(LAST_GOOD), &text);
             }
             (config, None)
         }

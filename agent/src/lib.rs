@@ -13,10 +13,12 @@
 #![deny(unsafe_code)]
 
 pub mod api;
+pub mod atomic;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod duration;
 pub mod init;
 pub mod kubernetes;
 pub mod net;

@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: builds every cargo-fuzz target under updater/fuzz
-//! and runs each for a short, bounded time. Only stable Rust exists on
+//! (manifest, boot entries) and agent/fuzz (the disk scanner) and runs
+//! each for a short, bounded time. Only stable Rust exists on
 //! these machines, so cargo-fuzz runs with RUSTC_BOOTSTRAP=1 (it needs the
 //! `-Z sanitizer` flags of a nightly compiler).
 
@@ -14,8 +15,10 @@ pub struct FuzzArgs {
     pub seconds: u32,
 }
 
+/// Crates (relative to the workspace root) whose `fuzz/` holds targets.
+const FUZZED_CRATES: [&str; 2] = ["updater", "agent"];
+
 pub fn run(args: FuzzArgs) -> Result<()> {
-    let dir = crate::workspace_root().join("updater");
     let have_fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -28,6 +31,17 @@ pub fn run(args: FuzzArgs) -> Result<()> {
             .success();
         ensure!(ok, "cargo install cargo-fuzz failed");
     }
+    let mut count = 0;
+    for krate in FUZZED_CRATES {
+        count += run_crate(krate, &args)?;
+    }
+    println!("fuzz: {count} targets ran without a crash");
+    Ok(())
+}
+
+/// Runs every target of `krate/fuzz`; returns how many ran.
+fn run_crate(krate: &str, args: &FuzzArgs) -> Result<usize> {
+    let dir = crate::workspace_root().join(krate);
     let list = Command::new("cargo")
         .args(["fuzz", "list"])
         .current_dir(&dir)
@@ -66,9 +80,8 @@ pub fn run(args: FuzzArgs) -> Result<()> {
             .success();
         ensure!(
             ok,
-            "fuzz target {t} failed (see its crash artifact under updater/fuzz/artifacts)"
+            "fuzz target {t} failed (see its crash artifact under {krate}/fuzz/artifacts)"
         );
     }
-    println!("fuzz: {} targets ran without a crash", targets.len());
-    Ok(())
+    Ok(targets.len())
 }

@@ -73,6 +73,12 @@ pub enum EarlyBootError {
 
 /// Runs the initramfs stage; never returns.
 pub fn run() -> ! {
+    // First: a panic anywhere below (a hostile disk, a bug) must still end
+    // in `boot-failed` and a reboot, or boot counting never falls back.
+    crate::node::power::reboot_on_panic(
+        |reason| Event::BootFailed { reason },
+        FAILURE_REBOOT_DELAY,
+    );
     let err = match boot() {
         Ok(never) => match never {},
         Err(e) => e,

@@ -6,6 +6,7 @@
 pub mod bootinfo;
 pub mod cidata;
 pub mod disks;
+pub mod gpt;
 pub mod initramfs;
 pub mod modules;
 pub mod mounts;

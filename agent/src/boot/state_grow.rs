@@ -8,6 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::boot::disks::Partition;
+use crate::boot::gpt;
 use crate::sys;
 
 /// Partitions end on 1 MiB boundaries, as the image build lays them out.
@@ -29,7 +30,7 @@ pub enum GrowError {
     Gpt {
         disk: PathBuf,
         #[source]
-        source: gpt::GptError,
+        source: crate::boot::gpt::GptError,
     },
     #[error("STATE ({device}) is not the last partition of {disk}")]
     NotLast { device: PathBuf, disk: PathBuf },
@@ -52,7 +53,10 @@ pub enum GrowError {
 pub fn target_end(disk_bytes: u64, start: u64, current_len: u64, sector: u64) -> Option<u64> {
     let last_usable_end = disk_bytes.checked_sub(BACKUP_GPT_SECTORS * sector)?;
     let end = last_usable_end / ALIGN_BYTES * ALIGN_BYTES;
-    (end >= start + current_len + MIN_GROWTH_BYTES).then_some(end)
+    let wanted = start
+        .checked_add(current_len)?
+        .checked_add(MIN_GROWTH_BYTES)?;
+    (end >= wanted).then_some(end)
 }
 
 /// Grows `state` (mounted at `mountpoint`) to the end of its disk. Each
@@ -75,41 +79,33 @@ pub fn grow_to_disk_end(state: &Partition, mountpoint: &Path) -> Result<Option<u
         disk: state.disk.clone(),
         source,
     };
-    let mut gpt = gpt::GptConfig::new()
-        .writable(true)
-        .open_from_device(disk_file)
-        .map_err(gpt_err)?;
-    let sector = u64::from(*gpt.logical_block_size());
+    let disk = gpt::DiskFile {
+        file: disk_file,
+        size: disk_bytes,
+    };
+    let mut table = gpt::Table::read(&disk).map_err(gpt_err)?;
+    let sector = table.sector;
 
     // 1. The partition table.
     let mut length = state.length;
-    let disk_file = if let Some(end) = target_end(disk_bytes, state.start, state.length, sector) {
-        let mut parts = gpt.partitions().clone();
-        if parts
-            .values()
-            .any(|p| p.is_used() && p.first_lba * sector > state.start)
+    if let Some(end) = target_end(disk_bytes, state.start, state.length, sector) {
+        let later = |e: &&gpt::Entry| e.first_lba.saturating_mul(sector) > state.start;
+        if table.entries.iter().any(|e| later(&e))
+            || !table.entries.iter().any(|e| e.number == state.number)
         {
             return Err(GrowError::NotLast {
                 device: state.device.clone(),
                 disk: state.disk.clone(),
             });
         }
-        let Some(entry) = parts.get_mut(&state.number) else {
-            return Err(GrowError::NotLast {
-                device: state.device.clone(),
-                disk: state.disk.clone(),
-            });
-        };
-        entry.last_lba = end / sector - 1;
-        gpt.update_partitions(parts).map_err(gpt_err)?;
-        let file = gpt.write().map_err(gpt_err)?;
-        file.sync_all().map_err(open_err(&state.disk))?;
+        table
+            .set_last_lba(state.number, end / sector - 1)
+            .map_err(gpt_err)?;
+        table.write(&disk.file, disk_bytes).map_err(gpt_err)?;
         length = end - state.start;
         grew = true;
-        file
-    } else {
-        gpt.take_device()
-    };
+    }
+    let disk_file = disk.file;
 
     // 2. The kernel's idea of the partition.
     let part_file = File::open(&state.device).map_err(open_err(&state.device))?;

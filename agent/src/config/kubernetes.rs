@@ -146,9 +146,9 @@ pub struct RebootConfig {
     #[serde(default = "default_lease_namespace")]
     pub lease_namespace: String,
     /// A holder that has not renewed within this is presumed gone.
-    #[serde(default = "default_lease_ttl", with = "duration_text")]
+    #[serde(default = "default_lease_ttl", with = "crate::duration")]
     pub lease_ttl: Duration,
-    #[serde(default = "default_drain_timeout", with = "duration_text")]
+    #[serde(default = "default_drain_timeout", with = "crate::duration")]
     pub drain_timeout: Duration,
     /// Reboot even when the drain did not finish in time.
     #[serde(default)]
@@ -186,24 +186,6 @@ fn default_lease_ttl() -> Duration {
 
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5 * 60)
-}
-
-/// Durations as humantime text (`"15m"`), as elsewhere in the config.
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like \"15m\": {e}"))
-        })
-    }
 }
 
 impl KubernetesConfig {

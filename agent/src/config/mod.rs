@@ -454,13 +454,7 @@ pub fn find_user_data() -> Option<Layer> {
             })
         });
     if let Some(layer) = fresh {
-        let saved = Path::new(SAVED_USER_DATA);
-        if let Some(dir) = saved.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        if let Err(e) = std::fs::write(saved, &layer.text) {
-            tracing::warn!(error = %e, "user-data not kept on STATE");
-        }
+        save_user_data(Path::new(SAVED_USER_DATA), &layer.text);
         return Some(layer);
     }
     std::fs::read_to_string(SAVED_USER_DATA)
@@ -471,9 +465,62 @@ pub fn find_user_data() -> Option<Layer> {
         })
 }
 
+/// Keeps user-data on STATE: atomically (a torn copy would be a config
+/// error at the next boot) and 0600 (it may hold tokens).
+pub fn save_user_data(path: &Path, text: &str) {
+    if let Err(e) = crate::atomic::write(path, text.as_bytes(), crate::atomic::PRIVATE) {
+        tracing::warn!(error = %crate::error_chain(&e), "user-data not kept on STATE");
+    }
+}
+
+/// Keeps the merged configuration that last loaded, the same way as
+/// user-data (it holds the same secrets).
+pub fn save_last_good(path: &Path, text: &str) {
+    if let Err(e) = crate::atomic::write(path, text.as_bytes(), crate::atomic::PRIVATE) {
+        tracing::warn!(error = %crate::error_chain(&e), "last good configuration not saved");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_durations_are_config_errors() {
+        for text in [
+            "[update]\nhealth_deadline = \"1000000d\"\n",
+            "[update]\ninterval = \"1000000d\"\n",
+            "[health]\ninterval = \"1000000d\"\n",
+            "[kubernetes.reboot]\ndrain_timeout = \"1000000d\"\n",
+            "[kubernetes.reboot]\nlease_ttl = \"1000000d\"\n",
+        ] {
+            let err = Config::parse(text, std::path::Path::new("t.toml")).expect_err(text);
+            let chain = crate::error_chain(&err);
+            assert!(chain.contains("largest allowed"), "{text}: {chain}");
+        }
+    }
+
+    #[test]
+    fn saved_copies_are_private_and_replace_the_old_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let user_data = dir.path().join("lib/ballast/user-data.toml");
+        let last_good = dir.path().join("lib/ballast/last-good.toml");
+        std::fs::create_dir_all(user_data.parent().unwrap()).unwrap();
+        // Copies from before were world-readable.
+        std::fs::write(&user_data, "old").unwrap();
+        std::fs::set_permissions(&user_data, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save_user_data(&user_data, "bootstrap_token = \"a.b\"\n");
+        save_last_good(&last_good, "hostname = \"n\"\n");
+        for (path, text) in [
+            (&user_data, "bootstrap_token = \"a.b\"\n"),
+            (&last_good, "hostname = \"n\"\n"),
+        ] {
+            assert_eq!(std::fs::read_to_string(path).unwrap(), text);
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        }
+    }
 
     #[test]
     fn the_documented_example_parses() {

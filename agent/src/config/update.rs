@@ -18,12 +18,12 @@ pub struct UpdateConfig {
     pub repository: Option<String>,
     /// Time between checks, like `"30s"` or `"1h"`; up to a tenth more is
     /// added at random so a fleet does not poll in step.
-    #[serde(default = "default_interval", with = "humantime_serde_compat")]
+    #[serde(default = "default_interval", with = "crate::duration")]
     pub interval: Duration,
     #[serde(default)]
     pub strategy: Strategy,
     /// How long a new version has to pass its health checks.
-    #[serde(default = "default_deadline", with = "humantime_serde_compat")]
+    #[serde(default = "default_deadline", with = "crate::duration")]
     pub health_deadline: Duration,
     /// Trusted keys (files or directories of `*.pub`); default: the keys
     /// built into the image.
@@ -131,7 +131,7 @@ pub struct WindowConfig {
     pub days: Vec<Weekday>,
     /// UTC.
     pub start: TimeOfDay,
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "crate::duration")]
     pub length: Duration,
 }
 
@@ -268,22 +268,6 @@ impl<'de> Deserialize<'de> for TimeOfDay {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
-    }
-}
-
-/// Serde for durations written like `"30s"`.
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -364,7 +364,11 @@ async fn drain(
     node: &str,
     options: &DrainOptions,
 ) -> Result<DrainOutcome, DrainError> {
-    let deadline = Instant::now() + options.timeout;
+    let now = Instant::now();
+    // Bounded at load (config::duration::MAX); checked all the same.
+    let deadline = now
+        .checked_add(options.timeout)
+        .unwrap_or_else(|| now + crate::duration::MAX);
     let mut outcome = DrainOutcome::default();
     let mut movable = Vec::new();
     for pod in list_pods(client, node).await? {

@@ -59,7 +59,7 @@ pub enum HealthError {
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Time between two runs of the checks; readers get the last report.
-    #[serde(default = "default_interval", with = "duration_text")]
+    #[serde(default = "default_interval", with = "crate::duration")]
     pub interval: Duration,
     /// `[[health.checks]]`.
     #[serde(default)]
@@ -89,30 +89,12 @@ pub struct CheckSpec {
     /// `http://HOST[:PORT]/PATH`; passes on a 2xx answer to a GET.
     pub http: Option<String>,
     /// Like `"5s"` or `"500ms"`.
-    #[serde(default = "default_timeout", with = "duration_text")]
+    #[serde(default = "default_timeout", with = "crate::duration")]
     pub timeout: Duration,
 }
 
 fn default_timeout() -> Duration {
     DEFAULT_CHECK_TIMEOUT
-}
-
-/// Durations as humantime text (`"5s"`, `"1m 30s"`).
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(*value).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like \"5s\": {e}"))
-        })
-    }
 }
 
 impl HealthConfig {
@@ -398,7 +380,11 @@ async fn monitor_loop(
         for reply in waiting {
             let _ = reply.send(snapshot.clone());
         }
-        next = tokio::time::Instant::now() + interval;
+        let now = tokio::time::Instant::now();
+        // Bounded at load (crate::duration::MAX); checked all the same.
+        next = now
+            .checked_add(interval)
+            .unwrap_or_else(|| now + crate::duration::MAX);
     }
 }
 

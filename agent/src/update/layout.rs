@@ -41,6 +41,10 @@ pub enum LayoutError {
     RunningSlotNotFound { partuuid: Uuid },
     #[error("no partition labelled {label} found")]
     NoSlotPartition { label: &'static str },
+    /// The running slot's PARTUUID on two partitions: a copy of our disk
+    /// must not be able to stand in for it.
+    #[error(transparent)]
+    Disk(#[from] crate::boot::disks::DiskError),
     /// Every Ballast image writes VARIANT_ID; without it the node cannot
     /// tell which releases are its own, and guessing could install
     /// another profile (a base image onto a Kubernetes node).
@@ -170,13 +174,13 @@ fn partuuid_for(
 
 /// USR-A and USR-B on the disk that holds the running slot.
 fn discover_slots(running: &BootParams) -> Result<Vec<SlotDevice>, LayoutError> {
-    let parts = crate::boot::disks::Roots::default().partitions();
-    let current = parts
-        .iter()
-        .find(|p| p.partuuid == running.usr_partuuid)
-        .ok_or(LayoutError::RunningSlotNotFound {
+    use crate::boot::disks::{unique, Roots, Wanted};
+    let parts = Roots::default().partitions();
+    let current = unique(&parts, &Wanted::PartUuid(running.usr_partuuid))?.ok_or(
+        LayoutError::RunningSlotNotFound {
             partuuid: running.usr_partuuid,
-        })?;
+        },
+    )?;
     Ok([Slot::A, Slot::B]
         .into_iter()
         .filter_map(|slot| {

@@ -448,7 +448,11 @@ impl Machine {
                 self.start_polling(&mut fx);
             }
             (State::Starting, Input::Booted(facts)) if facts.trial => {
-                let deadline = now + self.settings.health_deadline;
+                // Bounded at load time (config::duration::MAX), but a
+                // deadline past the clock's end must not panic PID 1.
+                let deadline = now
+                    .checked_add(self.settings.health_deadline)
+                    .unwrap_or(now);
                 fx.push(Effect::ArmWatchdog);
                 fx.push(Effect::Emit(Event::TrialBoot {
                     version: facts.running,
