@@ -97,7 +97,7 @@ fn invalid(err: &ConfigError, text: &str) -> UserDataError {
         }
         other => crate::error_chain(other),
     };
-    UserDataError::Invalid(unquote(&message))
+    UserDataError::Invalid(format!("user-data rejected: {}", unquote(&message)))
 }
 
 /// Replaces every double-quoted string with `"…"`.
