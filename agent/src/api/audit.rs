@@ -43,8 +43,13 @@ pub fn record(entry: &Entry<'_>, refused: bool) {
         match take_budget(Instant::now()) {
             Some(s) => s,
             None => {
-                tracing::debug!(who = entry.who, method = entry.method, path = entry.path,
-                    status = entry.status, "API request refused (console record suppressed)");
+                tracing::debug!(
+                    who = entry.who,
+                    method = entry.method,
+                    path = entry.path,
+                    status = entry.status,
+                    "API request refused (console record suppressed)"
+                );
                 return;
             }
         }

@@ -36,10 +36,7 @@ pub enum IdentityError {
     },
     /// The text is never part of the message: it may be a key.
     #[error("{what}: no PEM {kind} found")]
-    Pem {
-        what: String,
-        kind: &'static str,
-    },
+    Pem { what: String, kind: &'static str },
     #[error("making the server certificate")]
     Generate(#[source] rcgen::Error),
 }
@@ -142,7 +139,9 @@ pub fn load_or_create(
             parse_certs(&cert, &cert_path.display().to_string()),
         ) {
             (Ok(key), Ok(chain)) => return Ok(Identity { chain, key }),
-            _ => tracing::warn!(dir = %dir.display(), "kept API identity unreadable; making a new one"),
+            _ => {
+                tracing::warn!(dir = %dir.display(), "kept API identity unreadable; making a new one")
+            }
         }
     }
     let (key_pem, cert_pem) = generate(hostname, addresses).map_err(IdentityError::Generate)?;
@@ -172,7 +171,9 @@ fn generate(hostname: &str, addresses: &[IpAddr]) -> Result<(String, String), rc
     }
     let mut params = rcgen::CertificateParams::new(names)?;
     for ip in addresses {
-        params.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(*ip));
     }
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -275,7 +276,10 @@ mod tests {
             ..ApiConfig::default()
         };
         let id = load_or_create(&config, dir.path(), "node-1", &[]).unwrap();
-        assert_eq!(id.fingerprint(), cert_sha256(&parse_certs(&cert, "t").unwrap()[0]));
+        assert_eq!(
+            id.fingerprint(),
+            cert_sha256(&parse_certs(&cert, "t").unwrap()[0])
+        );
         assert!(!dir.path().join(KEY_FILE).exists());
         let bad = ApiConfig {
             server_cert: Some(cert),
@@ -284,7 +288,10 @@ mod tests {
         };
         let err = load_or_create(&bad, dir.path(), "n", &[]).unwrap_err();
         let text = crate::error_chain(&err);
-        assert!(text.contains("server_key") && !text.contains("c2VjcmV0"), "{text}");
+        assert!(
+            text.contains("server_key") && !text.contains("c2VjcmV0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -341,7 +341,10 @@ fn read_end(file: &File, len: u64) -> std::io::Result<String> {
     let text = String::from_utf8_lossy(&out).into_owned();
     if start > 0 {
         // The first line is cut: drop it.
-        return Ok(text.split_once('\n').map(|(_, r)| r.to_owned()).unwrap_or_default());
+        return Ok(text
+            .split_once('\n')
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or_default());
     }
     Ok(text)
 }
@@ -452,10 +455,7 @@ mod tests {
     fn names_are_checked() {
         assert_eq!(Source::parse("agent").unwrap(), Source::Agent);
         assert_eq!(Source::parse("kernel").unwrap(), Source::Kernel);
-        assert_eq!(
-            Source::parse("web").unwrap(),
-            Source::Service("web".into())
-        );
+        assert_eq!(Source::parse("web").unwrap(), Source::Service("web".into()));
         for bad in ["", "..", "a/b", "../../etc/shadow"] {
             assert!(Source::parse(bad).is_err(), "{bad}");
         }
@@ -513,10 +513,7 @@ mod tests {
             kmsg: "/nonexistent".into(),
         };
         let source = Source::parse("web").unwrap();
-        assert!(matches!(
-            open(&paths, &source, 5),
-            Err(LogError::NoLog(_))
-        ));
+        assert!(matches!(open(&paths, &source, 5), Err(LogError::NoLog(_))));
         std::fs::write(rotated_log_path(dir.path(), "web"), "a\nb\n").unwrap();
         std::fs::write(log_path(dir.path(), "web"), "c\nd\n").unwrap();
         let (tail, reader) = open(&paths, &source, 3).unwrap();

@@ -326,11 +326,7 @@ pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 /// Accepts HTTPS connections until the process ends.
-pub async fn serve_tcp(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Arc<rustls::ServerConfig>,
-) {
+pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let table = ConnectionTable::new(shared.limits.max_connections);
     let mut backoff = AcceptBackoff::default();

@@ -118,13 +118,18 @@ async fn route(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{path} takes {}", allowed[0]),
         );
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed[0].as_str()));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            HeaderValue::from_static(allowed[0].as_str()),
+        );
         return r;
     }
     // Only user-data has a body; anything sent elsewhere is refused unread.
     if path != "/v1/user-data" && req.body().size_hint().lower() > 0 {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("{path} takes no body"));
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("{path} takes no body"),
+        );
     }
     let query = req.uri().query().unwrap_or("").to_owned();
     match path.as_str() {
@@ -182,8 +187,10 @@ fn metrics_answer(shared: &Shared) -> Response<Body> {
         health: health.map(|s| s.report.clone()),
     };
     let mut r = text(StatusCode::OK, &metrics::render(&input));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
     r
 }
 
@@ -214,7 +221,10 @@ async fn reboot(shared: &Shared, client: &Client, query: &str) -> Response<Body>
     if force {
         return match shared.power.try_send(Action::Reboot) {
             Ok(()) => {
-                tracing::warn!(who, "forced reboot through the API: the update strategy is skipped");
+                tracing::warn!(
+                    who,
+                    "forced reboot through the API: the update strategy is skipped"
+                );
                 json(
                     StatusCode::ACCEPTED,
                     &RebootAnswer {
@@ -306,7 +316,10 @@ async fn put_user_data(shared: &Shared, req: Request<Incoming>) -> Response<Body
             tracing::error!(error = %reason, "user-data not kept");
             error(StatusCode::INTERNAL_SERVER_ERROR, &reason)
         }
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "keeping the user-data failed"),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "keeping the user-data failed",
+        ),
     }
 }
 
@@ -339,12 +352,7 @@ fn log_answer(
     let (first, reader) = match logs::open(&shared.logs, &source, tail) {
         Ok(opened) => opened,
         Err(e @ logs::LogError::NoLog(_)) => return error(StatusCode::NOT_FOUND, &e.to_string()),
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &crate::error_chain(&e),
-            )
-        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&e)),
     };
     let body: Body = if follow {
         // The stream holds the connection busy: it is not pushed out.

@@ -30,7 +30,9 @@ impl Ca {
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         Ca { cert, key }
@@ -39,7 +41,9 @@ impl Ca {
     fn issue(&self, cn: &str, org: &str) -> Identity {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         params
             .distinguished_name
             .push(rcgen::DnType::OrganizationName, org);
@@ -174,11 +178,21 @@ async fn certificates_decide_who_may_do_what() {
     let get = Method::GET;
 
     // Probes need no certificate; everything else does.
-    let (code, body) = https(&node, None, get.clone(), "/healthz", vec![]).await.unwrap();
+    let (code, body) = https(&node, None, get.clone(), "/healthz", vec![])
+        .await
+        .unwrap();
     assert_eq!((code, body.as_str()), (StatusCode::OK, "ok\n"));
-    let (code, _) = https(&node, None, get.clone(), "/readyz", vec![]).await.unwrap();
+    let (code, _) = https(&node, None, get.clone(), "/readyz", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-    for path in ["/status", "/metrics", "/v1/config", "/v1/logs/agent", "/nope"] {
+    for path in [
+        "/status",
+        "/metrics",
+        "/v1/config",
+        "/v1/logs/agent",
+        "/nope",
+    ] {
         let (code, body) = https(&node, None, get.clone(), path, vec![]).await.unwrap();
         assert_eq!(code, StatusCode::UNAUTHORIZED, "{path}");
         assert!(error_of(&body).contains("certificate"), "{body}");
@@ -189,7 +203,9 @@ async fn certificates_decide_who_may_do_what() {
     assert_eq!(code, StatusCode::UNAUTHORIZED);
 
     // A reader reads and may not change anything.
-    let (code, body) = https(&node, reader(), get.clone(), "/status", vec![]).await.unwrap();
+    let (code, body) = https(&node, reader(), get.clone(), "/status", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::OK, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["api"]["cert_sha256"], node.pin.as_str());
@@ -205,25 +221,49 @@ async fn certificates_decide_who_may_do_what() {
     }
     // A certificate of the CA without a role reads nothing.
     let nobody = Some(ca.issue("carol", "Acme"));
-    let (code, _) = https(&node, nobody, get.clone(), "/status", vec![]).await.unwrap();
+    let (code, _) = https(&node, nobody, get.clone(), "/status", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::FORBIDDEN);
 
     // A certificate from another CA does not get through the handshake.
     let other = Ca::new("someone else");
-    let refused = https(&node, Some(other.issue("mallory", auth::ROLE_ADMIN)), get.clone(), "/status", vec![]).await;
+    let refused = https(
+        &node,
+        Some(other.issue("mallory", auth::ROLE_ADMIN)),
+        get.clone(),
+        "/status",
+        vec![],
+    )
+    .await;
     assert!(refused.is_err(), "{refused:?}");
     // Nor does a client that pins another fingerprint.
     let wrong_pin = "00".repeat(32);
-    assert!(https_pinned(node.addr, &wrong_pin, admin(), get.clone(), "/healthz", vec![]).await.is_err());
+    assert!(https_pinned(
+        node.addr,
+        &wrong_pin,
+        admin(),
+        get.clone(),
+        "/healthz",
+        vec![]
+    )
+    .await
+    .is_err());
 
     // Admin: unknown paths, wrong methods, bodies where none belong.
-    let (code, body) = https(&node, admin(), get.clone(), "/nope", vec![]).await.unwrap();
+    let (code, body) = https(&node, admin(), get.clone(), "/nope", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::NOT_FOUND);
     assert!(error_of(&body).contains("/nope"));
-    let (code, body) = https(&node, admin(), get.clone(), "/v1/reboot", vec![]).await.unwrap();
+    let (code, body) = https(&node, admin(), get.clone(), "/v1/reboot", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED, "{body}");
     error_of(&body);
-    let (code, _) = https(&node, admin(), Method::POST, "/v1/reboot", b"x".to_vec()).await.unwrap();
+    let (code, _) = https(&node, admin(), Method::POST, "/v1/reboot", b"x".to_vec())
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
 
     // Reboots: through the driver, or forced straight to PID 1.
@@ -239,7 +279,9 @@ async fn certificates_decide_who_may_do_what() {
             // Update requests are dropped: 503.
         }
     });
-    let (code, body) = https(&node, admin(), Method::POST, "/v1/reboot", vec![]).await.unwrap();
+    let (code, body) = https(&node, admin(), Method::POST, "/v1/reboot", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::ACCEPTED, "{body}");
     let answer: RebootAnswer = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -251,15 +293,28 @@ async fn certificates_decide_who_may_do_what() {
         }
     );
     assert!(node.power.try_recv().is_err(), "the strategy was skipped");
-    let (code, body) = https(&node, admin(), Method::POST, "/v1/update/check", vec![]).await.unwrap();
+    let (code, body) = https(&node, admin(), Method::POST, "/v1/update/check", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     error_of(&body);
-    let (code, body) = https(&node, admin(), Method::POST, "/v1/reboot?force=true", vec![]).await.unwrap();
+    let (code, body) = https(
+        &node,
+        admin(),
+        Method::POST,
+        "/v1/reboot?force=true",
+        vec![],
+    )
+    .await
+    .unwrap();
     assert_eq!(code, StatusCode::ACCEPTED, "{body}");
     let answer: RebootAnswer = serde_json::from_str(&body).unwrap();
     assert!(answer.forced);
     assert_eq!(answer.via, "force");
-    assert_eq!(node.power.recv().await, Some(crate::node::power::Action::Reboot));
+    assert_eq!(
+        node.power.recv().await,
+        Some(crate::node::power::Action::Reboot)
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -275,28 +330,47 @@ async fn config_logs_and_user_data() {
     let admin = || Some(ca.issue("alice", auth::ROLE_ADMIN));
     let reader = || Some(ca.issue("bob", auth::ROLE_READER));
 
-    let (code, body) = https(&node, reader(), Method::GET, "/v1/config", vec![]).await.unwrap();
+    let (code, body) = https(&node, reader(), Method::GET, "/v1/config", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::OK);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["hostname"], "n");
     assert_eq!(v["api"]["server_key"], "<redacted>");
     assert!(!body.contains("KEY"));
 
-    let (code, body) = https(&node, reader(), Method::GET, "/v1/logs/web?tail=2", vec![]).await.unwrap();
+    let (code, body) = https(&node, reader(), Method::GET, "/v1/logs/web?tail=2", vec![])
+        .await
+        .unwrap();
     assert_eq!((code, body.as_str()), (StatusCode::OK, "two\nthree\n"));
-    let (code, body) = https(&node, reader(), Method::GET, "/v1/logs/db", vec![]).await.unwrap();
+    let (code, body) = https(&node, reader(), Method::GET, "/v1/logs/db", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::NOT_FOUND, "{body}");
-    let (code, _) = https(&node, reader(), Method::GET, "/v1/logs/web?tail=x", vec![]).await.unwrap();
+    let (code, _) = https(&node, reader(), Method::GET, "/v1/logs/web?tail=x", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::BAD_REQUEST);
-    let (code, _) = https(&node, reader(), Method::GET, "/v1/logs/..", vec![]).await.unwrap();
+    let (code, _) = https(&node, reader(), Method::GET, "/v1/logs/..", vec![])
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::BAD_REQUEST);
 
     let kept = node.dir.path().join("user-data.toml");
-    let (code, body) = https(&node, admin(), Method::PUT, "/v1/user-data", b"hostname = \"new\"\n".to_vec())
-        .await
-        .unwrap();
+    let (code, body) = https(
+        &node,
+        admin(),
+        Method::PUT,
+        "/v1/user-data",
+        b"hostname = \"new\"\n".to_vec(),
+    )
+    .await
+    .unwrap();
     assert_eq!(code, StatusCode::OK, "{body}");
-    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "hostname = \"new\"\n");
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "hostname = \"new\"\n"
+    );
     let (code, body) = https(
         &node,
         admin(),
@@ -309,9 +383,14 @@ async fn config_logs_and_user_data() {
     assert_eq!(code, StatusCode::BAD_REQUEST);
     assert!(!body.contains("0123456789abcdef"), "{body}");
     let too_big = vec![b'#'; limits::MAX_USER_DATA + 1];
-    let (code, _) = https(&node, admin(), Method::PUT, "/v1/user-data", too_big).await.unwrap();
+    let (code, _) = https(&node, admin(), Method::PUT, "/v1/user-data", too_big)
+        .await
+        .unwrap();
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "hostname = \"new\"\n");
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "hostname = \"new\"\n"
+    );
 }
 
 /// The fingerprint the node announces is the certificate it serves.
@@ -361,7 +440,10 @@ async fn silent_and_idle_connections_are_closed() {
         .unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
-    assert!(!String::from_utf8_lossy(&answer).contains("ok"), "plain HTTP answered");
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("ok"),
+        "plain HTTP answered"
+    );
     // TLS done, then no request: the header timer closes it.
     let config = tls::client_config(&node.pin, None).unwrap();
     let tcp = TcpStream::connect(node.addr).await.unwrap();
@@ -404,5 +486,8 @@ async fn four_hundred_idle_connections_do_not_stop_the_api() {
             closed += 1;
         }
     }
-    assert!(closed >= 400 - Limits::default().max_connections, "{closed} closed");
+    assert!(
+        closed >= 400 - Limits::default().max_connections,
+        "{closed} closed"
+    );
 }

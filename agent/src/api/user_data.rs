@@ -81,17 +81,18 @@ impl UserDataStore {
 /// line, and serde's quote the bad value.
 fn invalid(err: &ConfigError, text: &str) -> UserDataError {
     let message = match err {
-        ConfigError::Parse { path, detail } if path == Path::new(SOURCE) => {
-            match detail.span() {
-                Some(span) => {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("{SOURCE}: line {line}, column {column}: {}", detail.message())
-                }
-                None => format!("{SOURCE}: {}", detail.message()),
+        ConfigError::Parse { path, detail } if path == Path::new(SOURCE) => match detail.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(
+                    "{SOURCE}: line {line}, column {column}: {}",
+                    detail.message()
+                )
             }
-        }
+            None => format!("{SOURCE}: {}", detail.message()),
+        },
         ConfigError::Parse { path, detail } => {
             format!("{}: {}", path.display(), detail.message())
         }
@@ -134,8 +135,14 @@ mod tests {
         store.put(b"hostname = \"one\"\n").unwrap();
         assert!(!store.previous().exists());
         store.put(b"hostname = \"two\"\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&store.path).unwrap(), "hostname = \"two\"\n");
-        assert_eq!(std::fs::read_to_string(store.previous()).unwrap(), "hostname = \"one\"\n");
+        assert_eq!(
+            std::fs::read_to_string(&store.path).unwrap(),
+            "hostname = \"two\"\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(store.previous()).unwrap(),
+            "hostname = \"one\"\n"
+        );
         for p in [&store.path, &store.previous()] {
             assert_eq!(std::fs::metadata(p).unwrap().mode() & 0o777, 0o600);
         }
@@ -162,7 +169,10 @@ mod tests {
             assert!(!text.contains("s3cr3t"), "{text}");
             assert!(text.contains("user-data"), "{text}");
         }
-        assert_eq!(std::fs::read_to_string(&store.path).unwrap(), "hostname = \"kept\"\n");
+        assert_eq!(
+            std::fs::read_to_string(&store.path).unwrap(),
+            "hostname = \"kept\"\n"
+        );
         assert!(!store.previous().exists());
     }
 

@@ -127,21 +127,38 @@ impl ApiConfig {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let pairs = [
-            ("client_ca", self.client_ca.is_some(), self.client_ca_file.is_some()),
-            ("server_cert", self.server_cert.is_some(), self.server_cert_file.is_some()),
-            ("server_key", self.server_key.is_some(), self.server_key_file.is_some()),
+            (
+                "client_ca",
+                self.client_ca.is_some(),
+                self.client_ca_file.is_some(),
+            ),
+            (
+                "server_cert",
+                self.server_cert.is_some(),
+                self.server_cert_file.is_some(),
+            ),
+            (
+                "server_key",
+                self.server_key.is_some(),
+                self.server_key_file.is_some(),
+            ),
         ];
         for (name, text, file) in pairs {
             if text && file {
                 return Err(format!("api: give {name} or {name}_file, not both"));
             }
         }
-        for (name, pem) in [("client_ca", &self.client_ca), ("server_cert", &self.server_cert)] {
+        for (name, pem) in [
+            ("client_ca", &self.client_ca),
+            ("server_cert", &self.server_cert),
+        ] {
             if let Some(pem) = pem {
                 let certs: Result<Vec<_>, _> =
                     CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
                 if !certs.is_ok_and(|c| !c.is_empty()) {
-                    return Err(format!("api.{name}: no PEM certificate (BEGIN CERTIFICATE)"));
+                    return Err(format!(
+                        "api.{name}: no PEM certificate (BEGIN CERTIFICATE)"
+                    ));
                 }
             }
         }
@@ -806,8 +823,13 @@ dns = ["10.0.2.3"]
         let cmdline = cmdline_layer("ballast.api.listen=0.0.0.0:9465")
             .unwrap()
             .unwrap();
-        let err = merge(std::slice::from_ref(&cmdline)).unwrap_err().to_string();
-        assert!(err.contains("api.listen") && err.contains("client_ca"), "{err}");
+        let err = merge(std::slice::from_ref(&cmdline))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("api.listen") && err.contains("client_ca"),
+            "{err}"
+        );
         let ca = layer("user-data", "[api]\nclient_ca_file = \"/ca.pem\"\n");
         let (config, _) = merge(&[cmdline, ca]).unwrap();
         assert_eq!(config.api.listen.unwrap().port(), 9465);
@@ -821,16 +843,26 @@ dns = ["10.0.2.3"]
         let err = Config::parse(both, Path::new("u")).unwrap_err().to_string();
         assert!(err.contains("not both"), "{err}");
         let bad_ca = "[api]\nclient_ca = \"not pem\"\n";
-        let err = Config::parse(bad_ca, Path::new("u")).unwrap_err().to_string();
+        let err = Config::parse(bad_ca, Path::new("u"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("api.client_ca"), "{err}");
         let bad_key = "[api]\nserver_key = \"-----BEGIN NOTHING-----\\nc2VjcmV0\\n-----END NOTHING-----\\n\"\n";
-        let err = Config::parse(bad_key, Path::new("u")).unwrap_err().to_string();
-        assert!(err.contains("server_key") && !err.contains("c2VjcmV0"), "{err}");
+        let err = Config::parse(bad_key, Path::new("u"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_key") && !err.contains("c2VjcmV0"),
+            "{err}"
+        );
         let lonely = layer("u", "[api]\nserver_cert_file = \"/c.pem\"\n");
         let err = merge(&[lonely]).unwrap_err().to_string();
         assert!(err.contains("go together"), "{err}");
         let table: toml::Table = toml::from_str("[api]\nserver_key = \"k\"\n").unwrap();
-        assert_eq!(redact(&table)["api"]["server_key"].as_str(), Some("<redacted>"));
+        assert_eq!(
+            redact(&table)["api"]["server_key"].as_str(),
+            Some("<redacted>")
+        );
     }
 
     #[test]
