@@ -211,13 +211,13 @@ async fn main_loop() -> Action {
     let tcp = api::prepare_tcp(&config.api, identity_dir, &node_hostname).unwrap_or_else(|e| {
         let reason = crate::error_chain(&e);
         tracing::error!(error = %reason, "TCP API not served");
-        console::emit("api-error", &[("reason", Value::from(reason))]);
+        console::emit(&Event::ApiError { reason });
         None
     });
     if let Err(e) = api::serve(shared, tcp).await {
         let reason = crate::error_chain(&e);
         tracing::error!(error = %reason, "API not served");
-        console::emit("api-error", &[("reason", Value::from(reason))]);
+        console::emit(&Event::ApiError { reason });
     }
 
     console::emit(&Event::Ready {

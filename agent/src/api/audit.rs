@@ -8,8 +8,6 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 /// Console events for refusals per window.
 const REFUSALS_PER_WINDOW: u32 = 20;
 const WINDOW: Duration = Duration::from_secs(10);
@@ -63,16 +61,13 @@ pub fn record(entry: &Entry<'_>, refused: bool) {
         status = entry.status,
         "API request"
     );
-    let mut fields = vec![
-        ("who", Value::from(entry.who)),
-        ("method", Value::from(entry.method)),
-        ("path", Value::from(entry.path)),
-        ("status", Value::from(entry.status)),
-    ];
-    if suppressed > 0 {
-        fields.push(("suppressed", Value::from(suppressed)));
-    }
-    crate::console::emit("api-request", &fields);
+    crate::console::emit(&crate::console::Event::ApiRequest {
+        who: entry.who.to_owned(),
+        method: entry.method.to_owned(),
+        path: entry.path.to_owned(),
+        status: entry.status,
+        suppressed: (suppressed > 0).then_some(suppressed),
+    });
 }
 
 /// `Some(refusals dropped since the last one recorded)` when the budget

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 
 use crate::config::ApiConfig;
 
@@ -61,7 +60,7 @@ impl Identity {
 /// Lowercase hex SHA-256 of a DER certificate: the form `api-listening`,
 /// `/status` and the client's pin use.
 pub fn cert_sha256(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
 /// Text given inline or as a file.
@@ -291,6 +290,14 @@ mod tests {
         assert!(
             text.contains("server_key") && !text.contains("c2VjcmV0"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_lowercase_hex_sha256() {
+        assert_eq!(
+            cert_sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
 

@@ -278,16 +278,18 @@ pub async fn serve(mut shared: Shared, tcp: Option<TcpOptions>) -> Result<(), Ap
     tokio::spawn(serve_unix(unix, shared.clone()));
     if let (Some(t), Some(listener)) = (tcp, listener) {
         tracing::info!(addr = %t.listen, cert_sha256 = %t.cert_sha256, "API listening on TCP (HTTPS)");
-        crate::console::emit(
-            "api-listening",
-            &[
-                ("addr", serde_json::Value::from(t.listen.to_string())),
-                ("cert_sha256", serde_json::Value::from(t.cert_sha256)),
-            ],
-        );
+        crate::console::emit(&listening_event(&t));
         tokio::spawn(serve_tcp(listener, shared, t.tls));
     }
     Ok(())
+}
+
+/// What `api-listening` says: the same fingerprint `/status` shows.
+fn listening_event(tcp: &TcpOptions) -> crate::console::Event {
+    crate::console::Event::ApiListening {
+        addr: tcp.listen.to_string(),
+        cert_sha256: tcp.cert_sha256.clone(),
+    }
 }
 
 fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {

@@ -70,6 +70,8 @@ fn status() -> Status {
 
 struct Node {
     addr: SocketAddr,
+    /// The `api-listening` event the node would print.
+    announced: crate::console::Event,
     pin: String,
     power: mpsc::Receiver<crate::node::power::Action>,
     requests: Option<mpsc::Receiver<ApiRequest>>,
@@ -87,6 +89,7 @@ async fn start(ca: &Ca, limits: Limits, edit: impl FnOnce(&mut Shared, &Path)) -
     let tcp = prepare_tcp(&config, &dir.path().join("api"), "node-1")
         .unwrap()
         .unwrap();
+    let announced = listening_event(&tcp);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (power, power_rx) = mpsc::channel(1);
@@ -109,6 +112,7 @@ async fn start(ca: &Ca, limits: Limits, edit: impl FnOnce(&mut Shared, &Path)) -
     tokio::spawn(serve_tcp(listener, Arc::new(shared), tcp.tls));
     Node {
         addr,
+        announced,
         pin: tcp.cert_sha256,
         power: power_rx,
         requests: Some(requests_rx),
@@ -406,7 +410,13 @@ async fn the_announced_fingerprint_is_the_served_certificate() {
         .await
         .unwrap();
     let served = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
-    assert_eq!(identity::cert_sha256(&served), node.pin);
+    let crate::console::Event::ApiListening { cert_sha256, addr } = &node.announced else {
+        panic!("{:?}", node.announced);
+    };
+    assert_eq!(&identity::cert_sha256(&served), cert_sha256);
+    assert_eq!(addr, "127.0.0.1:0");
+    // /status shows the same.
+    assert_eq!(cert_sha256, &node.pin);
 }
 
 /// Reads until the server closes the connection; `false` on timeout.
