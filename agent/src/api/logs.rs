@@ -24,7 +24,7 @@ use crate::node::supervisor::{log_path, rotated_log_path, valid_service_name};
 /// How often a follower looks for new lines.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 /// Most bytes one poll sends (the rest comes at the next).
-const MAX_CHUNK: u64 = 256 * 1024;
+const MAX_CHUNK: usize = 256 * 1024;
 /// Most bytes read from the end of a service log for a tail.
 const MAX_TAIL_BYTES: u64 = 2 * 1024 * 1024;
 /// The agent's in-memory log: lines and bytes kept.
@@ -125,7 +125,7 @@ impl Reader {
                 *next = after;
                 Ok(join(lines))
             }
-            Reader::Kernel(file) => Ok(join(file.read_available(MAX_CHUNK as usize)?)),
+            Reader::Kernel(file) => Ok(join(file.read_available(MAX_CHUNK)?)),
             Reader::Service(f) => f.poll().map(Bytes::from),
         }
     }
@@ -309,7 +309,7 @@ impl ServiceFollower {
         if let Ok(meta) = std::fs::metadata(&self.path) {
             if meta.ino() != self.inode {
                 if let Some(old) = self.file.as_mut() {
-                    let _ = read_from(old, self.pos, MAX_CHUNK, &mut out);
+                    let _ = read_from(old, self.pos, MAX_CHUNK as u64, &mut out);
                 }
                 self.file = File::open(&self.path).ok();
                 self.inode = meta.ino();
@@ -319,7 +319,7 @@ impl ServiceFollower {
             }
         }
         if let Some(file) = self.file.as_mut() {
-            let n = read_from(file, self.pos, MAX_CHUNK, &mut out).map_err(|source| {
+            let n = read_from(file, self.pos, MAX_CHUNK as u64, &mut out).map_err(|source| {
                 LogError::Read {
                     path: self.path.clone(),
                     source,
@@ -416,7 +416,7 @@ impl AgentLog {
             return (Vec::new(), from);
         };
         let oldest = ring.next - ring.lines.len() as u64;
-        let skip = from.saturating_sub(oldest) as usize;
+        let skip = usize::try_from(from.saturating_sub(oldest)).unwrap_or(usize::MAX);
         (ring.lines.iter().skip(skip).cloned().collect(), ring.next)
     }
 }
