@@ -64,7 +64,13 @@ pub enum Event {
         method: String,
         path: String,
         status: u16,
+        /// Refusals left off the console (rate limit) since the last one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        suppressed: Option<u64>,
     },
+    /// The TCP API cannot be served (bad CA, certificate or key, or the
+    /// address is taken); the Unix socket still is.
+    ApiError { reason: String },
     /// A signed release applies to this node.
     UpdateFound { version: String, running: String },
     /// The install advanced.
@@ -130,6 +136,7 @@ impl Event {
         "failpoint-armed",
         "api-listening",
         "api-request",
+        "api-error",
         "update-found",
         "install-progress",
         "installed",
@@ -158,6 +165,7 @@ impl Event {
             Event::FailpointArmed { .. } => "failpoint-armed",
             Event::ApiListening { .. } => "api-listening",
             Event::ApiRequest { .. } => "api-request",
+            Event::ApiError { .. } => "api-error",
             Event::UpdateFound { .. } => "update-found",
             Event::InstallProgress { .. } => "install-progress",
             Event::Installed { .. } => "installed",
@@ -284,7 +292,9 @@ mod tests {
                 method: s("GET"),
                 path: s("/status"),
                 status: 200,
+                suppressed: None,
             },
+            Event::ApiError { reason: s("r") },
             Event::UpdateFound {
                 version: s("1.1.0"),
                 running: s("1.0.0"),

@@ -60,6 +60,7 @@ pub fn run() -> ! {
 }
 
 async fn main_loop() -> Action {
+    raise_descriptor_limit();
     if let Err((target, e)) = mounts::mount_system_filesystems() {
         tracing::error!(target, error = %e, "mount failed");
     }
@@ -93,7 +94,7 @@ async fn main_loop() -> Action {
         }
     }
 
-    let (config, config_error) = load_config();
+    let (config, config_table, config_error) = load_config();
     // Without a configured name every node gets a stable, unique one from
     // its machine id (a DHCP-supplied name may still replace it), so that
     // Kubernetes node names never collide and never read "(none)".
@@ -180,16 +181,37 @@ async fn main_loop() -> Action {
 
     let update_status = crate::update::new_status();
     let (power_tx, mut power_rx) = mpsc::channel(1);
-    let shared = api::Shared {
-        status: status.clone(),
-        power: power_tx.clone(),
-        update: update_status.clone(),
-        services: supervisor.as_ref().map(Supervisor::handle),
-        health: health.clone(),
-        boots_total: count_boot(),
-    };
-    if let Err(e) = api::serve(shared, config.api.listen).await {
-        tracing::error!(error = %crate::error_chain(&e), "API not served");
+    // API requests for the update driver (reboot through the strategy,
+    // update check/apply/rollback).
+    let (api_requests, api_requests_rx) = api::requests::channel();
+    tokio::spawn(answer_api_requests(
+        api_requests_rx,
+        config.update.strategy,
+        power_tx.clone(),
+    ));
+    let mut shared = api::Shared::new(
+        status.clone(),
+        power_tx.clone(),
+        api_requests,
+        update_status.clone(),
+    );
+    shared.services = supervisor.as_ref().map(Supervisor::handle);
+    shared.health = health.clone();
+    shared.boots_total = count_boot();
+    shared.config = api::redacted_config(&config_table);
+    let identity_dir = Path::new(api::identity::IDENTITY_DIR);
+    // An API that cannot be served securely is not served on TCP at all;
+    // the Unix socket still is.
+    let tcp = api::prepare_tcp(&config.api, identity_dir, &node_hostname).unwrap_or_else(|e| {
+        let reason = crate::error_chain(&e);
+        tracing::error!(error = %reason, "TCP API not served");
+        console::emit(&Event::ApiError { reason });
+        None
+    });
+    if let Err(e) = api::serve(shared, tcp).await {
+        let reason = crate::error_chain(&e);
+        tracing::error!(error = %reason, "API not served");
+        console::emit(&Event::ApiError { reason });
     }
 
     console::emit(&Event::Ready {
@@ -245,6 +267,74 @@ async fn main_loop() -> Action {
         supervisor.stop_all().await;
     }
     action
+}
+
+/// Interim driver of API requests until the update loop takes the
+/// receiver: a reboot under `strategy = "immediate"` goes to the shutdown
+/// path; the other strategies and update requests are answered 503 (the
+/// update loop owns their state), so nothing bypasses a strategy.
+async fn answer_api_requests(
+    mut requests: mpsc::Receiver<api::requests::ApiRequest>,
+    strategy: crate::config::update::Strategy,
+    power: mpsc::Sender<Action>,
+) {
+    use api::requests::{ApiRequest, RebootAccepted, Refused};
+    let unavailable = |what: &str| Refused {
+        status: 503,
+        message: format!("{what} through the API is not available yet on this node"),
+    };
+    while let Some(request) = requests.recv().await {
+        match request {
+            ApiRequest::Reboot { request, reply } => {
+                let answer = if strategy == crate::config::update::Strategy::Immediate {
+                    match power.try_send(Action::Reboot) {
+                        Ok(()) => {
+                            tracing::info!(who = request.who, "reboot asked through the API");
+                            Ok(RebootAccepted {
+                                via: "immediate".into(),
+                            })
+                        }
+                        Err(_) => Err(Refused {
+                            status: 409,
+                            message: "a shutdown is already under way".into(),
+                        }),
+                    }
+                } else {
+                    Err(Refused {
+                        status: 503,
+                        message: format!(
+                            "strategy {}: a reboot through the strategy is not available \
+                             from the API yet; ?force=true skips the strategy",
+                            serde_json::to_value(strategy)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        ),
+                    })
+                };
+                let _ = reply.send(answer);
+            }
+            ApiRequest::UpdateCheck { reply, .. } => {
+                let _ = reply.send(Err(unavailable("an update check")));
+            }
+            ApiRequest::UpdateApply { reply, .. } => {
+                let _ = reply.send(Err(unavailable("applying an update")));
+            }
+            ApiRequest::UpdateRollback { reply, .. } => {
+                let _ = reply.send(Err(unavailable("a rollback")));
+            }
+        }
+    }
+}
+
+/// PID 1's descriptor limit: the kernel's default (1024) is too few for
+/// the API, services and checks together (services inherit it).
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{setrlimit, Resource};
+    let limit = api::limits::NOFILE_LIMIT;
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, limit, limit) {
+        tracing::warn!(error = %e, limit, "descriptor limit not raised");
+    }
 }
 
 /// Counts this boot on STATE; returns the total including this one.
@@ -418,7 +508,7 @@ fn mount_esp(info: &BootInfo) {
 
 /// The node's configuration and, if it was bad, why the last good one (or
 /// the defaults) is in force instead.
-fn load_config() -> (Config, Option<String>) {
+fn load_config() -> (Config, toml::Table, Option<String>) {
     use crate::config::{merge, node_layers, LAST_GOOD};
     let loaded = node_layers(crate::config::find_user_data()).and_then(|layers| merge(&layers));
     match loaded {
@@ -426,17 +516,19 @@ fn load_config() -> (Config, Option<String>) {
             if let Ok(text) = toml::to_string(&table) {
                 crate::config::save_last_good(Path::new(LAST_GOOD), &text);
             }
-            (config, None)
+            (config, table, None)
         }
         Err(e) => {
             let reason = crate::error_chain(&e);
             console::emit(&Event::ConfigError {
                 reason: reason.clone(),
             });
-            let last_good = std::fs::read_to_string(LAST_GOOD)
-                .ok()
-                .and_then(|text| Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok());
-            (last_good.unwrap_or_default(), Some(reason))
+            let last_good = std::fs::read_to_string(LAST_GOOD).ok().and_then(|text| {
+                let config = Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok()?;
+                Some((config, toml::from_str::<toml::Table>(&text).ok()?))
+            });
+            let (config, table) = last_good.unwrap_or_default();
+            (config, table, Some(reason))
         }
     }
 }

@@ -33,7 +33,8 @@ fn init_logging() {
     };
     tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        // stderr, and a copy the API serves as `/v1/logs/agent`.
+        .with_writer(ballast::api::logs::AgentLogWriter)
         .with_ansi(std::io::stderr().is_terminal() && nix::unistd::getpid().as_raw() != 1)
         .with_target(false)
         .init();

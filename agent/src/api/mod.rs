@@ -1,33 +1,55 @@
-//! The local HTTP API, on a Unix socket always and on TCP only when
-//! configured: `/healthz` (the agent answers), `/readyz` (the node passes
-//! its health checks: 200, else 503), `/status` (JSON: node, update state,
-//! services, checks), `/metrics` (Prometheus text) and `POST /v1/reboot`.
-//! Health answers come from the [`HealthMonitor`]'s last report: a request
-//! never runs a check. It never exposes secrets: every answer is built from
-//! explicit, secret-free structs.
+//! The node API. Plain HTTP on the root-only Unix socket (every request
+//! there is admin), and, when `[api] listen` is set, HTTPS on TCP with
+//! client certificates from the operator CA (see [`auth`] for roles).
+//! Endpoints are listed in [`routes`] and docs/api.md. Health answers come
+//! from the [`HealthMonitor`]'s last report: a request never runs a check.
+//! Answers are built from explicit, secret-free structs; the config is
+//! shown through `config::redact`.
+//!
+//! Modules: [`tls`] and [`identity`] (the server's certificate), [`auth`]
+//! (who and which role), [`routes`] (the endpoints), [`logs`],
+//! [`user_data`], [`requests`] (the channel to the update driver),
+//! [`limits`] (timeouts, connection cap, backoff) and [`audit`].
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::mpsc;
 
 use crate::node::health::{HealthMonitor, HealthSnapshot};
+pub mod audit;
+pub mod auth;
+pub mod identity;
+pub mod limits;
+pub mod logs;
 pub mod metrics;
+pub mod requests;
+pub mod routes;
+pub mod tls;
+pub mod user_data;
 
+#[cfg(test)]
+mod tcp_tests;
+
+use crate::config::ApiConfig;
 use crate::node::power::Action;
 use crate::node::supervisor::{ServiceStatus, SupervisorHandle};
 use crate::update::{SharedUpdateStatus, UpdateStatus};
-use metrics::MetricsInput;
+use auth::Client;
+use limits::{AcceptBackoff, Admitted, ConnectionSlot, ConnectionTable, Limits};
 
 pub const SOCKET_PATH: &str = "/run/ballast/api.sock";
+/// The TCP port the docs and the client use when none is given.
+pub const DEFAULT_PORT: u16 = 9465;
+/// Connections on the Unix socket (root only, but PID 1's descriptors all the same).
+const UNIX_MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -37,6 +59,34 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the API's server identity")]
+    Identity(#[from] identity::IdentityError),
+    #[error("the API's TLS")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Every error answer: `{"error": "<message>"}` with the status code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The answer to `POST /v1/reboot` (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootAnswer {
+    pub accepted: bool,
+    /// The strategy was skipped (`?force=true`).
+    pub forced: bool,
+    /// The strategy the reboot goes through, or `force`.
+    pub via: String,
+}
+
+/// `"api"` in `/status`: where the TCP API listens and the fingerprint
+/// clients pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiInfo {
+    pub listen: String,
+    pub cert_sha256: String,
 }
 
 /// The fixed part of `/status`: what this boot is.
@@ -55,11 +105,51 @@ pub struct Status {
 #[derive(Debug)]
 pub struct Shared {
     pub status: Status,
+    /// Forced reboots go straight to PID 1's shutdown.
     pub power: mpsc::Sender<Action>,
+    /// Everything else goes to the update driver.
+    pub requests: mpsc::Sender<requests::ApiRequest>,
     pub update: SharedUpdateStatus,
     pub services: Option<SupervisorHandle>,
     pub health: Option<HealthMonitor>,
     pub boots_total: u64,
+    /// The effective configuration, secrets redacted (`GET /v1/config`).
+    pub config: serde_json::Value,
+    pub user_data: user_data::UserDataStore,
+    pub logs: logs::LogPaths,
+    pub limits: Limits,
+    /// Set by [`serve`] when TCP is on.
+    pub api: Option<ApiInfo>,
+}
+
+impl Shared {
+    /// Defaults for everything but what PID 1 must give.
+    pub fn new(
+        status: Status,
+        power: mpsc::Sender<Action>,
+        requests: mpsc::Sender<requests::ApiRequest>,
+        update: SharedUpdateStatus,
+    ) -> Self {
+        Shared {
+            status,
+            power,
+            requests,
+            update,
+            services: None,
+            health: None,
+            boots_total: 0,
+            config: serde_json::Value::Object(Default::default()),
+            user_data: user_data::UserDataStore::default(),
+            logs: logs::LogPaths::default(),
+            limits: Limits::default(),
+            api: None,
+        }
+    }
+}
+
+/// The effective configuration as JSON with secrets redacted.
+pub fn redacted_config(table: &toml::Table) -> serde_json::Value {
+    serde_json::to_value(crate::config::redact(table)).unwrap_or_default()
 }
 
 /// The agent's own footprint, from `/proc/self`.
@@ -103,25 +193,27 @@ impl AgentUsage {
 
 /// `/status` in full.
 #[derive(Debug, Serialize)]
-struct FullStatus<'a> {
-    node: &'a Status,
-    agent: AgentUsage,
-    update: Option<UpdateStatus>,
-    services: Vec<ServiceStatus>,
-    health: Option<&'a HealthSnapshot>,
+pub(crate) struct FullStatus<'a> {
+    pub(crate) node: &'a Status,
+    pub(crate) agent: AgentUsage,
+    pub(crate) update: Option<UpdateStatus>,
+    pub(crate) services: Vec<ServiceStatus>,
+    pub(crate) health: Option<&'a HealthSnapshot>,
+    /// The TCP API and its certificate's fingerprint; `null` when off.
+    pub(crate) api: Option<&'a ApiInfo>,
 }
 
 impl Shared {
     /// The last health report; `None` before the first run ends.
-    fn health(&self) -> Option<Arc<HealthSnapshot>> {
+    pub(crate) fn health(&self) -> Option<Arc<HealthSnapshot>> {
         self.health.as_ref().and_then(HealthMonitor::latest)
     }
 
-    fn update_status(&self) -> Option<UpdateStatus> {
+    pub(crate) fn update_status(&self) -> Option<UpdateStatus> {
         self.update.lock().ok().map(|s| s.clone())
     }
 
-    fn services(&self) -> Vec<ServiceStatus> {
+    pub(crate) fn services(&self) -> Vec<ServiceStatus> {
         self.services
             .as_ref()
             .map(|s| s.statuses())
@@ -129,39 +221,75 @@ impl Shared {
     }
 }
 
-/// Starts the listeners; requests for a reboot arrive on `shared.power`.
-pub async fn serve(shared: Shared, tcp: Option<SocketAddr>) -> Result<(), ApiError> {
-    let shared = Arc::new(shared);
+/// The TCP side, ready to bind: address, TLS and the fingerprint to announce.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    pub listen: SocketAddr,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub cert_sha256: String,
+}
+
+/// Loads the client CA and the server identity (made on first boot,
+/// kept in `identity_dir`) for `[api] listen`; `None` when TCP is off.
+pub fn prepare_tcp(
+    config: &ApiConfig,
+    identity_dir: &Path,
+    hostname: &str,
+) -> Result<Option<TcpOptions>, ApiError> {
+    let Some(listen) = config.listen else {
+        return Ok(None);
+    };
+    let ca = identity::client_ca(config)?;
+    let id = identity::load_or_create(config, identity_dir, hostname, &identity::node_addresses())?;
+    let cert_sha256 = id.fingerprint();
+    let tls = tls::server_config(id, ca)?;
+    Ok(Some(TcpOptions {
+        listen,
+        tls,
+        cert_sha256,
+    }))
+}
+
+/// Starts the listeners: the Unix socket always, TCP (HTTPS) when given.
+pub async fn serve(mut shared: Shared, tcp: Option<TcpOptions>) -> Result<(), ApiError> {
     let socket = Path::new(SOCKET_PATH);
     let unix = bind_unix(socket).map_err(|source| ApiError::Listen {
         addr: SOCKET_PATH.into(),
         source,
     })?;
-    let s = shared.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Ok((stream, _)) = unix.accept().await {
-                spawn_connection(TokioIo::new(stream), s.clone());
-            }
-        }
-    });
-    if let Some(addr) = tcp {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ApiError::Listen {
-                addr: addr.to_string(),
-                source,
-            })?;
-        tracing::info!(%addr, "API listening on TCP");
-        tokio::spawn(async move {
-            loop {
-                if let Ok((stream, _)) = listener.accept().await {
-                    spawn_connection(TokioIo::new(stream), shared.clone());
-                }
-            }
+    let listener = match &tcp {
+        Some(t) => Some(
+            TcpListener::bind(t.listen)
+                .await
+                .map_err(|source| ApiError::Listen {
+                    addr: t.listen.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(t) = &tcp {
+        shared.api = Some(ApiInfo {
+            listen: t.listen.to_string(),
+            cert_sha256: t.cert_sha256.clone(),
         });
     }
+    let shared = Arc::new(shared);
+    tokio::spawn(serve_unix(unix, shared.clone()));
+    if let (Some(t), Some(listener)) = (tcp, listener) {
+        tracing::info!(addr = %t.listen, cert_sha256 = %t.cert_sha256, "API listening on TCP (HTTPS)");
+        crate::console::emit(&listening_event(&t));
+        tokio::spawn(serve_tcp(listener, shared, t.tls));
+    }
     Ok(())
+}
+
+/// What `api-listening` says: the same fingerprint `/status` shows.
+fn listening_event(tcp: &TcpOptions) -> crate::console::Event {
+    crate::console::Event::ApiListening {
+        addr: tcp.listen.to_string(),
+        cert_sha256: tcp.cert_sha256.clone(),
+    }
 }
 
 fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
@@ -171,113 +299,128 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
-    // Root only: the API can reboot the node.
+    // Root only: every request here is admin.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
 
-fn spawn_connection<I>(io: I, shared: Arc<Shared>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |req| handle(req, shared.clone()));
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .await
-        {
-            tracing::debug!(error = %e, "API connection ended");
+/// Accepts on the Unix socket until the process ends.
+pub async fn serve_unix(listener: UnixListener, shared: Arc<Shared>) {
+    let table = ConnectionTable::new(UNIX_MAX_CONNECTIONS);
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.success();
+                let Some(admitted) = table.admit() else {
+                    continue; // dropped: closed at once
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let slot = admitted.slot.clone();
+                    serve_http(TokioIo::new(stream), Client::Local, shared, slot).await;
+                    drop(admitted);
+                });
+            }
+            Err(e) => accept_failed(&mut backoff, &e).await,
         }
-    });
-}
-
-async fn handle(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => {
-            let snapshot = shared.health();
-            let code = if snapshot.as_ref().is_some_and(|s| s.report.ready) {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            to_json(code, &snapshot.as_deref())
-        }
-        (&Method::GET, "/status") => {
-            let health = shared.health();
-            let full = FullStatus {
-                node: &shared.status,
-                agent: AgentUsage::read(),
-                update: shared.update_status(),
-                services: shared.services(),
-                health: health.as_deref(),
-            };
-            to_json(StatusCode::OK, &full)
-        }
-        (&Method::GET, "/metrics") => {
-            let update = shared.update_status();
-            let health = shared.health();
-            let input = MetricsInput {
-                version: shared.status.version.clone(),
-                arch: shared.status.arch.clone(),
-                boots_total: shared.boots_total,
-                rollbacks_total: update.as_ref().map_or(0, |u| u.rollbacks),
-                update_state: update
-                    .as_ref()
-                    .map(|u| u.state.name().to_owned())
-                    .unwrap_or_default(),
-                last_update_check: update.as_ref().and_then(|u| u.last_check),
-                services: shared.services(),
-                health_age: health.as_ref().map(|s| s.age()),
-                health: health.map(|s| s.report.clone()),
-            };
-            let mut r = text(StatusCode::OK, &metrics::render(&input));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(metrics::CONTENT_TYPE),
-            );
-            r
-        }
-        (&Method::POST, "/v1/reboot") => match shared.power.try_send(Action::Reboot) {
-            Ok(()) => text(StatusCode::ACCEPTED, "rebooting\n"),
-            Err(_) => text(StatusCode::CONFLICT, "a shutdown is already under way\n"),
-        },
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/v1/reboot") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    };
-    Ok(response)
-}
-
-fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain"),
-    );
-    r
-}
-
-fn to_json(code: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    match serde_json::to_vec_pretty(value) {
-        Ok(body) => json(code, body),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
     }
 }
 
-fn json(code: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
+/// Accepts HTTPS connections until the process ends.
+pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let table = ConnectionTable::new(shared.limits.max_connections);
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff.success();
+                let Some(admitted) = table.admit() else {
+                    continue; // every connection busy: this one is closed at once
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(tls_connection(
+                    stream,
+                    peer,
+                    admitted,
+                    shared.clone(),
+                    acceptor.clone(),
+                ));
+            }
+            Err(e) => accept_failed(&mut backoff, &e).await,
+        }
+    }
+}
+
+/// EMFILE and friends: wait instead of spinning (the error repeats until
+/// a descriptor is freed).
+async fn accept_failed(backoff: &mut AcceptBackoff, e: &std::io::Error) {
+    let pause = backoff.failure();
+    if pause >= std::time::Duration::from_secs(1) {
+        tracing::warn!(error = %e, "API accept failing; backing off");
+    }
+    tokio::time::sleep(pause).await;
+}
+
+async fn tls_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    let slot = admitted.slot.clone();
+    let handshake = tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "API TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "API TLS handshake timed out");
+                return;
+            }
+        },
+        _ = slot.closed() => return,
+    };
+    let client = Client::from_peer(
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref()),
     );
-    r
+    serve_http(TokioIo::new(stream), client, shared, slot).await;
+    drop(admitted);
+}
+
+/// One connection's HTTP/1.1, until it ends, times out or is pushed out.
+async fn serve_http<I>(io: I, client: Client, shared: Arc<Shared>, slot: Arc<ConnectionSlot>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = Arc::new(routes::Connection {
+        shared: shared.clone(),
+        client,
+        slot: slot.clone(),
+    });
+    let service = hyper::service::service_fn(move |req| routes::handle(req, conn.clone()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_timeout)
+        .max_buf_size(16 * 1024);
+    let serving = builder.serve_connection(io, service);
+    tokio::select! {
+        done = serving => if let Err(e) = done {
+            tracing::debug!(error = %e, "API connection ended");
+        },
+        _ = slot.closed() => tracing::debug!("idle API connection pushed out by a new one"),
+    }
 }
 
 /// Client side for the CLI: one request over the Unix socket.
@@ -332,20 +475,10 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = bind_unix(&path).unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared {
-            status: status(),
-            power: tx,
-            update: crate::update::new_status(),
-            services: None,
-            health: None,
-            boots_total: 3,
-        });
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                spawn_connection(TokioIo::new(s), shared.clone());
-            }
-        });
+        let (requests, _) = requests::channel();
+        let mut shared = Shared::new(status(), tx, requests, crate::update::new_status());
+        shared.boots_total = 3;
+        tokio::spawn(serve_unix(listener, Arc::new(shared)));
         let (code, body) = request(path.clone(), Method::GET, "/healthz")
             .await
             .unwrap();
@@ -372,10 +505,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
-        let (code, _) = request(path.clone(), Method::POST, "/v1/reboot")
+        // The Unix socket is admin: a forced reboot goes straight to PID 1.
+        let (code, body) = request(path.clone(), Method::POST, "/v1/reboot?force=true")
             .await
             .unwrap();
-        assert_eq!(code, StatusCode::ACCEPTED);
+        assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+        let answer: RebootAnswer = serde_json::from_str(&body).unwrap();
+        assert!(answer.accepted && answer.forced);
         assert_eq!(rx.recv().await, Some(Action::Reboot));
         let (code, _) = request(path, Method::GET, "/nope").await.unwrap();
         assert_eq!(code, StatusCode::NOT_FOUND);
@@ -407,20 +543,11 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = bind_unix(&path).unwrap();
         let (tx, _rx) = mpsc::channel(1);
-        let shared = Arc::new(Shared {
-            status: status(),
-            power: tx,
-            update: crate::update::new_status(),
-            services: None,
-            health: Some(monitor.clone()),
-            boots_total: 1,
-        });
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                spawn_connection(TokioIo::new(s), shared.clone());
-            }
-        });
+        let (requests, _) = requests::channel();
+        let mut shared = Shared::new(status(), tx, requests, crate::update::new_status());
+        shared.health = Some(monitor.clone());
+        shared.boots_total = 1;
+        tokio::spawn(serve_unix(listener, Arc::new(shared)));
         while monitor.latest().is_none() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -46,6 +46,8 @@ const BOOT_CHAIN_KEYS: [&str; 7] = [
 ];
 /// Keys whose values never leave the node in `config show` or logs.
 const SECRET_KEY_PARTS: [&str; 4] = ["token", "password", "secret", "private"];
+/// Whole key names that are secret without saying so.
+const SECRET_KEYS: [&str; 1] = ["server_key"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -98,11 +100,95 @@ pub struct Config {
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,
 }
 
+/// `[api]`: the HTTPS API on TCP (the Unix socket is always on).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// TCP address for the API besides the Unix socket; off when unset.
+    /// TCP address for the HTTPS API besides the Unix socket; off when
+    /// unset. Needs a client CA: there is no unauthenticated remote API.
     pub listen: Option<SocketAddr>,
+    /// The operator CA that issues client certificates (PEM text).
+    pub client_ca: Option<String>,
+    /// The same, as a file on the node.
+    pub client_ca_file: Option<PathBuf>,
+    /// The node's own certificate chain (PEM); made on first boot when unset.
+    pub server_cert: Option<String>,
+    pub server_cert_file: Option<PathBuf>,
+    /// The key of `server_cert` (PEM); never shown (see [`redact`]).
+    pub server_key: Option<String>,
+    pub server_key_file: Option<PathBuf>,
+}
+
+impl ApiConfig {
+    /// What one layer may not say: a value given twice (text and file),
+    /// or PEM text that holds no certificate or key. The key text never
+    /// appears in the message.
+    fn validate(&self) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pairs = [
+            (
+                "client_ca",
+                self.client_ca.is_some(),
+                self.client_ca_file.is_some(),
+            ),
+            (
+                "server_cert",
+                self.server_cert.is_some(),
+                self.server_cert_file.is_some(),
+            ),
+            (
+                "server_key",
+                self.server_key.is_some(),
+                self.server_key_file.is_some(),
+            ),
+        ];
+        for (name, text, file) in pairs {
+            if text && file {
+                return Err(format!("api: give {name} or {name}_file, not both"));
+            }
+        }
+        for (name, pem) in [
+            ("client_ca", &self.client_ca),
+            ("server_cert", &self.server_cert),
+        ] {
+            if let Some(pem) = pem {
+                let certs: Result<Vec<_>, _> =
+                    CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+                if !certs.is_ok_and(|c| !c.is_empty()) {
+                    return Err(format!(
+                        "api.{name}: no PEM certificate (BEGIN CERTIFICATE)"
+                    ));
+                }
+            }
+        }
+        if let Some(key) = &self.server_key {
+            if PrivateKeyDer::from_pem_slice(key.as_bytes()).is_err() {
+                return Err("api.server_key: no PEM private key".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// What the merged configuration must say: `listen` only with a client
+    /// CA, and a server certificate only with its key.
+    pub fn check_complete(&self) -> Result<(), String> {
+        let has_ca = self.client_ca.is_some() || self.client_ca_file.is_some();
+        if let Some(listen) = self.listen {
+            if !has_ca {
+                return Err(format!(
+                    "api.listen = \"{listen}\" needs api.client_ca or api.client_ca_file: \
+                     the TCP API only serves clients with a certificate from the operator CA"
+                ));
+            }
+        }
+        let cert = self.server_cert.is_some() || self.server_cert_file.is_some();
+        let key = self.server_key.is_some() || self.server_key_file.is_some();
+        if cert != key {
+            return Err("api: server_cert and server_key go together".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -176,6 +262,7 @@ impl Config {
             path: path.to_owned(),
             detail,
         };
+        config.api.validate().map_err(&invalid)?;
         config
             .health
             .validate()
@@ -264,6 +351,15 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     config
         .update
         .validate()
+        .map_err(|detail| ConfigError::Invalid {
+            path: "merged configuration".into(),
+            detail,
+        })?;
+    // A layer may hold part of [api] (the kernel command line `listen`,
+    // user-data the CA); only the whole must be complete.
+    config
+        .api
+        .check_complete()
         .map_err(|detail| ConfigError::Invalid {
             path: "merged configuration".into(),
             detail,
@@ -426,7 +522,9 @@ pub fn redact(table: &toml::Table) -> toml::Table {
         .iter()
         .map(|(k, v)| {
             let lower = k.to_ascii_lowercase();
-            let v = if SECRET_KEY_PARTS.iter().any(|s| lower.contains(s)) {
+            let v = if SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
+                || SECRET_KEYS.contains(&lower.as_str())
+            {
                 toml::Value::String("<redacted>".into())
             } else if let toml::Value::Table(t) = v {
                 toml::Value::Table(redact(t))
@@ -579,7 +677,7 @@ dns = ["10.0.2.3"]
             ),
             layer(
                 "user-data",
-                "hostname = \"node-1\"\n[api]\nlisten = \"127.0.0.1:9465\"\n",
+                "hostname = \"node-1\"\n[api]\nlisten = \"127.0.0.1:9465\"\nclient_ca_file = \"/ca.pem\"\n",
             ),
             layer(
                 "/etc/ballast/config.d/50.toml",
@@ -756,11 +854,62 @@ dns = ["10.0.2.3"]
                 "hostname = \"vendor\"\n",
             ),
             cmdline,
-            layer("user-data", "[api]\nlisten = \"127.0.0.1:2\"\n"),
+            layer(
+                "user-data",
+                "[api]\nlisten = \"127.0.0.1:2\"\nclient_ca_file = \"/ca.pem\"\n",
+            ),
         ];
         let (config, _) = merge(&layers).unwrap();
         assert_eq!(config.hostname.as_deref(), Some("from-cmdline"));
         assert_eq!(config.api.listen.unwrap().port(), 2);
+    }
+
+    #[test]
+    fn a_tcp_api_without_a_client_ca_is_a_configuration_error() {
+        // A layer alone may say only `listen` (the CA may come from another).
+        let cmdline = cmdline_layer("ballast.api.listen=0.0.0.0:9465")
+            .unwrap()
+            .unwrap();
+        let err = merge(std::slice::from_ref(&cmdline))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("api.listen") && err.contains("client_ca"),
+            "{err}"
+        );
+        let ca = layer("user-data", "[api]\nclient_ca_file = \"/ca.pem\"\n");
+        let (config, _) = merge(&[cmdline, ca]).unwrap();
+        assert_eq!(config.api.listen.unwrap().port(), 9465);
+        // Without `listen` no CA is needed.
+        assert!(merge(&[layer("u", "hostname = \"a\"\n")]).is_ok());
+    }
+
+    #[test]
+    fn api_pem_values_are_checked_without_echoing_keys() {
+        let both = "[api]\nclient_ca = \"x\"\nclient_ca_file = \"/ca\"\n";
+        let err = Config::parse(both, Path::new("u")).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        let bad_ca = "[api]\nclient_ca = \"not pem\"\n";
+        let err = Config::parse(bad_ca, Path::new("u"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api.client_ca"), "{err}");
+        let bad_key = "[api]\nserver_key = \"-----BEGIN NOTHING-----\\nc2VjcmV0\\n-----END NOTHING-----\\n\"\n";
+        let err = Config::parse(bad_key, Path::new("u"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_key") && !err.contains("c2VjcmV0"),
+            "{err}"
+        );
+        let lonely = layer("u", "[api]\nserver_cert_file = \"/c.pem\"\n");
+        let err = merge(&[lonely]).unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
+        let table: toml::Table = toml::from_str("[api]\nserver_key = \"k\"\n").unwrap();
+        assert_eq!(
+            redact(&table)["api"]["server_key"].as_str(),
+            Some("<redacted>")
+        );
     }
 
     #[test]
