@@ -129,11 +129,9 @@ fn remote_action(command: Command) -> anyhow::Result<remote::Action> {
         Command::Update(update::UpdateCommand::Apply { node, .. }) => {
             Action::UpdateApply { json: node.json }
         }
-        Command::Update(update::UpdateCommand::Rollback { node, reason }) => {
-            Action::UpdateRollback {
-                reason,
-                json: node.json,
-            }
+        // The node records who asked (the certificate's CN) as the reason.
+        Command::Update(update::UpdateCommand::Rollback { node, .. }) => {
+            Action::UpdateRollback { json: node.json }
         }
         Command::Config(config::ConfigCommand::Show { json, .. }) => Action::ConfigShow { json },
         Command::UserData(UserDataCommand::Put { file, json }) => Action::UserDataPut { file, json },

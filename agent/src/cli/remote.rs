@@ -573,7 +573,7 @@ pub enum Action {
     Reboot { force: bool, json: bool },
     UpdateCheck { json: bool },
     UpdateApply { json: bool },
-    UpdateRollback { reason: String, json: bool },
+    UpdateRollback { json: bool },
     ConfigShow { json: bool },
     UserDataPut { file: PathBuf, json: bool },
 }
@@ -588,7 +588,6 @@ pub fn run(args: &RemoteArgs, action: Action) -> anyhow::Result<()> {
 }
 
 async fn run_action(remote: &Remote, action: Action) -> anyhow::Result<()> {
-    let post_json = |body: serde_json::Value| Some(("application/json", body.to_string().into_bytes()));
     match action {
         Action::Status { json } => {
             let body = remote
@@ -650,14 +649,9 @@ async fn run_action(remote: &Remote, action: Action) -> anyhow::Result<()> {
                 .await?;
             print_object(&body, json);
         }
-        Action::UpdateRollback { reason, json } => {
+        Action::UpdateRollback { json } => {
             let body = remote
-                .text(
-                    Method::POST,
-                    "/v1/update/rollback",
-                    post_json(serde_json::json!({ "reason": reason })),
-                    RESPONSE_TIMEOUT,
-                )
+                .text(Method::POST, "/v1/update/rollback", None, RESPONSE_TIMEOUT)
                 .await?;
             print_object(&body, json);
         }
@@ -782,6 +776,133 @@ mod tests {
         );
         assert!(logs_path("../status", 5, false).is_err());
         assert!(logs_path("a?b", 5, false).is_err());
+    }
+
+    /// A node stand-in: HTTPS on loopback with a self-signed certificate,
+    /// client certificates required from `ca`; `/forbidden` answers 403
+    /// with a JSON error, anything else 200 with the client's request path.
+    async fn node(ca: &Path) -> (u16, String) {
+        use std::convert::Infallible;
+        use tokio_rustls::rustls::server::WebPkiClientVerifier;
+        use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
+        let provider = Arc::new(ring_provider::default_provider());
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(ca.join("ca.crt")).unwrap())
+            .unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let server = rcgen::generate_simple_self_signed(vec!["node".to_owned()]).unwrap();
+        let pin = hex::encode(Sha256::digest(server.cert.der()));
+        let key = PrivateKeyDer::from_pem_slice(server.key_pair.serialize_pem().as_bytes()).unwrap();
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![server.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let (code, body) = match req.uri().path() {
+                            "/forbidden" => (403, "{\"error\":\"readers may not\"}".to_owned()),
+                            _ => (200, req.uri().to_string()),
+                        };
+                        let resp = hyper::Response::builder()
+                            .status(code)
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap();
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (port, pin)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn talks_to_a_pinned_node_with_a_client_certificate_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        super::super::pki::init(&ca, 2).unwrap();
+        let id = dir.path().join("alice");
+        super::super::pki::issue(&ca, super::super::pki::Role::Admin, "alice", &id, 2).unwrap();
+        let (port, pin) = node(&ca).await;
+        let target = Target::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let known = dir.path().join(KNOWN_NODES);
+        let t = Duration::from_secs(10);
+
+        let remote = Remote::new(
+            target.clone(),
+            parse_pin(&pin).unwrap(),
+            Some(load_identity(&id).unwrap()),
+            Some(known.clone()),
+        )
+        .unwrap();
+        let body = remote
+            .text(Method::GET, "/v1/logs/kernel?tail=3", None, t)
+            .await
+            .unwrap();
+        assert_eq!(body, "/v1/logs/kernel?tail=3");
+        let recorded = std::fs::read_to_string(&known).unwrap();
+        assert_eq!(known_pin(&recorded, &target.key()), Some(pin.clone()));
+        let err = remote.text(Method::POST, "/forbidden", None, t).await.unwrap_err();
+        assert!(
+            matches!(&err, RemoteError::Status { code, message, .. }
+                if *code == StatusCode::FORBIDDEN && message == "readers may not"),
+            "{err}"
+        );
+
+        // Another pin: refused by the client, naming what it was shown.
+        let wrong = Remote::new(
+            target.clone(),
+            [7; 32],
+            Some(load_identity(&id).unwrap()),
+            None,
+        )
+        .unwrap();
+        let err = wrong.text(Method::GET, "/status", None, t).await.unwrap_err();
+        assert!(
+            matches!(&err, RemoteError::PinMismatch { presented, .. } if *presented == pin),
+            "{err}"
+        );
+
+        // No client certificate, or one from another CA: the node refuses.
+        let other = dir.path().join("other");
+        super::super::pki::init(&other, 2).unwrap();
+        let mallory = dir.path().join("mallory");
+        super::super::pki::issue(&other, super::super::pki::Role::Admin, "m", &mallory, 2).unwrap();
+        for identity in [None, Some(load_identity(&mallory).unwrap())] {
+            let anon = Remote::new(target.clone(), parse_pin(&pin).unwrap(), identity, None).unwrap();
+            assert!(anon.text(Method::GET, "/status", None, t).await.is_err());
+        }
+    }
+
+    #[test]
+    fn identities_with_open_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        super::super::pki::init(&ca, 2).unwrap();
+        let id = dir.path().join("alice");
+        super::super::pki::issue(&ca, super::super::pki::Role::Reader, "alice", &id, 2).unwrap();
+        assert!(load_identity(&id).is_ok());
+        std::fs::set_permissions(id.join(CLIENT_KEY), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_identity(&id).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        let err = load_identity(dir.path()).unwrap_err();
+        assert!(matches!(err, RemoteError::Identity { .. }), "{err}");
     }
 
     #[test]
