@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::disk;
-use crate::operator::{self, Operator};
 use crate::image::BuiltImage;
+use crate::operator::{self, Operator};
 use crate::scenarios::{Context, ScenarioError};
 
 /// The profile name the image's payload carries as its variant.

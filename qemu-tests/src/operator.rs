@@ -267,6 +267,9 @@ mod tests {
         );
         let v: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(v["api"]["listen"].as_str(), Some("0.0.0.0:9465"));
-        assert_eq!(v["api"]["client_ca"].as_str().map(str::trim), Some(pem.trim()));
+        assert_eq!(
+            v["api"]["client_ca"].as_str().map(str::trim),
+            Some(pem.trim())
+        );
     }
 }

@@ -69,7 +69,12 @@ pub fn remote(ctx: &Context) -> Result<(), ScenarioError> {
         && status["node"]["boot_id"].as_str() == first.str_field("boot_id")
         && status["api"]["cert_sha256"].as_str() == Some(pin.as_str())
         && status["node"]["config_error"].is_null();
-    expect(&mut vm, ok, "status --json as admin, pinned: this boot, this certificate", &run)?;
+    expect(
+        &mut vm,
+        ok,
+        "status --json as admin, pinned: this boot, this certificate",
+        &run,
+    )?;
     // From known_nodes now, readable output.
     let run = op.remote("admin", port, None, &["status"])?;
     let boot_id = first.str_field("boot_id").unwrap_or("?");
@@ -78,15 +83,35 @@ pub fn remote(ctx: &Context) -> Result<(), ScenarioError> {
 
     let run = op.remote("admin", port, None, &["logs", "--tail", "5", "kernel"])?;
     let lines = run.stdout.lines().count();
-    expect(&mut vm, run.ok && (1..=5).contains(&lines), "logs --tail 5 kernel", &run)?;
+    expect(
+        &mut vm,
+        run.ok && (1..=5).contains(&lines),
+        "logs --tail 5 kernel",
+        &run,
+    )?;
     let run = op.remote("admin", port, None, &["logs", "--tail", "20", "agent"])?;
-    expect(&mut vm, run.ok && !run.stdout.trim().is_empty(), "logs --tail 20 agent", &run)?;
+    expect(
+        &mut vm,
+        run.ok && !run.stdout.trim().is_empty(),
+        "logs --tail 20 agent",
+        &run,
+    )?;
 
     // A reader reads, and cannot reboot.
     let run = op.remote("rita", port, Some(&pin), &["status", "--json"])?;
-    expect(&mut vm, run.ok && json(&run)["node"].is_object(), "status as reader", &run)?;
+    expect(
+        &mut vm,
+        run.ok && json(&run)["node"].is_object(),
+        "status as reader",
+        &run,
+    )?;
     let run = op.remote("rita", port, Some(&pin), &["reboot"])?;
-    expect(&mut vm, !run.ok && run.stderr.contains("403"), "reboot as reader is refused with 403", &run)?;
+    expect(
+        &mut vm,
+        !run.ok && run.stderr.contains("403"),
+        "reboot as reader is refused with 403",
+        &run,
+    )?;
 
     // Another CA's admin certificate is refused (handshake or 401).
     let run = op.remote("mallory", port, Some(&pin), &["reboot"])?;
@@ -94,12 +119,22 @@ pub fn remote(ctx: &Context) -> Result<(), ScenarioError> {
         && ["401", "handshake", "certificate", "alert"]
             .iter()
             .any(|w| run.stderr.to_lowercase().contains(w));
-    expect(&mut vm, refused, "reboot with another CA's certificate is refused", &run)?;
+    expect(
+        &mut vm,
+        refused,
+        "reboot with another CA's certificate is refused",
+        &run,
+    )?;
     // The client refuses a node that does not hold the pinned certificate.
     let wrong = "00".repeat(32);
     let run = op.remote("admin", port, Some(&wrong), &["status"])?;
     let ok = !run.ok && run.stderr.contains("not the pinned") && run.stderr.contains(&pin);
-    expect(&mut vm, ok, "a wrong pin is refused, naming the presented certificate", &run)?;
+    expect(
+        &mut vm,
+        ok,
+        "a wrong pin is refused, naming the presented certificate",
+        &run,
+    )?;
 
     // Plain HTTP is not answered as HTTP.
     match http::request(port, "GET", "/status", None, Duration::from_secs(10)) {
@@ -129,7 +164,12 @@ pub fn remote(ctx: &Context) -> Result<(), ScenarioError> {
         && answer["accepted"] == Value::Bool(true)
         && answer["forced"] == Value::Bool(false)
         && answer["via"].as_str().is_some_and(|v| !v.is_empty());
-    expect(&mut vm, ok, "reboot as admin accepted through the strategy", &run)?;
+    expect(
+        &mut vm,
+        ok,
+        "reboot as admin accepted through the strategy",
+        &run,
+    )?;
     let down = vm.wait_for_event("shutdown", Duration::from_secs(120))?;
     if down.str_field("action").is_some_and(|a| a != "reboot") {
         return Err(vm
@@ -157,7 +197,12 @@ pub fn remote(ctx: &Context) -> Result<(), ScenarioError> {
     operator::wait_healthz(&mut vm, port, &pin)?;
     let run = op.remote("admin", port, None, &["status", "--json"])?;
     let ok = run.ok && json(&run)["node"]["boot_id"].as_str() == second.str_field("boot_id");
-    expect(&mut vm, ok, "status after the reboot: the new boot, same pin", &run)?;
+    expect(
+        &mut vm,
+        ok,
+        "status after the reboot: the new boot, same pin",
+        &run,
+    )?;
     vm.kill();
     Ok(())
 }
@@ -191,7 +236,13 @@ fn idle_connections_do_not_stop_healthz(
     let mut answered = None;
     while start.elapsed() < HEALTHZ_BUDGET {
         let left = HEALTHZ_BUDGET.saturating_sub(start.elapsed());
-        match probe.request(port, "GET", "/healthz", None, left.max(Duration::from_millis(100))) {
+        match probe.request(
+            port,
+            "GET",
+            "/healthz",
+            None,
+            left.max(Duration::from_millis(100)),
+        ) {
             Ok(r) if r.status == 200 => {
                 answered = Some(start.elapsed());
                 break;

@@ -128,7 +128,8 @@ impl TlsClient {
         let sock = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
         sock.set_read_timeout(Some(timeout)).map_err(err)?;
         sock.set_write_timeout(Some(timeout)).map_err(err)?;
-        let name = ServerName::try_from("ballast-node").map_err(|e| HttpError::Tls(e.to_string()))?;
+        let name =
+            ServerName::try_from("ballast-node").map_err(|e| HttpError::Tls(e.to_string()))?;
         let conn = rustls::ClientConnection::new(self.config.clone(), name)
             .map_err(|e| HttpError::Tls(e.to_string()))?;
         let mut tls = rustls::StreamOwned::new(conn, sock);

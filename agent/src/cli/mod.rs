@@ -134,7 +134,9 @@ fn remote_action(command: Command) -> anyhow::Result<remote::Action> {
             Action::UpdateRollback { json: node.json }
         }
         Command::Config(config::ConfigCommand::Show { json, .. }) => Action::ConfigShow { json },
-        Command::UserData(UserDataCommand::Put { file, json }) => Action::UserDataPut { file, json },
+        Command::UserData(UserDataCommand::Put { file, json }) => {
+            Action::UserDataPut { file, json }
+        }
         other => anyhow::bail!(
             "{} does not run against a remote node; drop --node (remote: status, logs, reboot, \
              update check|apply|rollback, config show, user-data put)",
@@ -169,7 +171,14 @@ pub fn render_status(v: &serde_json::Value) -> String {
             .map(str::to_owned)
             .unwrap_or_else(|| value.to_string())
     };
-    for key in ["hostname", "version", "arch", "slot", "boot_id", "config_error"] {
+    for key in [
+        "hostname",
+        "version",
+        "arch",
+        "slot",
+        "boot_id",
+        "config_error",
+    ] {
         if let Some(value) = node.get(key).filter(|v| !v.is_null()) {
             out.push_str(&format!("{key:>13}: {}\n", show(value)));
         }

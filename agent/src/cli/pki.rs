@@ -109,7 +109,9 @@ pub enum PkiError {
     },
     #[error("{} is not the certificate of {} (not from the same `pki init`)", cert.display(), key.display())]
     Mismatch { cert: PathBuf, key: PathBuf },
-    #[error("{name:?} is not a usable name: 1 to 64 characters, letters, digits, '.', '_', '@' or '-'")]
+    #[error(
+        "{name:?} is not a usable name: 1 to 64 characters, letters, digits, '.', '_', '@' or '-'"
+    )]
     BadName { name: String },
     #[error("validity must be 1 to 36500 days, not {days}")]
     BadDays { days: u32 },

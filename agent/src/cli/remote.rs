@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -191,7 +191,8 @@ impl Target {
 pub fn parse_pin(s: &str) -> Result<[u8; 32], RemoteError> {
     let clean: String = s.trim().chars().filter(|&c| c != ':').collect();
     let mut out = [0u8; 32];
-    hex::decode_to_slice(&clean, &mut out).map_err(|_| RemoteError::BadPin { pin: s.to_owned() })?;
+    hex::decode_to_slice(&clean, &mut out)
+        .map_err(|_| RemoteError::BadPin { pin: s.to_owned() })?;
     Ok(out)
 }
 
@@ -568,14 +569,34 @@ fn error_message(body: &str) -> String {
 /// What a remote command does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Status { json: bool },
-    Logs { source: String, tail: usize, follow: bool },
-    Reboot { force: bool, json: bool },
-    UpdateCheck { json: bool },
-    UpdateApply { json: bool },
-    UpdateRollback { json: bool },
-    ConfigShow { json: bool },
-    UserDataPut { file: PathBuf, json: bool },
+    Status {
+        json: bool,
+    },
+    Logs {
+        source: String,
+        tail: usize,
+        follow: bool,
+    },
+    Reboot {
+        force: bool,
+        json: bool,
+    },
+    UpdateCheck {
+        json: bool,
+    },
+    UpdateApply {
+        json: bool,
+    },
+    UpdateRollback {
+        json: bool,
+    },
+    ConfigShow {
+        json: bool,
+    },
+    UserDataPut {
+        file: PathBuf,
+        json: bool,
+    },
 }
 
 /// Runs `action` against the node `args` names.
@@ -607,7 +628,9 @@ async fn run_action(remote: &Remote, action: Action) -> anyhow::Result<()> {
         } => {
             let path = logs_path(&source, tail, follow)?;
             // Following has no end; the first answer still has a deadline.
-            let resp = remote.send(Method::GET, &path, None, RESPONSE_TIMEOUT).await?;
+            let resp = remote
+                .send(Method::GET, &path, None, RESPONSE_TIMEOUT)
+                .await?;
             let mut body = resp.into_body();
             let stdout = std::io::stdout();
             while let Some(frame) = body.frame().await {
@@ -620,7 +643,11 @@ async fn run_action(remote: &Remote, action: Action) -> anyhow::Result<()> {
             }
         }
         Action::Reboot { force, json } => {
-            let path = if force { "/v1/reboot?force=true" } else { "/v1/reboot" };
+            let path = if force {
+                "/v1/reboot?force=true"
+            } else {
+                "/v1/reboot"
+            };
             let body = remote
                 .text(Method::POST, path, None, RESPONSE_TIMEOUT)
                 .await?;
@@ -628,10 +655,16 @@ async fn run_action(remote: &Remote, action: Action) -> anyhow::Result<()> {
                 println!("{}", body.trim_end());
             } else {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                let via = v.get("via").and_then(|v| v.as_str()).unwrap_or("the node's strategy");
+                let via = v
+                    .get("via")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("the node's strategy");
                 let forced = v.get("forced").and_then(|f| f.as_bool()).unwrap_or(force);
                 if forced {
-                    println!("{}: reboot accepted, forced (skipping {via})", remote.target().key());
+                    println!(
+                        "{}: reboot accepted, forced (skipping {via})",
+                        remote.target().key()
+                    );
                 } else {
                     println!("{}: reboot accepted, through {via}", remote.target().key());
                 }
@@ -711,7 +744,10 @@ fn print_object(body: &str, json: bool) {
     match parsed {
         Ok(serde_json::Value::Object(map)) if !json => {
             for (k, v) in map {
-                let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                let v = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string());
                 println!("{k:>10}: {v}");
             }
         }
@@ -736,7 +772,9 @@ mod tests {
         assert_eq!(Target::parse("fe80::1").unwrap(), t("fe80::1", 9465));
         assert_eq!(Target::parse("[::1]:9000").unwrap().key(), "[::1]:9000");
         assert_eq!(Target::parse("n").unwrap().key(), "n:9465");
-        for bad in ["", ":80", "h:", "h:0", "h:99999", "[::1", "[::1]x", "a b", "h/x"] {
+        for bad in [
+            "", ":80", "h:", "h:0", "h:99999", "[::1", "[::1]x", "a b", "h/x",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -791,12 +829,14 @@ mod tests {
         roots
             .add(CertificateDer::from_pem_file(ca.join("ca.crt")).unwrap())
             .unwrap();
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .unwrap();
         let server = rcgen::generate_simple_self_signed(vec!["node".to_owned()]).unwrap();
         let pin = hex::encode(Sha256::digest(server.cert.der()));
-        let key = PrivateKeyDer::from_pem_slice(server.key_pair.serialize_pem().as_bytes()).unwrap();
+        let key =
+            PrivateKeyDer::from_pem_slice(server.key_pair.serialize_pem().as_bytes()).unwrap();
         let config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -808,21 +848,27 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let (code, body) = match req.uri().path() {
-                            "/forbidden" => (403, "{\"error\":\"readers may not\"}".to_owned()),
-                            _ => (200, req.uri().to_string()),
-                        };
-                        let resp = hyper::Response::builder()
-                            .status(code)
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap();
-                        Ok::<_, Infallible>(resp)
-                    });
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let (code, body) = match req.uri().path() {
+                                "/forbidden" => (403, "{\"error\":\"readers may not\"}".to_owned()),
+                                _ => (200, req.uri().to_string()),
+                            };
+                            let resp = hyper::Response::builder()
+                                .status(code)
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap();
+                            Ok::<_, Infallible>(resp)
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
@@ -858,7 +904,10 @@ mod tests {
         assert_eq!(body, "/v1/logs/kernel?tail=3");
         let recorded = std::fs::read_to_string(&known).unwrap();
         assert_eq!(known_pin(&recorded, &target.key()), Some(pin.clone()));
-        let err = remote.text(Method::POST, "/forbidden", None, t).await.unwrap_err();
+        let err = remote
+            .text(Method::POST, "/forbidden", None, t)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, RemoteError::Status { code, message, .. }
                 if *code == StatusCode::FORBIDDEN && message == "readers may not"),
@@ -873,7 +922,10 @@ mod tests {
             None,
         )
         .unwrap();
-        let err = wrong.text(Method::GET, "/status", None, t).await.unwrap_err();
+        let err = wrong
+            .text(Method::GET, "/status", None, t)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, RemoteError::PinMismatch { presented, .. } if *presented == pin),
             "{err}"
@@ -885,7 +937,8 @@ mod tests {
         let mallory = dir.path().join("mallory");
         super::super::pki::issue(&other, super::super::pki::Role::Admin, "m", &mallory, 2).unwrap();
         for identity in [None, Some(load_identity(&mallory).unwrap())] {
-            let anon = Remote::new(target.clone(), parse_pin(&pin).unwrap(), identity, None).unwrap();
+            let anon =
+                Remote::new(target.clone(), parse_pin(&pin).unwrap(), identity, None).unwrap();
             assert!(anon.text(Method::GET, "/status", None, t).await.is_err());
         }
     }
@@ -898,7 +951,8 @@ mod tests {
         let id = dir.path().join("alice");
         super::super::pki::issue(&ca, super::super::pki::Role::Reader, "alice", &id, 2).unwrap();
         assert!(load_identity(&id).is_ok());
-        std::fs::set_permissions(id.join(CLIENT_KEY), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(id.join(CLIENT_KEY), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
         let err = load_identity(&id).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
         let err = load_identity(dir.path()).unwrap_err();
@@ -907,7 +961,10 @@ mod tests {
 
     #[test]
     fn api_errors_show_their_message() {
-        assert_eq!(error_message("{\"error\":\"reader may not\"}"), "reader may not");
+        assert_eq!(
+            error_message("{\"error\":\"reader may not\"}"),
+            "reader may not"
+        );
         assert_eq!(error_message("plain\n"), "plain");
     }
 }
