@@ -199,12 +199,13 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], RemoteError> {
 /// The pin `known_nodes` holds for `key`, if any (later lines win).
 pub fn known_pin(text: &str, key: &str) -> Option<String> {
     text.lines()
+        .rev()
         .map(str::trim)
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split_once(char::is_whitespace))
         .filter(|(k, _)| *k == key)
         .map(|(_, v)| v.trim().to_owned())
-        .last()
+        .next()
 }
 
 /// `known_nodes` with `key`'s line set to `pin` (others kept as they are).
@@ -795,6 +796,10 @@ mod tests {
         let text = "# comment\nn1:9465 aaaa\nn2:9465 bbbb\n";
         assert_eq!(known_pin(text, "n1:9465").as_deref(), Some("aaaa"));
         assert_eq!(known_pin(text, "n3:9465"), None);
+        assert_eq!(
+            known_pin("n1:9465 old\nn1:9465 new\n", "n1:9465").as_deref(),
+            Some("new")
+        );
         let updated = with_known_pin(text, "n1:9465", "cccc");
         assert_eq!(known_pin(&updated, "n1:9465").as_deref(), Some("cccc"));
         assert_eq!(known_pin(&updated, "n2:9465").as_deref(), Some("bbbb"));
