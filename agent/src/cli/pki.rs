@@ -23,7 +23,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
-use sha2::{Digest, Sha256};
 
 /// File names inside a CA directory and an identity directory.
 pub const CA_CERT: &str = "ca.crt";
@@ -177,7 +176,7 @@ pub fn init(dir: &Path, days: u32) -> Result<String, PkiError> {
     // reverse is harmless to retry.
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    Ok(hex::encode(Sha256::digest(cert.der())))
+    Ok(hex::encode(sha256(cert.der())))
 }
 
 /// Issues a client certificate for `name` with `role`, signed by the CA in
@@ -255,7 +254,7 @@ pub fn issue(ca_dir: &Path, role: Role, name: &str, out: &Path, days: u32) -> Re
 /// The CA's parameters, all derived from its key so `issue` can rebuild
 /// the issuer: CN names the key's hash, so two operators' CAs differ.
 fn ca_params(key: &KeyPair, days: u32) -> Result<CertificateParams, PkiError> {
-    let id = hex::encode(&Sha256::digest(key.public_key_der())[..8]);
+    let id = hex::encode(&sha256(&key.public_key_der())[..8]);
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(PkiError::Generate)?;
     params
         .distinguished_name
@@ -280,9 +279,16 @@ fn ca_cert_matches(cert_pem: &str, key: &KeyPair) -> bool {
     let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else {
         return false;
     };
-    let id = hex::encode(&Sha256::digest(key.public_key_der())[..8]);
+    let id = hex::encode(&sha256(&key.public_key_der())[..8]);
     let cn = format!("ballast operator CA {id}");
     contains(&der, &key.public_key_der()) && contains(&der, cn.as_bytes())
+}
+
+/// SHA-256 of `data` (ring, as the node hashes its certificate).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -25,7 +25,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use sha2::{Digest, Sha256};
 use tokio_rustls::rustls::{
     self,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -34,7 +33,7 @@ use tokio_rustls::rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme,
 };
 
-use super::pki::{CLIENT_CERT, CLIENT_KEY};
+use super::pki::{sha256, CLIENT_CERT, CLIENT_KEY};
 
 /// The API's port when `--node` names none.
 pub const DEFAULT_PORT: u16 = 9465;
@@ -258,7 +257,7 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        let got = sha256(end_entity.as_ref());
         if let Ok(mut p) = self.presented.lock() {
             *p = Some(hex::encode(got));
         }
@@ -839,7 +838,7 @@ mod tests {
                 .build()
                 .unwrap();
         let server = rcgen::generate_simple_self_signed(vec!["node".to_owned()]).unwrap();
-        let pin = hex::encode(Sha256::digest(server.cert.der()));
+        let pin = hex::encode(sha256(server.cert.der()));
         let key =
             PrivateKeyDer::from_pem_slice(server.key_pair.serialize_pem().as_bytes()).unwrap();
         let config = ServerConfig::builder_with_provider(provider)
