@@ -300,8 +300,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn set_validity(params: &mut CertificateParams, days: u32) {
     let today = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0) as i64;
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs() / 86_400).ok())
+        .unwrap_or(0);
     let (y, m, d) = civil_from_days(today - 1);
     params.not_before = rcgen::date_time_ymd(y, m, d);
     let (y, m, d) = civil_from_days(today + i64::from(days));
@@ -320,7 +321,13 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y as i32, m as u8, d as u8)
+    // Month and day are in range by construction; the year for any date
+    // a certificate can name.
+    (
+        i32::try_from(y).unwrap_or(i32::MAX),
+        u8::try_from(m).unwrap_or(1),
+        u8::try_from(d).unwrap_or(1),
+    )
 }
 
 fn check_days(days: u32) -> Result<(), PkiError> {
@@ -389,7 +396,15 @@ mod tests {
     /// The DER of an Organization attribute holding `value` (OID 2.5.4.10,
     /// UTF8String).
     fn organization_der(value: &str) -> Vec<u8> {
-        let mut v = vec![0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, value.len() as u8];
+        let mut v = vec![
+            0x06,
+            0x03,
+            0x55,
+            0x04,
+            0x0a,
+            0x0c,
+            u8::try_from(value.len()).unwrap(),
+        ];
         v.extend_from_slice(value.as_bytes());
         v
     }
