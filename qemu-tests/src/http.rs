@@ -1,6 +1,9 @@
 //! A tiny HTTP/1.1 client over `std::net::TcpStream` for talking to the
 //! agent's API through QEMU's `hostfwd` on 127.0.0.1. One request per
-//! connection (`Connection: close`); enough for tests, nothing more.
+//! connection (`Connection: close`); enough for tests, nothing more. The
+//! node's API is HTTPS ([`crate::tls`] speaks it with the same request
+//! and parser); plain HTTP is left for the test's own servers and for
+//! checking that the node does not answer it.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -17,6 +20,8 @@ pub enum HttpError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("{method} http://127.0.0.1:{port}{path}: malformed response {head:?}")]
     Malformed {
         method: String,
@@ -51,13 +56,8 @@ pub fn request(
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
     s.set_read_timeout(Some(timeout)).map_err(err)?;
     s.set_write_timeout(Some(timeout)).map_err(err)?;
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(err)?;
+    s.write_all(request_bytes(port, method, path, body).as_bytes())
+        .map_err(err)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(err)?;
     parse_response(&raw).ok_or_else(|| HttpError::Malformed {
@@ -66,6 +66,16 @@ pub fn request(
         path: path.to_owned(),
         head: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned(),
     })
+}
+
+/// The bytes of one `Connection: close` request.
+pub fn request_bytes(port: u16, method: &str, path: &str, body: Option<&str>) -> String {
+    let body = body.unwrap_or("");
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Parses status line and body (plain or chunked) of a complete response.

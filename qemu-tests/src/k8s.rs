@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::disk;
-use crate::http;
 use crate::image::BuiltImage;
+use crate::operator::{self, Operator};
 use crate::scenarios::{Context, ScenarioError};
 
 /// The profile name the image's payload carries as its variant.
@@ -63,18 +63,19 @@ pub fn image_dir_beside(base: &Path, version: &str) -> PathBuf {
         .join(version)
 }
 
-/// The node's user-data: a host name (the Node's name), API on the
-/// forwarded port, a static address,
+/// The node's user-data: a host name (the Node's name), the operator's
+/// `[api]` section (HTTPS on the forwarded port, its client CA), a static
+/// address,
 /// `[kubernetes] standalone = true` (the agent renders the containerd,
 /// kubelet and CNI files and supervises containerd; with no kubelet in the
 /// image it starts no kubelet), and the import and the container as user
 /// services; both retry until containerd answers and the image is there.
 /// The container gets the console device and a read-only view of `/etc`,
 /// nothing else beyond ctr's defaults.
-pub fn user_data() -> String {
+pub fn user_data(api_section: &str) -> String {
     format!(
         "hostname = \"k8s-node\"\n\
-         [api]\nlisten = \"0.0.0.0:9465\"\n\
+         {api_section}\
          [network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
          [kubernetes]\nstandalone = true\n\
          [services.import]\ncommand = [\"ctr\", \"-n\", \"k8s.io\", \"images\", \"import\", \"{ARCHIVE_DEVICE}\"]\n\
@@ -252,11 +253,12 @@ pub fn k8s(ctx: &Context) -> Result<(), ScenarioError> {
         image.dir.display()
     );
 
+    let op = Operator::new()?;
     let mut vm = ctx
         .vm("k8s")
         .disk(&image.disk)
         .forward_api()
-        .user_data(user_data().as_bytes())
+        .user_data(user_data(&op.api_user_data()?).as_bytes())
         .extra_drive(&archive_path)
         .spawn()?;
     let ready = vm.wait_for_any(&["ready", "boot-failed", "config-error"], ctx.boot_timeout)?;
@@ -305,12 +307,14 @@ pub fn k8s(ctx: &Context) -> Result<(), ScenarioError> {
     let port = vm
         .api_port()
         .ok_or_else(|| ScenarioError::Setup("no API port forwarded".into()))?;
+    let pin = operator::api_pin(&mut vm, 0)?;
+    let api = op.admin_tls(&pin)?;
     // The container printed before `ctr run` returned: wait for the
     // supervisor to see the exit.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last;
     loop {
-        let r = http::request(port, "GET", "/status", None, Duration::from_secs(20))?;
+        let r = api.request(port, "GET", "/status", None, Duration::from_secs(20))?;
         let status: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
         let state = |name: &str| service(&status, name).map(|s| s["state"].clone());
         let code = |name: &str| service(&status, name).map(|s| s["last_exit"]["code"].clone());
@@ -431,7 +435,7 @@ mod tests {
 
     #[test]
     fn user_data_turns_kubernetes_on_and_declares_the_services() {
-        let ud = user_data();
+        let ud = user_data(&operator::api_section("PEM"));
         let v: toml::Table = ud.parse().unwrap();
         let services = v["services"].as_table().unwrap();
         let names: Vec<&str> = services.keys().map(String::as_str).collect();

@@ -2,9 +2,12 @@
 //! architectures ([`vm`]), serial capture parsed into console events
 //! ([`events`]), disk overlays and GPT reading ([`disk`]), the busybox
 //! boot-time floor ([`floor`]), the built image under test ([`image`]), a
-//! tiny HTTP client for the agent's API ([`http`]) and the scenarios
-//! `cargo xtask vm-test` runs ([`scenarios`], the automatic-update ones in
-//! [`update`], and the k8s-profile one in [`k8s`]).
+//! tiny HTTP client ([`http`]) and its pinned TLS form for the agent's
+//! HTTPS API ([`tls`]), the operator with the host's `ballast` client and
+//! CA ([`operator`]), and the scenarios `cargo xtask vm-test` runs
+//! ([`scenarios`], the automatic-update ones in [`update`], the
+//! k8s-profile one in [`k8s`], and the remote-operations one in
+//! [`remote`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -17,8 +20,11 @@ pub mod floor;
 pub mod http;
 pub mod image;
 pub mod k8s;
+pub mod operator;
+pub mod remote;
 pub mod runtime;
 pub mod scenarios;
+pub mod tls;
 pub mod update;
 pub mod vm;
 

@@ -1,8 +1,9 @@
 //! The `runtime` scenario: a node configured only by a NoCloud-style
 //! `CIDATA` volume (hostname, static address, TCP API, a user HTTP health
 //! check against a server of the test's own) becomes ready, and the host
-//! reads `/readyz`, `/status` and `/metrics` through a forwarded loopback
-//! port.
+//! reads `/readyz`, `/status` and `/metrics` over HTTPS (pinned, with the
+//! operator's admin certificate; the CA is in the same user-data) through
+//! a forwarded loopback port.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -14,17 +15,23 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::disk;
+#[cfg(test)]
 use crate::http;
+use crate::operator::{self, Operator};
 use crate::scenarios::{Context, ScenarioError};
 use crate::vm::GuestFwd;
 
 /// Where the guest reaches the test's health server.
 const HEALTH_ADDR: &str = "10.0.2.100:80";
 
-const USER_DATA: &str = "hostname = \"node-1\"\n\
-[api]\nlisten = \"0.0.0.0:9465\"\n\
-[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
-[[health.checks]]\nname = \"host-http\"\nhttp = \"http://10.0.2.100/health\"\ntimeout = \"5s\"\n";
+/// The scenario's user-data around the operator's `[api]` section.
+fn user_data(api_section: &str) -> String {
+    format!(
+        "hostname = \"node-1\"\n{api_section}\
+         [network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
+         [[health.checks]]\nname = \"host-http\"\nhttp = \"http://10.0.2.100/health\"\ntimeout = \"5s\"\n"
+    )
+}
 
 /// A loopback HTTP server answering `200 ok` to every request, counting
 /// them; stops on drop.
@@ -115,7 +122,8 @@ pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
 /// `runtime`: CIDATA user-data applied; the host sees the node ready.
 pub fn runtime(ctx: &Context) -> Result<(), ScenarioError> {
     let scratch = tempfile::tempdir().map_err(ScenarioError::Scratch)?;
-    let cidata = make_cidata(scratch.path(), USER_DATA)?;
+    let op = Operator::new()?;
+    let cidata = make_cidata(scratch.path(), &user_data(&op.api_user_data()?))?;
     let server = HealthServer::start().map_err(ScenarioError::Scratch)?;
     let mut vm = ctx
         .vm("runtime")
@@ -136,13 +144,15 @@ pub fn runtime(ctx: &Context) -> Result<(), ScenarioError> {
         .api_port()
         .ok_or_else(|| ScenarioError::Setup("no API port".into()))?;
     let timeout = Duration::from_secs(20);
+    let pin = operator::api_pin(&mut vm, 0)?;
+    let api = op.admin_tls(&pin)?;
 
     // The checks run every 15 s (the agent's default [health] interval):
     // give the first run with the network up a moment.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     while Instant::now() < deadline {
-        let r = http::request(port, "GET", "/readyz", None, timeout)?;
+        let r = api.request(port, "GET", "/readyz", None, timeout)?;
         if r.status == 200 {
             last = None;
             break;
@@ -157,7 +167,7 @@ pub fn runtime(ctx: &Context) -> Result<(), ScenarioError> {
     }
     vm.progress("/readyz 200");
 
-    let status = http::request(port, "GET", "/status", None, timeout)?;
+    let status = api.request(port, "GET", "/status", None, timeout)?;
     let v: serde_json::Value = serde_json::from_str(&status.body)
         .map_err(|e| ScenarioError::Setup(format!("/status: {e}")))?;
     if v["node"]["hostname"] != "node-1" || !v["node"]["config_error"].is_null() {
@@ -165,7 +175,7 @@ pub fn runtime(ctx: &Context) -> Result<(), ScenarioError> {
             .fail(format!("user-data not applied: {}", status.body))
             .into());
     }
-    let metrics = http::request(port, "GET", "/metrics", None, timeout)?;
+    let metrics = api.request(port, "GET", "/metrics", None, timeout)?;
     let ready = sample(&metrics.body, "ballast_node_ready", "");
     let check = sample(
         &metrics.body,
@@ -210,6 +220,15 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(sample(text, "missing", ""), None);
+    }
+
+    #[test]
+    fn user_data_is_toml_with_the_api_section() {
+        let text = user_data(&operator::api_section("PEM"));
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(v["hostname"].as_str(), Some("node-1"));
+        assert_eq!(v["api"]["client_ca"].as_str().map(str::trim), Some("PEM"));
+        assert_eq!(v["health"]["checks"][0]["name"].as_str(), Some("host-http"));
     }
 
     #[test]

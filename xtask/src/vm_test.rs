@@ -37,8 +37,8 @@ pub struct VmTestArgs {
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Scenarios to run (default when empty: the core tier on both arches,
-    /// the extended tier too on x86_64): boot, reboot, verity, runtime, k8s
-    /// (builds build/<arch>/k8s/1.0.0 when missing), update,
+    /// the extended tier too on x86_64): boot, reboot, verity, runtime,
+    /// remote, k8s (builds build/<arch>/k8s/1.0.0 when missing), update,
     /// update-unhealthy, update-never-boots, update-power-cut,
     /// update-tampered, update-fleetlock, update-watchdog; update-all for
     /// every update one, all for every one.
@@ -355,9 +355,11 @@ mod tests {
         let names = |v: Vec<&scenarios::Scenario>| v.iter().map(|s| s.name).collect::<Vec<_>>();
         let x86 = names(select(&[], Arch::X86_64).unwrap());
         assert!(x86.contains(&"boot") && x86.contains(&"update-fleetlock"));
+        assert!(x86.contains(&"remote"));
         let arm = names(select(&[], Arch::Aarch64).unwrap());
         assert!(arm.contains(&"update") && !arm.contains(&"update-fleetlock"));
         assert!(arm.contains(&"boot") && arm.contains(&"verity") && !arm.contains(&"k8s"));
+        assert!(arm.contains(&"remote"));
         assert!(x86.contains(&"update-watchdog") && arm.contains(&"update-watchdog"));
         assert!(x86.contains(&"k8s") && x86.contains(&"runtime"));
         let every = names(select(&["all".into()], Arch::Aarch64).unwrap());

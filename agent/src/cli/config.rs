@@ -10,11 +10,15 @@ use crate::config::{self, Config, Layer};
 pub enum ConfigCommand {
     /// Validate one configuration file (drop-in or user-data).
     Check { file: PathBuf },
-    /// Show the configuration layers of this node, secrets redacted.
+    /// Show the configuration layers of this node, secrets redacted
+    /// (with --node: the node's effective configuration).
     Show {
         /// Show the merged result instead of each layer.
         #[arg(long)]
         effective: bool,
+        /// With --node: print the API's JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -45,7 +49,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
-        ConfigCommand::Show { effective } => {
+        ConfigCommand::Show { effective, .. } => {
             let layers = node_layers()?;
             if effective {
                 let (_, table) = config::merge(&layers)?;

@@ -1,4 +1,4 @@
-//! `ballast logs SERVICE [-f] [-n LINES]`: prints a service's captured
+//! `ballast logs SERVICE [-f] [-n|--tail LINES]`: prints a service's captured
 //! stdout and stderr from the files the supervisor writes
 //! (`<dir>/<service>.log`, and `.log.1` from before the last rotation).
 //! Follow mode polls for growth and notices rotation (a new file under the
@@ -24,7 +24,7 @@ pub struct LogsArgs {
     #[arg(short, long)]
     pub follow: bool,
     /// How many of the last lines to print first.
-    #[arg(short = 'n', long, default_value_t = 50)]
+    #[arg(short = 'n', long, visible_alias = "tail", default_value_t = 50)]
     pub lines: usize,
     /// Where the logs are (the supervisor's log directory).
     #[arg(long, default_value = DEFAULT_LOG_DIR, hide = true)]

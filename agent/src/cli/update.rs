@@ -44,7 +44,7 @@ pub struct NodeArgs {
     state: PathBuf,
     /// Machine-readable output.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Where updates come from.

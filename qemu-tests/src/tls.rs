@@ -1,0 +1,153 @@
+//! A blocking TLS client for the agent's HTTPS API in tests: it trusts the
+//! node's certificate only by the SHA-256 pin the node announced (as
+//! `ballast --node` does) and presents a client certificate when given
+//! one. The handshake signature is still verified with ring, so only the
+//! holder of the pinned certificate's key gets through.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{ring as ring_provider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use crate::http::{self, HttpError, Response};
+
+#[derive(Debug)]
+struct Pin {
+    sha256: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Pin {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if <[u8; 32]>::from(Sha256::digest(end_entity.as_ref())) == self.sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// TLS settings for one node: its pin and maybe a client identity.
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    config: Arc<ClientConfig>,
+}
+
+impl TlsClient {
+    /// Trusts the certificate whose SHA-256 is `pin_hex`; presents
+    /// `identity_dir`'s client.crt and client.key when given.
+    pub fn pinned(pin_hex: &str, identity_dir: Option<&Path>) -> Result<TlsClient, HttpError> {
+        let setup = |m: String| HttpError::Tls(m);
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(pin_hex.trim(), &mut sha256)
+            .map_err(|_| setup(format!("{pin_hex:?} is not a SHA-256 pin")))?;
+        let provider = Arc::new(ring_provider::default_provider());
+        let pin = Arc::new(Pin {
+            sha256,
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| setup(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(pin);
+        let config = match identity_dir {
+            None => builder.with_no_client_auth(),
+            Some(dir) => {
+                let cert = dir.join("client.crt");
+                let key = dir.join("client.key");
+                let certs = CertificateDer::pem_file_iter(&cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| setup(format!("{}: {e}", cert.display())))?;
+                let key = PrivateKeyDer::from_pem_file(&key)
+                    .map_err(|e| setup(format!("{}: {e}", key.display())))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| setup(e.to_string()))?
+            }
+        };
+        Ok(TlsClient {
+            config: Arc::new(config),
+        })
+    }
+
+    /// One request over TLS to `127.0.0.1:port`, read to the end.
+    pub fn request(
+        &self,
+        port: u16,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Response, HttpError> {
+        let err = |source| HttpError::Io {
+            method: method.to_owned(),
+            port,
+            path: path.to_owned(),
+            source,
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let sock = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
+        sock.set_read_timeout(Some(timeout)).map_err(err)?;
+        sock.set_write_timeout(Some(timeout)).map_err(err)?;
+        let name =
+            ServerName::try_from("ballast-node").map_err(|e| HttpError::Tls(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(self.config.clone(), name)
+            .map_err(|e| HttpError::Tls(e.to_string()))?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(http::request_bytes(port, method, path, body).as_bytes())
+            .map_err(err)?;
+        let mut raw = Vec::new();
+        match tls.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A peer that closes without close_notify after a whole
+            // response: the parse below decides whether it was whole.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(err(e)),
+        }
+        http::parse_response(&raw).ok_or_else(|| HttpError::Malformed {
+            method: method.to_owned(),
+            port,
+            path: path.to_owned(),
+            head: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned(),
+        })
+    }
+}
