@@ -421,10 +421,9 @@ fn load_config() -> (Config, Option<String>) {
     match loaded {
         Ok((config, table)) => {
             if let Ok(text) = toml::to_string(&table) {
-                if let Some(dir) = std::path::Path::new(LAST_GOOD).parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                if let Err(e) = std::fs::write(LAST_GOOD, text) {
+                // 0600: it holds the same secrets as user-data.
+                if let Err(e) = crate::config::write_private(std::path::Path::new(LAST_GOOD), &text)
+                {
                     tracing::warn!(error = %e, "last good configuration not saved");
                 }
             }

@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: builds every cargo-fuzz target under updater/fuzz
-//! and runs each for a short, bounded time. Only stable Rust exists on
+//! and agent/fuzz and runs each for a short, bounded time. Only stable Rust exists on
 //! these machines, so cargo-fuzz runs with RUSTC_BOOTSTRAP=1 (it needs the
 //! `-Z sanitizer` flags of a nightly compiler).
 
@@ -15,7 +15,6 @@ pub struct FuzzArgs {
 }
 
 pub fn run(args: FuzzArgs) -> Result<()> {
-    let dir = crate::workspace_root().join("updater");
     let have_fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -28,9 +27,22 @@ pub fn run(args: FuzzArgs) -> Result<()> {
             .success();
         ensure!(ok, "cargo install cargo-fuzz failed");
     }
+    let mut ran = 0;
+    for crate_dir in FUZZ_CRATES {
+        ran += run_crate(&crate::workspace_root().join(crate_dir), args.seconds)?;
+    }
+    println!("fuzz: {ran} targets ran without a crash");
+    Ok(())
+}
+
+/// The crates whose `fuzz/` directory holds cargo-fuzz targets.
+const FUZZ_CRATES: [&str; 2] = ["updater", "agent"];
+
+/// Runs every target of one crate's fuzz directory; returns how many ran.
+fn run_crate(dir: &std::path::Path, seconds: u32) -> Result<usize> {
     let list = Command::new("cargo")
         .args(["fuzz", "list"])
-        .current_dir(&dir)
+        .current_dir(dir)
         .env("RUSTC_BOOTSTRAP", "1")
         .output()
         .context("cargo fuzz list")?;
@@ -50,25 +62,25 @@ pub fn run(args: FuzzArgs) -> Result<()> {
         dir.display()
     );
     for t in &targets {
-        println!("fuzz: {t} for {} s", args.seconds);
+        println!("fuzz: {t} for {seconds} s");
         let ok = Command::new("cargo")
             .args([
                 "fuzz",
                 "run",
                 t,
                 "--",
-                &format!("-max_total_time={}", args.seconds),
+                &format!("-max_total_time={seconds}"),
             ])
-            .current_dir(&dir)
+            .current_dir(dir)
             .env("RUSTC_BOOTSTRAP", "1")
             .status()
             .with_context(|| format!("running fuzz target {t}"))?
             .success();
         ensure!(
             ok,
-            "fuzz target {t} failed (see its crash artifact under updater/fuzz/artifacts)"
+            "fuzz target {t} failed (see its crash artifact under {}/fuzz/artifacts)",
+            dir.display()
         );
     }
-    println!("fuzz: {} targets ran without a crash", targets.len());
-    Ok(())
+    Ok(targets.len())
 }
