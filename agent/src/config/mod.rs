@@ -196,11 +196,27 @@ impl ConfigError {
     /// A TOML error of `text` as path, line, column and message, without
     /// the source line the parser's Display would quote.
     pub fn parse(path: &Path, text: &str, err: &toml::de::Error) -> Self {
+        let mut message = err.message().trim_end().to_owned();
         let (line, column) = match err.span() {
             Some(span) => {
-                let before = &text[..span.start.min(text.len())];
+                let start = floor_char_boundary(text, span.start);
+                let before = &text[..start];
                 let line = before.matches('\n').count() + 1;
                 let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                // The key of the offending line names what is wrong; keys
+                // are names, never secrets, unlike the value after `=`.
+                let source_line = text[start - (column_bytes(before))..]
+                    .lines()
+                    .next()
+                    .unwrap_or("");
+                // Inside a multi-line string a line is value, not key.
+                let in_string = before.matches("\"\"\"").count() % 2 == 1
+                    || before.matches("\'\'\'").count() % 2 == 1;
+                if let Some(key) = line_key(source_line).filter(|_| !in_string) {
+                    if !message.contains(key) {
+                        message = format!("key `{key}`: {message}");
+                    }
+                }
                 (Some(line), Some(column))
             }
             None => (None, None),
@@ -209,9 +225,35 @@ impl ConfigError {
             path: path.to_owned(),
             line,
             column,
-            message: err.message().trim_end().to_owned(),
+            message,
         }
     }
+}
+
+/// The largest char boundary of `text` at or before `i`.
+fn floor_char_boundary(text: &str, i: usize) -> usize {
+    let mut i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Bytes from the start of the last line of `before` to its end.
+fn column_bytes(before: &str) -> usize {
+    before.rsplit('\n').next().unwrap_or("").len()
+}
+
+/// The key of a `key = value` line (bare or dotted, as written), if the
+/// part before `=` looks like one; a quoted or odd key is not shown.
+fn line_key(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b' '));
+    ok.then_some(key)
 }
 
 impl Config {
@@ -681,6 +723,11 @@ dns = ["10.0.2.3"]
                 "[services.db]\ncommand = [\"db\"]\nenv = { DB_PASSWORD = \"abcdef.0123456789abcdef\", PORT = 80 }\n",
                 &["line 3"],
             ),
+            // An error inside a multi-line string shows no part of it.
+            (
+                "hostname = \"\"\"\nabcdef0123456789abcdef=x\\q\n\"\"\"\n",
+                &["line 2"],
+            ),
         ];
         for (text, words) in cases {
             let err = Config::parse(text, Path::new("user-data")).unwrap_err();
@@ -719,12 +766,27 @@ inner = { token = "k7" }
         .unwrap();
         let shown = toml::to_string(&redact(&t)).unwrap();
         for secret in ["k1", "k2", "k3", "k4", "k5", "k6", "k7"] {
-            assert!(!shown.contains(&format!("\"{secret}")), "{secret} in {shown}");
-            assert!(!shown.contains(&format!(":{secret}@")), "{secret} in {shown}");
+            assert!(
+                !shown.contains(&format!("\"{secret}")),
+                "{secret} in {shown}"
+            );
+            assert!(
+                !shown.contains(&format!(":{secret}@")),
+                "{secret} in {shown}"
+            );
         }
-        assert!(shown.contains("plain") && shown.contains("shown"), "{shown}");
+        assert!(
+            shown.contains("plain") && shown.contains("shown"),
+            "{shown}"
+        );
         assert!(shown.contains("https://***@repo.example/x"), "{shown}");
-        for key in ["bootstrap_token", "api_key", "privateKey", "CREDENTIALS", "db_password"] {
+        for key in [
+            "bootstrap_token",
+            "api_key",
+            "privateKey",
+            "CREDENTIALS",
+            "db_password",
+        ] {
             assert!(is_secret_key(key), "{key}");
         }
         for key in ["hostname", "listen", "url", "command"] {

@@ -243,7 +243,14 @@ mod tests {
             // Nothing at all: defaults.
             (false, false, &[], None, false, vec![]),
             // First provisioning through CIDATA.
-            (false, false, &["vdb"], Some(Source::Cidata(dev("vdb"))), true, vec![]),
+            (
+                false,
+                false,
+                &["vdb"],
+                Some(Source::Cidata(dev("vdb"))),
+                true,
+                vec![],
+            ),
             // Two CIDATA volumes at first provisioning: the first only.
             (
                 false,

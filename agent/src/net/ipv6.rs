@@ -176,7 +176,13 @@ pub struct RaState {
 /// Adds or refreshes `key` until `now + life` (capped), or withdraws it at
 /// lifetime 0. A new key beyond `max` is dropped: entries already there
 /// stay until they expire, so a flood cannot push out the real router's.
-fn record<K: Ord>(map: &mut BTreeMap<K, Instant>, key: K, now: Instant, life: Duration, max: usize) {
+fn record<K: Ord>(
+    map: &mut BTreeMap<K, Instant>,
+    key: K,
+    now: Instant,
+    life: Duration,
+    max: usize,
+) {
     if life.is_zero() {
         map.remove(&key);
         return;
@@ -184,9 +190,7 @@ fn record<K: Ord>(map: &mut BTreeMap<K, Instant>, key: K, now: Instant, life: Du
     if map.len() >= max && !map.contains_key(&key) {
         return;
     }
-    let until = now
-        .checked_add(life.min(MAX_RA_LIFETIME))
-        .unwrap_or(now);
+    let until = now.checked_add(life.min(MAX_RA_LIFETIME)).unwrap_or(now);
     map.insert(key, until);
 }
 
@@ -194,9 +198,13 @@ impl RaState {
     /// Records one RA's options; returns the interface it concerns, or
     /// `None` when RA state is already kept for as many interfaces as allowed.
     pub fn update(&mut self, now: Instant, ra: &RaDns) -> Option<u32> {
-        let known = self.servers.contains_key(&ra.ifindex) || self.domains.contains_key(&ra.ifindex);
+        let known =
+            self.servers.contains_key(&ra.ifindex) || self.domains.contains_key(&ra.ifindex);
         if !known && self.interfaces() >= MAX_RA_INTERFACES {
-            tracing::debug!(ifindex = ra.ifindex, "RA options ignored: too many interfaces");
+            tracing::debug!(
+                ifindex = ra.ifindex,
+                "RA options ignored: too many interfaces"
+            );
             return None;
         }
         let servers = self.servers.entry(ra.ifindex).or_default();
@@ -443,7 +451,10 @@ mod tests {
         };
         assert_eq!(s.update(t0, &extra), None);
         assert_eq!(s.entry(9999), Entry::default());
-        let again = RaDns { ifindex: 100, ..extra };
+        let again = RaDns {
+            ifindex: 100,
+            ..extra
+        };
         assert_eq!(s.update(t0, &again), Some(100));
     }
 

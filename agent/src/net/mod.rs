@@ -308,7 +308,8 @@ impl Manager {
                     tracing::debug!(%interface, "RA name servers from an interface not managed with ipv6 = ra; ignored");
                     return;
                 }
-                if self.resolv.set(source, &interface, entry) && self.coalesce.changed(Instant::now())
+                if self.resolv.set(source, &interface, entry)
+                    && self.coalesce.changed(Instant::now())
                 {
                     self.write_resolv();
                 }
@@ -594,7 +595,11 @@ impl Interface {
                 interface: name.clone(),
                 entry: Entry {
                     servers,
-                    domains: lease.domain.iter().filter_map(|d| resolv::dns_name(d)).collect(),
+                    domains: lease
+                        .domain
+                        .iter()
+                        .filter_map(|d| resolv::dns_name(d))
+                        .collect(),
                 },
             })
             .await;

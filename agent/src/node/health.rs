@@ -150,9 +150,8 @@ impl HealthConfig {
                     }
                 }
                 (None, Some(url)) => {
-                    parse_http_url(url).map_err(|detail| {
-                        invalid(&ballast_updater::fetch::redact_url(&detail))
-                    })?;
+                    parse_http_url(url)
+                        .map_err(|detail| invalid(&ballast_updater::fetch::redact_url(&detail)))?;
                 }
                 _ => return Err(invalid("set exactly one of `command` and `http`")),
             }
