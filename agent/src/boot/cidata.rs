@@ -131,7 +131,11 @@ mod tests {
         std::fs::write(&small, "hostname = \"a\"\n").unwrap();
         assert_eq!(read_bounded(&small).unwrap(), "hostname = \"a\"\n");
         let big = dir.path().join("big");
-        std::fs::write(&big, vec![b'#'; MAX_USER_DATA as usize + 1]).unwrap();
+        std::fs::write(
+            &big,
+            vec![b'#'; usize::try_from(MAX_USER_DATA).unwrap() + 1],
+        )
+        .unwrap();
         assert!(read_bounded(&big).is_err());
     }
 

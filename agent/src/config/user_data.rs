@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{write_private, Layer, FW_CFG_USER_DATA, SAVED_USER_DATA};
 
@@ -154,20 +153,11 @@ pub fn find() -> Option<Layer> {
     let saved_text_now = saved_text.clone();
     for i in &decision.ignored {
         tracing::warn!(source = i.source, device = ?i.device, reason = i.reason, "user-data ignored");
-        crate::console::emit(
-            "user-data-ignored",
-            &[
-                ("source", Value::from(i.source)),
-                (
-                    "device",
-                    i.device
-                        .as_ref()
-                        .map(|d| Value::from(d.display().to_string()))
-                        .unwrap_or(Value::Null),
-                ),
-                ("reason", Value::from(i.reason)),
-            ],
-        );
+        crate::console::emit(&crate::console::Event::UserDataIgnored {
+            source: i.source.to_owned(),
+            device: i.device.as_ref().map(|d| d.display().to_string()),
+            reason: i.reason.to_owned(),
+        });
     }
     let layer = match &decision.use_source {
         None => None,

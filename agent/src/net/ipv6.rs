@@ -436,7 +436,7 @@ mod tests {
         assert_eq!(s.expire(t0 + MAX_RA_LIFETIME), [2]);
         assert_eq!(s.entry(2), Entry::default());
         // Interfaces beyond the cap are refused, known ones still update.
-        for i in 0..MAX_RA_INTERFACES as u32 {
+        for i in 0..u32::try_from(MAX_RA_INTERFACES).unwrap() {
             let ra = RaDns {
                 ifindex: 100 + i,
                 servers: vec![("fec0::1".parse().unwrap(), Duration::from_secs(60))],
