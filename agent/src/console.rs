@@ -24,6 +24,13 @@ pub enum Event {
     BootFailed { reason: String },
     /// User-data was malformed; defaults (or the last good config) stay.
     ConfigError { reason: String },
+    /// A user-data source was present but not accepted (config::user_data).
+    UserDataIgnored {
+        source: String,
+        /// The block device; `null` for a source that is not one.
+        device: Option<String>,
+        reason: String,
+    },
     /// PID 1 in the slot finished its setup and serves the API.
     Ready {
         version: String,
@@ -128,6 +135,7 @@ impl Event {
         "early-boot",
         "boot-failed",
         "config-error",
+        "user-data-ignored",
         "ready",
         "network-configured",
         "network-lost",
@@ -157,6 +165,7 @@ impl Event {
             Event::EarlyBoot => "early-boot",
             Event::BootFailed { .. } => "boot-failed",
             Event::ConfigError { .. } => "config-error",
+            Event::UserDataIgnored { .. } => "user-data-ignored",
             Event::Ready { .. } => "ready",
             Event::NetworkConfigured { .. } => "network-configured",
             Event::NetworkLost { .. } => "network-lost",
@@ -257,6 +266,11 @@ mod tests {
             Event::EarlyBoot,
             Event::BootFailed { reason: s("r") },
             Event::ConfigError { reason: s("r") },
+            Event::UserDataIgnored {
+                source: s("cidata"),
+                device: Some(s("/dev/vdb")),
+                reason: s("r"),
+            },
             Event::Ready {
                 version: s("1.0.0"),
                 arch: s("x86_64"),

@@ -35,6 +35,37 @@ pub trait Fetch: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// `text` with the user info of every URL in it replaced:
+/// `https://user:pass@host/x` becomes `https://***@host/x`. reqwest sends
+/// user info as Basic auth, so repository, FleetLock and health check URLs
+/// may carry credentials; every message that shows a URL goes through this.
+pub fn redact_url(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends where the path, query or fragment starts, or
+        // where the URL ends inside a longer message.
+        let end = tail
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | ')' | '>' | ',') || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Repository paths are ours (`manifest.json`, `objects/<hex>`); anything
 /// else is refused before it reaches a URL or a file name.
 pub fn check_relative(path: &str) -> Result<(), FetchError> {
@@ -216,6 +247,29 @@ impl Read for ResumingReader<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn url_user_info_is_redacted_wherever_it_appears() {
+        let cases = [
+            ("https://user:pass@host/x", "https://***@host/x"),
+            ("http://tok@host:8080", "http://***@host:8080"),
+            ("https://host/a@b", "https://host/a@b"),
+            ("file:///srv/repo", "file:///srv/repo"),
+            (
+                "error sending request for url (https://u:p%40w@h/m.json): refused",
+                "error sending request for url (https://***@h/m.json): refused",
+            ),
+            (
+                "a https://a:b@x and http://c:d@y?q=1",
+                "a https://***@x and http://***@y?q=1",
+            ),
+            ("no url here", "no url here"),
+            ("", ""),
+        ];
+        for (input, want) in cases {
+            assert_eq!(redact_url(input), want, "{input}");
+        }
+    }
+
     use super::*;
 
     /// Serves a buffer but breaks every stream after `chunk` bytes.

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use crate::fetch::{check_relative, Fetch, FetchError};
+use crate::fetch::{check_relative, redact_url, Fetch, FetchError};
 
 /// A repository at an `http://` or `https://` base URL.
 #[derive(Debug, Clone)]
@@ -23,8 +23,8 @@ impl HttpFetch {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| FetchError::Http {
-                url: base.to_owned(),
-                reason: e.to_string(),
+                url: redact_url(base),
+                reason: e.without_url().to_string(),
             })?;
         let base = if base.ends_with('/') {
             base.to_owned()
@@ -49,15 +49,15 @@ impl HttpFetch {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
         let resp = req.send().map_err(|e| FetchError::Http {
-            url: url.to_owned(),
-            reason: e.to_string(),
+            url: redact_url(url),
+            reason: e.without_url().to_string(),
         })?;
         let status = resp.status().as_u16();
         match status {
             404 => Ok(None),
             200 | 206 => Ok(Some(resp)),
             _ => Err(FetchError::Status {
-                url: url.to_owned(),
+                url: redact_url(url),
                 status,
             }),
         }
@@ -74,11 +74,14 @@ impl Fetch for HttpFetch {
         resp.take(max as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| FetchError::Http {
-                url: url.clone(),
-                reason: e.to_string(),
+                url: redact_url(&url),
+                reason: redact_url(&e.to_string()),
             })?;
         if bytes.len() > max {
-            return Err(FetchError::TooLarge { url, max });
+            return Err(FetchError::TooLarge {
+                url: redact_url(&url),
+                max,
+            });
         }
         Ok(Some(bytes))
     }
@@ -88,7 +91,7 @@ impl Fetch for HttpFetch {
         let resp = self
             .request(&url, offset)?
             .ok_or_else(|| FetchError::Status {
-                url: url.clone(),
+                url: redact_url(&url),
                 status: 404,
             })?;
         if offset > 0 && resp.status().as_u16() == 200 {
@@ -96,8 +99,8 @@ impl Fetch for HttpFetch {
             let mut resp = resp;
             std::io::copy(&mut (&mut resp).take(offset), &mut std::io::sink()).map_err(|e| {
                 FetchError::Http {
-                    url: url.clone(),
-                    reason: e.to_string(),
+                    url: redact_url(&url),
+                    reason: redact_url(&e.to_string()),
                 }
             })?;
             return Ok(Box::new(resp));
@@ -106,7 +109,7 @@ impl Fetch for HttpFetch {
     }
 
     fn describe(&self) -> String {
-        self.base.clone()
+        redact_url(&self.base)
     }
 }
 

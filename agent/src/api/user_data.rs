@@ -4,7 +4,7 @@
 //! atomically) and applied at the next boot. Error messages never quote
 //! the document: it may hold secrets.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::config::{ConfigError, Layer};
 
@@ -56,11 +56,11 @@ impl UserDataStore {
             text: text.to_owned(),
         };
         let layers = if self.with_node_layers {
-            crate::config::node_layers(Some(layer)).map_err(|e| invalid(&e, text))?
+            crate::config::node_layers(Some(layer)).map_err(|e| invalid(&e))?
         } else {
             vec![layer]
         };
-        crate::config::merge(&layers).map_err(|e| invalid(&e, text))?;
+        crate::config::merge(&layers).map_err(|e| invalid(&e))?;
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| {
                 UserDataError::Write(super::identity::IdentityError::Write {
@@ -79,25 +79,9 @@ impl UserDataStore {
 
 /// The error without the document's text: TOML errors quote the source
 /// line, and serde's quote the bad value.
-fn invalid(err: &ConfigError, text: &str) -> UserDataError {
-    let message = match err {
-        ConfigError::Parse { path, detail } if path == Path::new(SOURCE) => match detail.span() {
-            Some(span) => {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!(
-                    "{SOURCE}: line {line}, column {column}: {}",
-                    detail.message()
-                )
-            }
-            None => format!("{SOURCE}: {}", detail.message()),
-        },
-        ConfigError::Parse { path, detail } => {
-            format!("{}: {}", path.display(), detail.message())
-        }
-        other => crate::error_chain(other),
-    };
+fn invalid(err: &ConfigError) -> UserDataError {
+    // ConfigError::Parse already carries only line, column and message.
+    let message = crate::error_chain(err);
     UserDataError::Invalid(format!("user-data rejected: {}", unquote(&message)))
 }
 

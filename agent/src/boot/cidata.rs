@@ -48,26 +48,25 @@ fn block_devices(sys_block: &Path, dev: &Path) -> Vec<PathBuf> {
     devices
 }
 
-/// Finds a `CIDATA` volume and returns its `user-data` text and the device.
-pub fn find() -> Option<(String, PathBuf)> {
-    for device in block_devices(Path::new("/sys/class/block"), Path::new("/dev")) {
-        let mut sector = [0u8; 512];
-        let Ok(file) = File::open(&device) else {
-            continue;
-        };
-        if file.read_exact_at(&mut sector, 0).is_err()
-            || fat_label(&sector).as_deref() != Some(LABEL)
-        {
-            continue;
-        }
-        match read_user_data(&device) {
-            Ok(text) => return Some((text, device)),
-            Err(e) => {
-                tracing::warn!(device = %device.display(), error = %e, "CIDATA volume unreadable")
-            }
-        }
-    }
-    None
+/// Block devices whose FAT label is `CIDATA`, in device-name order. Only
+/// the first sector is read: nothing is mounted until the user-data policy
+/// (config::user_data) accepts a volume.
+pub fn scan() -> Vec<PathBuf> {
+    block_devices(Path::new("/sys/class/block"), Path::new("/dev"))
+        .into_iter()
+        .filter(|device| {
+            let mut sector = [0u8; 512];
+            File::open(device)
+                .and_then(|f| f.read_exact_at(&mut sector, 0))
+                .is_ok()
+                && fat_label(&sector).as_deref() == Some(LABEL)
+        })
+        .collect()
+}
+
+/// The `user-data` file of an accepted `CIDATA` volume.
+pub fn read(device: &Path) -> std::io::Result<String> {
+    read_user_data(device)
 }
 
 fn read_user_data(device: &Path) -> std::io::Result<String> {
@@ -75,9 +74,28 @@ fn read_user_data(device: &Path) -> std::io::Result<String> {
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some(device), MOUNT_POINT, Some("vfat"), flags, None::<&str>)
         .map_err(std::io::Error::from)?;
-    let text = std::fs::read_to_string(Path::new(MOUNT_POINT).join("user-data"));
+    let text = read_bounded(&Path::new(MOUNT_POINT).join("user-data"));
     let _ = umount(MOUNT_POINT);
     text
+}
+
+/// User-data is a small TOML document; a larger file is refused rather
+/// than read into PID 1's memory.
+pub const MAX_USER_DATA: u64 = 1 << 20;
+
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    File::open(path)?
+        .take(MAX_USER_DATA + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_USER_DATA {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {MAX_USER_DATA} bytes",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -104,6 +122,21 @@ mod tests {
         let mut no_signature = fat16;
         no_signature[510] = 0;
         assert_eq!(fat_label(&no_signature), None);
+    }
+
+    #[test]
+    fn oversized_user_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::write(&small, "hostname = \"a\"\n").unwrap();
+        assert_eq!(read_bounded(&small).unwrap(), "hostname = \"a\"\n");
+        let big = dir.path().join("big");
+        std::fs::write(
+            &big,
+            vec![b'#'; usize::try_from(MAX_USER_DATA).unwrap() + 1],
+        )
+        .unwrap();
+        assert!(read_bounded(&big).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod kubernetes;
 pub mod kubernetes_validate;
 pub mod update;
+pub mod user_data;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -44,19 +45,39 @@ const BOOT_CHAIN_KEYS: [&str; 7] = [
     "verity.salt",
     "verity.blocks",
 ];
-/// Keys whose values never leave the node in `config show` or logs.
-const SECRET_KEY_PARTS: [&str; 4] = ["token", "password", "secret", "private"];
-/// Whole key names that are secret without saying so.
-const SECRET_KEYS: [&str; 1] = ["server_key"];
+/// Keys whose values never leave the node in `config show`, logs or the
+/// kernel command line: a key whose name contains one of these, in any case
+/// (`bootstrap_token`, `api_key`, `privateKey`, `credentials`).
+const SECRET_KEY_PARTS: [&str; 6] = [
+    "token",
+    "password",
+    "secret",
+    "private",
+    "key",
+    "credential",
+];
+
+/// Whether a key's name says its value is a secret (see [`SECRET_KEY_PARTS`]).
+pub fn is_secret_key(key: &str) -> bool {
+    let lower = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML error already says line, column and key; it is part of
-    /// this message rather than a separate cause so it is printed once.
-    #[error("{path}: {detail}")]
+    /// A TOML syntax or schema error, as line, column and the parser's
+    /// message only: the parser's own Display quotes the offending source
+    /// line, which may hold a secret, so it is never kept (see
+    /// [`ConfigError::parse`]).
+    #[error("{path}:{}: {message}", match (line, column) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}"),
+        _ => "unknown position".to_owned(),
+    })]
     Parse {
         path: PathBuf,
-        detail: toml::de::Error,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
     },
     #[error("reading {path}")]
     Read {
@@ -73,6 +94,10 @@ pub enum ConfigError {
         value: String,
         detail: String,
     },
+    /// A secret on the kernel command line, which every container can
+    /// read in /proc/cmdline; only the key is named, never the value.
+    #[error("{CMDLINE}: ballast.{key}: secrets are not accepted on the kernel command line (every process can read it); put this key in user-data")]
+    CmdlineSecret { key: String },
     #[error("{path}: interface {interface}: address {value:?} is not ADDRESS/PREFIX")]
     Address {
         path: PathBuf,
@@ -251,13 +276,75 @@ pub fn parse_cidr(s: &str) -> Option<Cidr> {
     (prefix <= max).then_some(Cidr { addr, prefix })
 }
 
+impl ConfigError {
+    /// A TOML error of `text` as path, line, column and message, without
+    /// the source line the parser's Display would quote.
+    pub fn parse(path: &Path, text: &str, err: &toml::de::Error) -> Self {
+        let mut message = err.message().trim_end().to_owned();
+        let (line, column) = match err.span() {
+            Some(span) => {
+                let start = floor_char_boundary(text, span.start);
+                let before = &text[..start];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                // The key of the offending line names what is wrong; keys
+                // are names, never secrets, unlike the value after `=`.
+                let source_line = text[start - (column_bytes(before))..]
+                    .lines()
+                    .next()
+                    .unwrap_or("");
+                // Inside a multi-line string a line is value, not key.
+                let in_string = before.matches("\"\"\"").count() % 2 == 1
+                    || before.matches("\'\'\'").count() % 2 == 1;
+                if let Some(key) = line_key(source_line).filter(|_| !in_string) {
+                    if !message.contains(key) {
+                        message = format!("key `{key}`: {message}");
+                    }
+                }
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+/// The largest char boundary of `text` at or before `i`.
+fn floor_char_boundary(text: &str, i: usize) -> usize {
+    let mut i = i.min(text.len());
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Bytes from the start of the last line of `before` to its end.
+fn column_bytes(before: &str) -> usize {
+    before.rsplit('\n').next().unwrap_or("").len()
+}
+
+/// The key of a `key = value` line (bare or dotted, as written), if the
+/// part before `=` looks like one; a quoted or odd key is not shown.
+fn line_key(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b' '));
+    ok.then_some(key)
+}
+
 impl Config {
     /// Parses and validates one TOML document; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|detail| ConfigError::Parse {
-            path: path.to_owned(),
-            detail,
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))?;
         let invalid = |detail: String| ConfigError::Invalid {
             path: path.to_owned(),
             detail,
@@ -337,11 +424,8 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     let mut merged = toml::Table::new();
     for layer in layers {
         Config::parse(&layer.text, &layer.source)?;
-        let table: toml::Table =
-            toml::from_str(&layer.text).map_err(|detail| ConfigError::Parse {
-                path: layer.source.clone(),
-                detail,
-            })?;
+        let table: toml::Table = toml::from_str(&layer.text)
+            .map_err(|e| ConfigError::parse(&layer.source, &layer.text, &e))?;
         merge_tables(&mut merged, table);
     }
     let text = toml::to_string(&merged).unwrap_or_default();
@@ -397,6 +481,11 @@ pub fn cmdline_layer(cmdline: &str) -> Result<Option<Layer>, ConfigError> {
         if BOOT_CHAIN_KEYS.contains(&key) {
             continue;
         }
+        if key.split('.').any(is_secret_key) {
+            return Err(ConfigError::CmdlineSecret {
+                key: key.to_owned(),
+            });
+        }
         let err = |detail: String| ConfigError::Cmdline {
             key: key.to_owned(),
             value: raw.unwrap_or_default().to_owned(),
@@ -421,7 +510,7 @@ pub fn cmdline_layer(cmdline: &str) -> Result<Option<Layer>, ConfigError> {
         // a document the user never wrote.
         if let Err(e) = Config::parse(&text, Path::new(CMDLINE)) {
             let detail = match e {
-                ConfigError::Parse { detail, .. } => detail.message().to_owned(),
+                ConfigError::Parse { message, .. } => message,
                 other => other.to_string(),
             };
             return Err(err(detail));
@@ -516,51 +605,37 @@ fn merge_tables(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
-/// A copy of `table` with the values of secret-looking keys replaced.
+/// A copy of `table` with the values of secret-looking keys (see
+/// [`is_secret_key`]) replaced, at any depth: tables, arrays and arrays of
+/// tables; URLs with user info lose it.
 pub fn redact(table: &toml::Table) -> toml::Table {
     table
         .iter()
         .map(|(k, v)| {
-            let lower = k.to_ascii_lowercase();
-            let v = if SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
-                || SECRET_KEYS.contains(&lower.as_str())
-            {
+            let v = if is_secret_key(k) {
                 toml::Value::String("<redacted>".into())
-            } else if let toml::Value::Table(t) = v {
-                toml::Value::Table(redact(t))
             } else {
-                v.clone()
+                redact_value(v)
             };
             (k.clone(), v)
         })
         .collect()
 }
 
-/// Finds user-data: QEMU's fw_cfg first, then a `CIDATA` volume; either
-/// is kept on STATE. Without a source, the copy from an earlier boot.
-pub fn find_user_data() -> Option<Layer> {
-    let fresh = std::fs::read_to_string(FW_CFG_USER_DATA)
-        .ok()
-        .map(|text| Layer {
-            source: FW_CFG_USER_DATA.into(),
-            text,
-        })
-        .or_else(|| {
-            crate::boot::cidata::find().map(|(text, device)| Layer {
-                source: device,
-                text,
-            })
-        });
-    if let Some(layer) = fresh {
-        save_user_data(Path::new(SAVED_USER_DATA), &layer.text);
-        return Some(layer);
+fn redact_value(v: &toml::Value) -> toml::Value {
+    match v {
+        toml::Value::Table(t) => toml::Value::Table(redact(t)),
+        toml::Value::Array(a) => toml::Value::Array(a.iter().map(redact_value).collect()),
+        toml::Value::String(s) => toml::Value::String(ballast_updater::fetch::redact_url(s)),
+        other => other.clone(),
     }
-    std::fs::read_to_string(SAVED_USER_DATA)
-        .ok()
-        .map(|text| Layer {
-            source: SAVED_USER_DATA.into(),
-            text,
-        })
+}
+
+/// Finds this boot's user-data by the trust policy in [`user_data`]:
+/// fw_cfg, a `CIDATA` volume only at first provisioning, else the copy on
+/// STATE. Ignored sources are reported there.
+pub fn find_user_data() -> Option<Layer> {
+    user_data::find()
 }
 
 /// Keeps user-data on STATE: atomically (a torn copy would be a config
@@ -756,6 +831,127 @@ dns = ["10.0.2.3"]
             !shown.contains("abc.def") && shown.contains("<redacted>"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn toml_errors_never_quote_the_source_line() {
+        // (document, what the error must name) for a syntax error, an
+        // unknown key and a type error; each line holds a secret.
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[kubernetes]\nbootstrap_token = abcdef.0123456789abcdef\n",
+                &["user-data", "line 2"],
+            ),
+            (
+                "hostname = \"a\"\nbootstrap_tokn = \"abcdef.0123456789abcdef\"\n",
+                &["line 2", "bootstrap_tokn"],
+            ),
+            (
+                "[services.db]\ncommand = [\"db\"]\nenv = { DB_PASSWORD = \"abcdef.0123456789abcdef\", PORT = 80 }\n",
+                &["line 3"],
+            ),
+            // An error inside a multi-line string shows no part of it.
+            (
+                "hostname = \"\"\"\nabcdef0123456789abcdef=x\\q\n\"\"\"\n",
+                &["line 2"],
+            ),
+        ];
+        for (text, words) in cases {
+            let err = Config::parse(text, Path::new("user-data")).unwrap_err();
+            let shown = err.to_string();
+            assert!(!shown.contains("0123456789abcdef"), "{shown}");
+            for w in *words {
+                assert!(shown.contains(w), "{shown:?} lacks {w:?}");
+            }
+            let ConfigError::Parse { line, column, .. } = err else {
+                panic!("not a parse error: {shown}");
+            };
+            assert!(line.is_some() && column.is_some(), "{shown}");
+            // The merge path reports the same way.
+            let shown = merge(&[layer("user-data", text)]).unwrap_err().to_string();
+            assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_arrays_and_arrays_of_tables() {
+        let t: toml::Table = toml::from_str(
+            r#"
+api_key = "k1"
+[a]
+privateKey = "k2"
+list = [{ credentials = "k3" }, "plain"]
+nested = [[{ Password = "k4" }]]
+url = "https://user:k5@repo.example/x"
+[[b]]
+SECRET_thing = "k6"
+name = "shown"
+[[b]]
+inner = { token = "k7" }
+"#,
+        )
+        .unwrap();
+        let shown = toml::to_string(&redact(&t)).unwrap();
+        for secret in ["k1", "k2", "k3", "k4", "k5", "k6", "k7"] {
+            assert!(
+                !shown.contains(&format!("\"{secret}")),
+                "{secret} in {shown}"
+            );
+            assert!(
+                !shown.contains(&format!(":{secret}@")),
+                "{secret} in {shown}"
+            );
+        }
+        assert!(
+            shown.contains("plain") && shown.contains("shown"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://***@repo.example/x"), "{shown}");
+        for key in [
+            "bootstrap_token",
+            "api_key",
+            "privateKey",
+            "CREDENTIALS",
+            "db_password",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in ["hostname", "listen", "url", "command"] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_refused_on_the_kernel_command_line() {
+        for line in [
+            "ballast.kubernetes.bootstrap_token=abcdef.0123456789abcdef",
+            "ballast.services.db.env.DB_PASSWORD=hunter2",
+            "ballast.update.api_key",
+            "ballast.hostname=x ballast.something.privateKey=hunter2",
+        ] {
+            let err = cmdline_layer(line).unwrap_err();
+            assert!(matches!(err, ConfigError::CmdlineSecret { .. }), "{line}");
+            let shown = err.to_string();
+            assert!(shown.contains("secrets are not accepted"), "{shown}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("0123456789abcdef"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn private_files_are_0600_even_when_they_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user-data.toml");
+        save_user_data(&path, "a = 1\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save_user_data(&path, "b = 2\n");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "b = 2\n");
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub enum DhcpError {
     MessageType(u8),
     #[error("DHCP option {code} is longer than 255 bytes ({len})")]
     OptionTooLong { code: u8, len: usize },
+    /// A well-formed message whose lease no sane server would give.
+    #[error("DHCP lease from {server} refused: {reason}")]
+    Refused {
+        server: std::net::Ipv4Addr,
+        reason: String,
+    },
 }
 
 /// Option 53.

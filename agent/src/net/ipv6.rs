@@ -26,6 +26,17 @@ const ND_OPT_RDNSS: u8 = 25;
 const ND_OPT_DNSSL: u8 = 31;
 /// Router advertisement.
 const ICMPV6_RA: u8 = 134;
+/// Bounds on what RAs may store, per interface: an on-link host can send
+/// any number of RAs with fresh addresses and domains, and PID 1's memory
+/// must not grow with them. The resolver reads three servers and glibc six
+/// search domains; the lifetime cap (above RFC 8106's 3 × the longest RA
+/// interval of 1800 s) lets stale entries go even when a router lied.
+pub const MAX_RA_SERVERS: usize = 3;
+pub const MAX_RA_DOMAINS: usize = super::resolv::MAX_SEARCH_DOMAINS;
+pub const MAX_RA_LIFETIME: Duration = Duration::from_secs(2 * 3600);
+/// Interfaces whose RA state is kept (ifindexes of vanished links too,
+/// until their entries expire).
+pub const MAX_RA_INTERFACES: usize = 64;
 
 /// Writes the interface's RA sysctls. `ra` accepts advertisements even
 /// when forwarding is on (a Kubernetes node forwards), which the kernel's
@@ -154,33 +165,67 @@ fn dns_names(mut b: &[u8]) -> Vec<String> {
     names
 }
 
-/// What RAs said per interface, with expiry times.
+/// What RAs said per interface, with expiry times; bounded by the
+/// `MAX_RA_*` constants.
 #[derive(Debug, Default)]
 pub struct RaState {
     servers: BTreeMap<u32, BTreeMap<Ipv6Addr, Instant>>,
     domains: BTreeMap<u32, BTreeMap<String, Instant>>,
 }
 
+/// Adds or refreshes `key` until `now + life` (capped), or withdraws it at
+/// lifetime 0. A new key beyond `max` is dropped: entries already there
+/// stay until they expire, so a flood cannot push out the real router's.
+fn record<K: Ord>(
+    map: &mut BTreeMap<K, Instant>,
+    key: K,
+    now: Instant,
+    life: Duration,
+    max: usize,
+) {
+    if life.is_zero() {
+        map.remove(&key);
+        return;
+    }
+    if map.len() >= max && !map.contains_key(&key) {
+        return;
+    }
+    let until = now.checked_add(life.min(MAX_RA_LIFETIME)).unwrap_or(now);
+    map.insert(key, until);
+}
+
 impl RaState {
-    /// Records one RA's options; returns the interface it concerns.
-    pub fn update(&mut self, now: Instant, ra: &RaDns) -> u32 {
+    /// Records one RA's options; returns the interface it concerns, or
+    /// `None` when RA state is already kept for as many interfaces as allowed.
+    pub fn update(&mut self, now: Instant, ra: &RaDns) -> Option<u32> {
+        let known =
+            self.servers.contains_key(&ra.ifindex) || self.domains.contains_key(&ra.ifindex);
+        if !known && self.interfaces() >= MAX_RA_INTERFACES {
+            tracing::debug!(
+                ifindex = ra.ifindex,
+                "RA options ignored: too many interfaces"
+            );
+            return None;
+        }
         let servers = self.servers.entry(ra.ifindex).or_default();
         for (a, life) in &ra.servers {
-            if life.is_zero() {
-                servers.remove(a);
-            } else {
-                servers.insert(*a, now + *life);
-            }
+            record(servers, *a, now, *life, MAX_RA_SERVERS);
         }
         let domains = self.domains.entry(ra.ifindex).or_default();
         for (d, life) in &ra.domains {
-            if life.is_zero() {
-                domains.remove(d);
-            } else {
-                domains.insert(d.clone(), now + *life);
+            // Only names resolv.conf can carry; others are dropped.
+            if let Some(d) = super::resolv::dns_name(d) {
+                record(domains, d, now, *life, MAX_RA_DOMAINS);
             }
         }
-        ra.ifindex
+        Some(ra.ifindex)
+    }
+
+    fn interfaces(&self) -> usize {
+        let mut keys: Vec<&u32> = self.servers.keys().chain(self.domains.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.len()
     }
 
     /// Drops expired entries; returns the interfaces that changed.
@@ -200,6 +245,9 @@ impl RaState {
                 changed.push(*i);
             }
         }
+        // Interfaces with nothing left no longer count against the cap.
+        self.servers.retain(|_, s| !s.is_empty());
+        self.domains.retain(|_, d| !d.is_empty());
         changed
     }
 
@@ -249,7 +297,7 @@ pub(super) fn spawn_rdnss_listener(updates: mpsc::Sender<Update>) {
                 received = socket.recv_from_full() => match received {
                     Ok((buf, _)) => {
                         let now = Instant::now();
-                        parse_nduseropt(&buf).iter().map(|ra| state.update(now, ra)).collect()
+                        parse_nduseropt(&buf).iter().filter_map(|ra| state.update(now, ra)).collect::<Vec<_>>()
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "IPv6 RA option listener stopped");
@@ -345,7 +393,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = RaState::default();
         let ra = &parse_nduseropt(&nduseropt())[0];
-        assert_eq!(s.update(t0, ra), 2);
+        assert_eq!(s.update(t0, ra), Some(2));
         assert_eq!(s.entry(2).servers, ["fec0::3".parse::<IpAddr>().unwrap()]);
         assert_eq!(s.entry(2).domains, ["example.org"]);
         assert_eq!(s.next_expiry(), Some(t0 + Duration::from_secs(600)));
@@ -359,5 +407,58 @@ mod tests {
         };
         s.update(t0, &withdraw);
         assert_eq!(s.entry(2), Entry::default());
+    }
+
+    #[test]
+    fn ra_state_is_bounded_per_interface_in_lifetime_and_in_interfaces() {
+        let t0 = Instant::now();
+        let mut s = RaState::default();
+        let year = Duration::from_secs(365 * 86400);
+        // A flood of fresh servers and domains with huge lifetimes.
+        let flood = RaDns {
+            ifindex: 2,
+            servers: (1..=100u16)
+                .map(|i| (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, i), year))
+                .collect(),
+            domains: (0..100)
+                .map(|i| (format!("d{i}.example"), year))
+                .chain([("Bad Domain".to_owned(), year)])
+                .collect(),
+        };
+        s.update(t0, &flood);
+        let e = s.entry(2);
+        assert_eq!(e.servers.len(), MAX_RA_SERVERS);
+        assert_eq!(e.domains.len(), MAX_RA_DOMAINS);
+        // The first ones stay: a flood cannot push out what was there.
+        assert_eq!(e.servers[0], "fec0::1".parse::<IpAddr>().unwrap());
+        assert!(e.domains.iter().all(|d| dns_ok(d)));
+        assert_eq!(s.next_expiry(), Some(t0 + MAX_RA_LIFETIME));
+        assert_eq!(s.expire(t0 + MAX_RA_LIFETIME), [2]);
+        assert_eq!(s.entry(2), Entry::default());
+        // Interfaces beyond the cap are refused, known ones still update.
+        for i in 0..u32::try_from(MAX_RA_INTERFACES).unwrap() {
+            let ra = RaDns {
+                ifindex: 100 + i,
+                servers: vec![("fec0::1".parse().unwrap(), Duration::from_secs(60))],
+                domains: vec![],
+            };
+            assert_eq!(s.update(t0, &ra), Some(100 + i));
+        }
+        let extra = RaDns {
+            ifindex: 9999,
+            servers: vec![("fec0::1".parse().unwrap(), Duration::from_secs(60))],
+            domains: vec![],
+        };
+        assert_eq!(s.update(t0, &extra), None);
+        assert_eq!(s.entry(9999), Entry::default());
+        let again = RaDns {
+            ifindex: 100,
+            ..extra
+        };
+        assert_eq!(s.update(t0, &again), Some(100));
+    }
+
+    fn dns_ok(d: &str) -> bool {
+        super::super::resolv::dns_name(d).as_deref() == Some(d)
     }
 }

@@ -57,13 +57,13 @@ pub struct Lease {
 
 impl Lease {
     pub fn renew_at(&self) -> Instant {
-        self.acquired + self.t1
+        later(self.acquired, self.t1)
     }
     pub fn rebind_at(&self) -> Instant {
-        self.acquired + self.t2
+        later(self.acquired, self.t2)
     }
     pub fn expires_at(&self) -> Instant {
-        self.acquired + self.lease_time
+        later(self.acquired, self.lease_time)
     }
     /// Lifetime left at `now`, for the kernel's address lifetime.
     pub fn remaining(&self, now: Instant) -> Duration {
@@ -72,6 +72,63 @@ impl Lease {
     pub fn infinite(&self) -> bool {
         self.lease_time >= INFINITE
     }
+}
+
+/// `at + d`, never panicking: a time past what `Instant` can hold is
+/// taken as the furthest it can (an infinite lease never expires anyway).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(INFINITE))
+        .unwrap_or(at)
+}
+
+/// Whether an address may be a host's own unicast address: not
+/// unspecified, broadcast, multicast, loopback or class E (reserved).
+fn unicast(a: Ipv4Addr) -> bool {
+    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback())
+        && a.octets()[0] < 240
+}
+
+/// Checks what a server offers or acknowledges; `Err` says why a lease
+/// is refused. A router outside the subnet is dropped with a warning, not
+/// fatal (the address is still good), except on a /32 lease, where the
+/// router is always outside and reached on-link (clouds do this).
+pub fn check_lease(
+    address: Ipv4Addr,
+    server: Option<Ipv4Addr>,
+    prefix: u8,
+    router: Option<Ipv4Addr>,
+) -> Result<Option<Ipv4Addr>, String> {
+    if !unicast(address) {
+        return Err(format!("address {address} is not a unicast host address"));
+    }
+    match server {
+        None => return Err("no server identifier".into()),
+        Some(s) if !unicast(s) => {
+            return Err(format!("server identifier {s} is not a unicast address"))
+        }
+        Some(_) => {}
+    }
+    // Shorter than a /8 is no real subnet: everything would be on-link.
+    if !(8..=32).contains(&prefix) {
+        return Err(format!("prefix /{prefix} is not a sane subnet"));
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    let host = u32::from(address) & !mask;
+    if prefix <= 30 && (host == 0 || host == !mask) {
+        return Err(format!(
+            "address {address} is the network or broadcast address of its /{prefix}"
+        ));
+    }
+    let router = router.filter(|r| {
+        let inside = u32::from(*r) & mask == u32::from(address) & mask;
+        let ok = unicast(*r) && *r != address && (inside || prefix == 32);
+        if !ok {
+            tracing::warn!(router = %r, %address, prefix, "DHCP router refused: not a unicast address in the leased subnet");
+        }
+        ok
+    });
+    Ok(router)
 }
 
 /// Where a message goes.
@@ -401,6 +458,14 @@ impl Client {
                     return Ok(Vec::new());
                 };
                 let address = msg.yiaddr;
+                // A bogus offer is not worth a REQUEST; the next one may be good.
+                let prefix = opts
+                    .subnet_mask
+                    .and_then(mask_prefix)
+                    .unwrap_or_else(|| classful_prefix(address));
+                if let Err(reason) = check_lease(address, Some(server), prefix, None) {
+                    return Err(DhcpError::Refused { server, reason });
+                }
                 let request = self.select_request(xid, server, address, elapsed_secs(started, now));
                 self.state = State::Requesting {
                     xid,
@@ -412,7 +477,16 @@ impl Client {
                 };
                 Ok(vec![Action::Send(request, Destination::Broadcast)])
             }
-            (State::Requesting { xid, started, .. }, MessageType::Ack) if msg.xid == xid => {
+            // Only the server we asked may acknowledge (RFC 2131 §4.3.2).
+            (
+                State::Requesting {
+                    xid,
+                    started,
+                    server,
+                    ..
+                },
+                MessageType::Ack,
+            ) if msg.xid == xid && opts.server_id == Some(server) => {
                 let lease = self.lease_from(msg, started, opts.server_id)?;
                 self.state = State::Bound(lease.clone());
                 Ok(vec![Action::Apply(lease)])
@@ -496,17 +570,25 @@ impl Client {
             t1 = lease_time / 2;
             t2 = lease_time * 7 / 8;
         }
-        let prefix = o
-            .subnet_mask
-            .and_then(mask_prefix)
-            .unwrap_or_else(|| classful_prefix(msg.yiaddr));
+        let refused = |reason: String| DhcpError::Refused {
+            server: server.unwrap_or(msg.siaddr),
+            reason,
+        };
+        let prefix = match o.subnet_mask {
+            Some(mask) => mask_prefix(mask)
+                .ok_or_else(|| refused(format!("subnet mask {mask} is not contiguous")))?,
+            None => classful_prefix(msg.yiaddr),
+        };
+        let router =
+            check_lease(msg.yiaddr, server, prefix, o.routers.first().copied()).map_err(refused)?;
         Ok(Lease {
             address: msg.yiaddr,
             prefix,
-            router: o.routers.first().copied(),
+            router,
             dns: o.dns,
             domain: o.domain,
             hostname: o.hostname,
+            // check_lease refused a lease without one.
             server: server.unwrap_or(msg.siaddr),
             acquired: sent,
             lease_time,

@@ -10,7 +10,7 @@
 //! named, the first physical Ethernet link, with DHCP and RA.
 
 pub mod dhcp;
-mod ipv6;
+pub mod ipv6;
 pub mod lease;
 pub mod link;
 pub mod resolv;
@@ -96,6 +96,29 @@ impl NetworkHandle {
     }
 }
 
+/// The host name to take from a DHCP lease: none when the node has a
+/// configured (or metadata) name, which DHCP never overrides, or when the
+/// offered one is not a valid RFC 1123 name (warned).
+pub fn dhcp_hostname(configured: Option<&str>, offered: &str) -> Option<String> {
+    if configured.is_some() {
+        return None;
+    }
+    let name = resolv::dns_name(offered);
+    if name.is_none() {
+        tracing::warn!(hostname = ?offered, "DHCP host name is not a valid RFC 1123 name; ignored");
+    }
+    name
+}
+
+/// Whether router advertisements on `interface` may feed resolv.conf: only
+/// on a managed interface with `ipv6 = "ra"` (the default). Others (a
+/// second NIC, a CNI bridge where a pod can send RAs) are ignored.
+pub fn ra_counts(managed: &BTreeMap<String, InterfaceConfig>, interface: &str) -> bool {
+    managed
+        .get(interface)
+        .is_some_and(|c| c.ipv6_mode() == crate::config::Ipv6Mode::Ra)
+}
+
 /// Starts managing the network. `hostname` is the configured host name:
 /// sent to DHCP servers, and when set a server's host name is not taken.
 pub async fn start(
@@ -152,6 +175,7 @@ pub async fn start(
         running: BTreeMap::new(),
         updates_tx,
         resolv: Resolv::default(),
+        coalesce: resolv::Coalesce::default(),
         online: online_tx,
     };
     for l in links {
@@ -178,6 +202,8 @@ struct Manager {
     running: BTreeMap<String, mpsc::Sender<LinkChange>>,
     updates_tx: mpsc::Sender<Update>,
     resolv: Resolv,
+    /// resolv.conf is rewritten at most once a second.
+    coalesce: resolv::Coalesce,
     online: watch::Sender<bool>,
 }
 
@@ -209,6 +235,11 @@ impl Manager {
                     }
                 }
                 Some(update) = updates.recv() => self.apply_update(update),
+                _ = sleep_until(self.coalesce.due()) => {
+                    if self.coalesce.flush(Instant::now()) {
+                        self.write_resolv();
+                    }
+                }
                 else => return,
             }
         }
@@ -258,6 +289,14 @@ impl Manager {
         }
     }
 
+    fn write_resolv(&self) {
+        let text = self.resolv.render();
+        match resolv::write(Path::new(resolv::RESOLV_CONF), &text) {
+            Ok(()) => tracing::info!(path = resolv::RESOLV_CONF, "name servers updated"),
+            Err(e) => tracing::warn!(error = %e, "resolv.conf not written"),
+        }
+    }
+
     fn apply_update(&mut self, update: Update) {
         match update {
             Update::Dns {
@@ -265,20 +304,20 @@ impl Manager {
                 interface,
                 entry,
             } => {
-                if self.resolv.set(source, &interface, entry) {
-                    let text = self.resolv.render();
-                    match resolv::write(Path::new(resolv::RESOLV_CONF), &text) {
-                        Ok(()) => {
-                            tracing::info!(path = resolv::RESOLV_CONF, "name servers updated")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "resolv.conf not written"),
-                    }
-                }
-            }
-            Update::Hostname(name) => {
-                if self.hostname.is_some() {
+                if source == Source::Ra && !ra_counts(&self.interfaces, &interface) {
+                    tracing::debug!(%interface, "RA name servers from an interface not managed with ipv6 = ra; ignored");
                     return;
                 }
+                if self.resolv.set(source, &interface, entry)
+                    && self.coalesce.changed(Instant::now())
+                {
+                    self.write_resolv();
+                }
+            }
+            Update::Hostname(offered) => {
+                let Some(name) = dhcp_hostname(self.hostname.as_deref(), &offered) else {
+                    return;
+                };
                 match nix::unistd::sethostname(&name) {
                     Ok(()) => {
                         tracing::info!(hostname = %name, "host name from DHCP");
@@ -387,6 +426,10 @@ impl Interface {
                         Ok(actions) => {
                             tracing::debug!(interface = %self.name, state = client.state_name(), "DHCP message");
                             actions
+                        }
+                        Err(e @ dhcp::DhcpError::Refused { .. }) => {
+                            tracing::warn!(interface = %self.name, error = %e, "DHCP message ignored");
+                            continue;
                         }
                         Err(e) => {
                             tracing::debug!(interface = %self.name, error = %e, "DHCP message ignored");
@@ -552,7 +595,11 @@ impl Interface {
                 interface: name.clone(),
                 entry: Entry {
                     servers,
-                    domains: lease.domain.iter().cloned().collect(),
+                    domains: lease
+                        .domain
+                        .iter()
+                        .filter_map(|d| resolv::dns_name(d))
+                        .collect(),
                 },
             })
             .await;
@@ -697,5 +744,33 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dhcp_host_name_never_overrides_a_configured_one_and_must_be_valid() {
+        assert_eq!(dhcp_hostname(None, "Node-7"), Some("node-7".into()));
+        assert_eq!(dhcp_hostname(Some("mine"), "node-7"), None);
+        for bad in ["Node_1", "a b", &"x".repeat(64), "-x", "evil\nx"] {
+            assert_eq!(dhcp_hostname(None, bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn router_advertisements_count_only_on_managed_ra_interfaces() {
+        let config: NetworkConfig = toml::from_str(
+            "[interfaces.eth0]\n[interfaces.eth1]\nipv6 = \"off\"\n[interfaces.eth2]\nipv6 = \"ra\"\n",
+        )
+        .unwrap();
+        let i = &config.interfaces;
+        assert!(ra_counts(i, "eth0"));
+        assert!(!ra_counts(i, "eth1"));
+        assert!(ra_counts(i, "eth2"));
+        assert!(!ra_counts(i, "cni0"));
+        assert!(!ra_counts(i, "if7"));
     }
 }

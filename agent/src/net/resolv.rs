@@ -11,6 +11,26 @@ use std::path::Path;
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// musl and glibc use the first three name servers only.
 const MAX_NAMESERVERS: usize = 3;
+/// glibc's historical limit of search domains; more only slow every lookup.
+pub const MAX_SEARCH_DOMAINS: usize = 6;
+
+/// `raw` as a valid RFC 1123 host or domain name in lower case: labels of
+/// 1 to 63 characters `[a-z0-9-]`, not starting or ending with `-`, at most
+/// 253 characters in all (a trailing dot is dropped). Names from the network
+/// (DHCP host name and domain, RA DNSSL) pass here before they reach the
+/// kernel's host name or resolv.conf, where a space or newline would
+/// inject settings.
+pub fn dns_name(raw: &str) -> Option<String> {
+    let name = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (!name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok)).then_some(name)
+}
 
 /// Where a set of servers came from; the order is the precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -58,7 +78,12 @@ impl Resolv {
                 }
             }
             for d in &entry.domains {
-                if !domains.contains(&d.as_str()) {
+                // Sources check names already; this keeps the file sound
+                // whatever a future source passes.
+                if dns_name(d).as_deref() != Some(d.as_str()) {
+                    continue;
+                }
+                if domains.len() < MAX_SEARCH_DOMAINS && !domains.contains(&d.as_str()) {
                     domains.push(d);
                 }
             }
@@ -78,6 +103,51 @@ impl Resolv {
     }
 }
 
+/// Coalesces resolv.conf rewrites: at most one per [`Coalesce::MIN_INTERVAL`].
+/// A change inside the interval is written once it ends, together with any
+/// later ones, so a flood of router advertisements costs one write a second.
+#[derive(Debug, Default)]
+pub struct Coalesce {
+    last: Option<std::time::Instant>,
+    pending: bool,
+}
+
+impl Coalesce {
+    pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Something changed at `now`: whether to write it now (otherwise it is
+    /// pending until [`Coalesce::due`]).
+    pub fn changed(&mut self, now: std::time::Instant) -> bool {
+        if self.last.is_none_or(|l| now >= l + Self::MIN_INTERVAL) {
+            self.last = Some(now);
+            self.pending = false;
+            true
+        } else {
+            self.pending = true;
+            false
+        }
+    }
+
+    /// When a pending change is to be written.
+    pub fn due(&self) -> Option<std::time::Instant> {
+        self.pending
+            .then_some(self.last)
+            .flatten()
+            .map(|l| l + Self::MIN_INTERVAL)
+    }
+
+    /// At `now`: whether the pending change is to be written now.
+    pub fn flush(&mut self, now: std::time::Instant) -> bool {
+        if self.due().is_some_and(|d| now >= d) {
+            self.last = Some(now);
+            self.pending = false;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Writes `text` to `path` through a temporary file and a rename, so a
 /// reader never sees half a file.
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
@@ -91,6 +161,69 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rewrites_are_coalesced_to_one_a_second() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut c = Coalesce::default();
+        assert!(c.changed(t0), "the first change is written at once");
+        assert_eq!(c.due(), None);
+        // A burst inside the second: nothing written, one write pending.
+        for n in [1, 200, 999] {
+            assert!(!c.changed(ms(n)));
+        }
+        assert_eq!(c.due(), Some(ms(1000)));
+        assert!(!c.flush(ms(999)));
+        assert!(c.flush(ms(1000)));
+        assert!(!c.flush(ms(1001)), "written once");
+        assert_eq!(c.due(), None);
+        // A change a second after the last write goes out at once.
+        assert!(c.changed(ms(2000)));
+    }
+
+    #[test]
+    fn only_rfc_1123_names_pass() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let long_name = vec!["abcdefghi"; 25].join("."); // 249
+        let too_long_name = vec!["abcdefghi"; 26].join("."); // 259
+        let cases: &[(&str, Option<&str>)] = &[
+            ("node-1", Some("node-1")),
+            ("Node-1.Example.COM.", Some("node-1.example.com")),
+            ("1node", Some("1node")),
+            (&long_label, Some(&long_label)),
+            (&long_name, Some(&long_name)),
+            (&too_long_label, None),
+            (&too_long_name, None),
+            ("", None),
+            (".", None),
+            ("Node_1", None),
+            ("-node", None),
+            ("node-", None),
+            ("a..b", None),
+            ("a b", None),
+            ("evil\nnameserver 1.2.3.4", None),
+            ("nöde", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(dns_name(raw).as_deref(), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn bad_or_surplus_search_domains_never_reach_the_file() {
+        let mut r = Resolv::default();
+        let domains: Vec<String> = (0..10).map(|i| format!("d{i}.example")).collect();
+        let mut all: Vec<&str> = domains.iter().map(String::as_str).collect();
+        all.insert(0, "x\nnameserver 6.6.6.6");
+        r.set(Source::Ra, "eth0", entry(&["10.0.0.1"], &all));
+        let text = r.render();
+        assert!(!text.contains("6.6.6.6"), "{text}");
+        let search = text.lines().find(|l| l.starts_with("search ")).unwrap();
+        assert_eq!(search.split(' ').count() - 1, MAX_SEARCH_DOMAINS, "{text}");
+    }
 
     fn entry(servers: &[&str], domains: &[&str]) -> Entry {
         Entry {

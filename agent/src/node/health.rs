@@ -132,7 +132,8 @@ impl HealthConfig {
                     }
                 }
                 (None, Some(url)) => {
-                    parse_http_url(url).map_err(|detail| invalid(&detail))?;
+                    parse_http_url(url)
+                        .map_err(|detail| invalid(&ballast_updater::fetch::redact_url(&detail)))?;
                 }
                 _ => return Err(invalid("set exactly one of `command` and `http`")),
             }
@@ -241,7 +242,8 @@ impl HealthChecker {
         let outcome = match (&check.command, &check.http) {
             (Some(command), _) => run_command(&self.reaper, command, check.timeout).await,
             (None, Some(url)) => match tokio::time::timeout(check.timeout, http_get(url)).await {
-                Ok(outcome) => outcome,
+                // The URL may carry user info; messages reach /status.
+                Ok(outcome) => outcome.map_err(|e| ballast_updater::fetch::redact_url(&e)),
                 Err(_) => Err(format!(
                     "no answer within {}",
                     humantime::format_duration(check.timeout)

@@ -85,10 +85,13 @@ pub enum SupervisorError {
     },
     #[error("installing the SIGCHLD handler")]
     SignalHandler(#[source] std::io::Error),
-    #[error("service {service}: starting {command:?}")]
+    /// Only the program and the number of arguments: arguments may carry
+    /// secrets (`--token=…`) and this error reaches the console and /status.
+    #[error("service {service}: starting {program:?} with {args} arguments")]
     Spawn {
         service: String,
-        command: String,
+        program: String,
+        args: usize,
         #[source]
         source: std::io::Error,
     },
@@ -985,7 +988,8 @@ fn spawn_process(context: &ServiceContext) -> Result<Running, SupervisorError> {
             .spawn(&mut command)
             .map_err(|source| SupervisorError::Spawn {
                 service: name.clone(),
-                command: spec.command.join(" "),
+                program: spec.command[0].clone(),
+                args: spec.command.len() - 1,
                 source,
             })?;
     let pid = child.id();
@@ -1478,7 +1482,7 @@ command = ["db"]
             "missing".to_owned(),
             ServiceSpec {
                 restart: RestartPolicy::Never,
-                ..spec(&["/nonexistent/program"])
+                ..spec(&["/nonexistent/program", "--token=hunter2"])
             },
         );
         let supervisor = Supervisor::start(&services, options(dir.path()), reaper)
@@ -1498,11 +1502,13 @@ command = ["db"]
             settled("missing", ServiceState::Failed)
         })
         .await;
-        let missing = handle.status("missing").unwrap();
-        assert!(missing
-            .last_error
-            .unwrap()
-            .contains("service missing: starting"));
+        let missing = handle.status("missing").unwrap().last_error.unwrap();
+        assert!(
+            missing.contains("service missing: starting \"/nonexistent/program\" with 1 arguments"),
+            "{missing}"
+        );
+        // Arguments may be secrets and /status is readable without them.
+        assert!(!missing.contains("hunter2"), "{missing}");
         assert_eq!(handle.status("ok-once").unwrap().restarts, 0);
         assert_eq!(
             handle.status("fail-once").unwrap().last_exit.unwrap().code,

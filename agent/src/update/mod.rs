@@ -351,7 +351,7 @@ fn with_source<T>(
     let trust = TrustedKeys::load(&trust_paths, None).map_err(UpdateError::Trust)?;
     let fetch = ballast_updater::http::for_location(repository).map_err(|source| {
         UpdateError::Repository {
-            url: repository.to_owned(),
+            url: ballast_updater::fetch::redact_url(repository),
             source,
         }
     })?;

@@ -6,6 +6,7 @@
 //! coordinator (`kubernetes/coordinator.rs`), so `update` does not depend
 //! on `kubernetes`; `init.rs` picks the object.
 
+use ballast_updater::fetch::redact_url;
 use std::time::{Duration, SystemTime};
 
 use ballast_updater::payload::Version;
@@ -167,10 +168,15 @@ impl FleetLock {
         })
         .await
         .map_err(|source| FleetLockError::Worker {
-            url: url.clone(),
+            url: redact_url(&url),
             source,
         })?;
-        result.map_err(|reason| FleetLockError::Refused { url, reason })
+        // The URL may carry credentials (user info), and reqwest's message
+        // quotes it: neither is shown with them.
+        result.map_err(|reason| FleetLockError::Refused {
+            url: redact_url(&url),
+            reason: redact_url(&reason),
+        })
     }
 }
 
