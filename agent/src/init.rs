@@ -184,11 +184,6 @@ async fn main_loop() -> Action {
     // API requests for the update driver (reboot through the strategy,
     // update check/apply/rollback).
     let (api_requests, api_requests_rx) = api::requests::channel();
-    tokio::spawn(answer_api_requests(
-        api_requests_rx,
-        config.update.strategy,
-        power_tx.clone(),
-    ));
     let mut shared = api::Shared::new(
         status.clone(),
         power_tx.clone(),
@@ -246,8 +241,19 @@ async fn main_loop() -> Action {
         ));
     }
 
+    let (strategy, holders) = reboot_strategy(&config.update, cluster, machine_id());
+    // Requests queue in the channel until here (the API answers 503 only
+    // when it is full or nobody will ever read it).
+    tokio::spawn(answer_api_requests(
+        api_requests_rx,
+        ApiReboots {
+            kind: config.update.strategy,
+            strategy: strategy.clone(),
+            running: status.version.parse().ok(),
+            power: power_tx.clone(),
+        },
+    ));
     if let Some(health) = health {
-        let (strategy, holders) = reboot_strategy(&config.update, cluster, machine_id());
         let ctx = UpdateContext {
             config: config.update.clone(),
             health,
@@ -269,48 +275,72 @@ async fn main_loop() -> Action {
     action
 }
 
-/// Interim driver of API requests until the update loop takes the
-/// receiver: a reboot under `strategy = "immediate"` goes to the shutdown
-/// path; the other strategies and update requests are answered 503 (the
-/// update loop owns their state), so nothing bypasses a strategy.
+/// What an operator's reboot through the API goes through: the node's
+/// reboot strategy, the same object the update driver asks.
+struct ApiReboots {
+    kind: Strategy,
+    strategy: Arc<dyn RebootStrategy>,
+    /// The version a plain reboot comes back as (what FleetLock and the
+    /// Lease are asked about).
+    running: Option<ballast_updater::payload::Version>,
+    power: mpsc::Sender<Action>,
+}
+
+/// How long the API's answer waits for the strategy before saying the
+/// reboot is under way (a drain can take minutes).
+const API_REBOOT_ANSWER_WAIT: Duration = Duration::from_secs(15);
+
+/// Answers the API's requests for the update driver. A reboot goes through
+/// the strategy (`off` means an operator decides, so the operator's request
+/// is the permit); a strategy that blocks with a retry is asked again until
+/// it allows, one reboot at a time. Update check, apply and rollback are
+/// the update driver's, which does not take requests yet: they are
+/// answered 503 with a pointer to `ballast update` on the node.
 async fn answer_api_requests(
     mut requests: mpsc::Receiver<api::requests::ApiRequest>,
-    strategy: crate::config::update::Strategy,
-    power: mpsc::Sender<Action>,
+    reboots: ApiReboots,
 ) {
     use api::requests::{ApiRequest, RebootAccepted, Refused};
+    let reboots = Arc::new(reboots);
+    let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let via = serde_json::to_value(reboots.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
     let unavailable = |what: &str| Refused {
         status: 503,
-        message: format!("{what} through the API is not available yet on this node"),
+        message: format!(
+            "{what} through the API is not available yet; run `ballast update` on the node"
+        ),
     };
     while let Some(request) = requests.recv().await {
         match request {
             ApiRequest::Reboot { request, reply } => {
-                let answer = if strategy == crate::config::update::Strategy::Immediate {
-                    match power.try_send(Action::Reboot) {
-                        Ok(()) => {
-                            tracing::info!(who = request.who, "reboot asked through the API");
-                            Ok(RebootAccepted {
-                                via: "immediate".into(),
-                            })
-                        }
-                        Err(_) => Err(Refused {
-                            status: 409,
-                            message: "a shutdown is already under way".into(),
-                        }),
+                if pending.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    let _ = reply.send(Err(Refused {
+                        status: 409,
+                        message: "a reboot is already waiting for the strategy".into(),
+                    }));
+                    continue;
+                }
+                tracing::info!(who = request.who, via, "reboot asked through the API");
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let task_reboots = reboots.clone();
+                let task_pending = pending.clone();
+                tokio::spawn(async move {
+                    let outcome = reboot_through_strategy(&task_reboots).await;
+                    if outcome.is_err() {
+                        task_pending.store(false, std::sync::atomic::Ordering::SeqCst);
                     }
-                } else {
-                    Err(Refused {
-                        status: 503,
-                        message: format!(
-                            "strategy {}: a reboot through the strategy is not available \
-                             from the API yet; ?force=true skips the strategy",
-                            serde_json::to_value(strategy)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default()
-                        ),
-                    })
+                    let _ = done_tx.send(outcome);
+                });
+                let answer = match tokio::time::timeout(API_REBOOT_ANSWER_WAIT, done_rx).await {
+                    Ok(Ok(Ok(()))) | Err(_) => Ok(RebootAccepted { via: via.clone() }),
+                    Ok(Ok(Err(reason))) => Err(Refused {
+                        status: 409,
+                        message: format!("strategy {via}: {reason}"),
+                    }),
+                    Ok(Err(_)) => Err(unavailable("a reboot")),
                 };
                 let _ = reply.send(answer);
             }
@@ -325,6 +355,35 @@ async fn answer_api_requests(
             }
         }
     }
+}
+
+/// Asks the strategy until it allows (or refuses for good), then reboots.
+async fn reboot_through_strategy(reboots: &ApiReboots) -> Result<(), String> {
+    if reboots.kind != Strategy::Off {
+        let running = reboots
+            .running
+            .ok_or("the running version is unknown, so the strategy cannot be asked")?;
+        loop {
+            match reboots.strategy.permit(running).await {
+                Ok(_) => break,
+                Err(blocked) => match blocked.retry_after {
+                    Some(after) => {
+                        tracing::info!(
+                            reason = blocked.reason,
+                            "API reboot waits for the strategy"
+                        );
+                        tokio::time::sleep(after).await;
+                    }
+                    None => return Err(blocked.reason),
+                },
+            }
+        }
+    }
+    reboots
+        .power
+        .send(Action::Reboot)
+        .await
+        .map_err(|_| "PID 1 is already shutting down".to_owned())
 }
 
 /// PID 1's descriptor limit: the kernel's default (1024) is too few for
@@ -546,5 +605,78 @@ mod tests {
             crate::kubernetes::render::node_name(&k8s, Some(&name)).unwrap(),
             name
         );
+    }
+
+    /// Blocks `blocks` times (retrying after 1 ms), then permits; counts asks.
+    #[derive(Debug)]
+    struct Scripted {
+        blocks: usize,
+        retry: bool,
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RebootStrategy for Scripted {
+        fn permit(
+            &self,
+            _version: ballast_updater::payload::Version,
+        ) -> futures_util::future::BoxFuture<'_, Result<strategy::Permit, strategy::Blocked>>
+        {
+            let n = self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if n < self.blocks {
+                    Err(strategy::Blocked {
+                        reason: format!("held {n}"),
+                        retry_after: self.retry.then(|| Duration::from_millis(1)),
+                        notice: strategy::Notice::Quiet,
+                    })
+                } else {
+                    Ok(strategy::Permit)
+                }
+            })
+        }
+    }
+
+    fn reboots(
+        kind: Strategy,
+        blocks: usize,
+        retry: bool,
+    ) -> (ApiReboots, Arc<Scripted>, mpsc::Receiver<Action>) {
+        let scripted = Arc::new(Scripted {
+            blocks,
+            retry,
+            asked: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let (power, rx) = mpsc::channel(1);
+        let r = ApiReboots {
+            kind,
+            strategy: scripted.clone(),
+            running: "1.0.0".parse().ok(),
+            power,
+        };
+        (r, scripted, rx)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn api_reboots_wait_for_the_strategy_then_reboot() {
+        let (r, scripted, mut power) = reboots(Strategy::Fleetlock, 2, true);
+        reboot_through_strategy(&r).await.unwrap();
+        assert_eq!(scripted.asked.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(power.recv().await, Some(Action::Reboot));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_strategy_that_refuses_for_good_never_reboots() {
+        let (r, _, mut power) = reboots(Strategy::Window, 1, false);
+        let err = reboot_through_strategy(&r).await.unwrap_err();
+        assert_eq!(err, "held 0");
+        assert!(power.try_recv().is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn under_strategy_off_the_operator_is_the_permit() {
+        let (r, scripted, mut power) = reboots(Strategy::Off, 5, false);
+        reboot_through_strategy(&r).await.unwrap();
+        assert_eq!(scripted.asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(power.recv().await, Some(Action::Reboot));
     }
 }
