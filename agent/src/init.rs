@@ -242,6 +242,7 @@ async fn main_loop() -> Action {
     }
 
     let (strategy, holders) = reboot_strategy(&config.update, cluster, machine_id());
+    let wake = Arc::new(tokio::sync::Notify::new());
     // Requests queue in the channel until here (the API answers 503 only
     // when it is full or nobody will ever read it).
     tokio::spawn(answer_api_requests(
@@ -252,6 +253,11 @@ async fn main_loop() -> Action {
             running: status.version.parse().ok(),
             power: power_tx.clone(),
         },
+        ApiUpdates {
+            config: config.update.clone(),
+            status: update_status.clone(),
+            wake: wake.clone(),
+        },
     ));
     if let Some(health) = health {
         let ctx = UpdateContext {
@@ -261,6 +267,7 @@ async fn main_loop() -> Action {
             holders,
             status: update_status,
             power: power_tx,
+            wake,
         };
         tokio::spawn(crate::update::run(ctx));
     }
@@ -286,6 +293,23 @@ struct ApiReboots {
     power: mpsc::Sender<Action>,
 }
 
+/// What the API's update requests reach: the `[update]` table, the
+/// lifecycle's state (requests are refused while it is busy) and its poll.
+struct ApiUpdates {
+    config: UpdateConfig,
+    status: crate::update::SharedUpdateStatus,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl ApiUpdates {
+    fn state(&self) -> crate::update::UpdateState {
+        self.status
+            .lock()
+            .map(|s| s.state.clone())
+            .unwrap_or(crate::update::UpdateState::Disabled)
+    }
+}
+
 /// How long the API's answer waits for the strategy before saying the
 /// reboot is under way (a drain can take minutes).
 const API_REBOOT_ANSWER_WAIT: Duration = Duration::from_secs(15);
@@ -294,12 +318,16 @@ const API_REBOOT_ANSWER_WAIT: Duration = Duration::from_secs(15);
 /// the strategy (`off` means an operator decides, so the operator's request
 /// is the permit); a strategy that blocks with a retry is asked again until
 /// it allows, one reboot at a time. Update check, apply and rollback are
-/// the update driver's, which does not take requests yet: they are
-/// answered 503 with a pointer to `ballast update` on the node.
+/// read-only (check), or wake the lifecycle (apply: it checks, installs
+/// and reboots through the strategy as on any poll), or make the previous
+/// version the default and reboot through the strategy (rollback); apply
+/// and rollback are refused (409) while the lifecycle is busy.
 async fn answer_api_requests(
     mut requests: mpsc::Receiver<api::requests::ApiRequest>,
     reboots: ApiReboots,
+    updates: ApiUpdates,
 ) {
+    use crate::update::UpdateState;
     use api::requests::{ApiRequest, RebootAccepted, Refused};
     let reboots = Arc::new(reboots);
     let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -309,9 +337,15 @@ async fn answer_api_requests(
         .unwrap_or_default();
     let unavailable = |what: &str| Refused {
         status: 503,
-        message: format!(
-            "{what} through the API is not available yet; run `ballast update` on the node"
-        ),
+        message: format!("{what} is not available: PID 1 is shutting down"),
+    };
+    let no_repository = || Refused {
+        status: 409,
+        message: "updates are off on this node: [update] has no repository".into(),
+    };
+    let busy_with = |state: &UpdateState| Refused {
+        status: 409,
+        message: format!("the update lifecycle is busy ({})", state.name()),
     };
     while let Some(request) = requests.recv().await {
         match request {
@@ -344,14 +378,79 @@ async fn answer_api_requests(
                 };
                 let _ = reply.send(answer);
             }
-            ApiRequest::UpdateCheck { reply, .. } => {
-                let _ = reply.send(Err(unavailable("an update check")));
+            ApiRequest::UpdateCheck { reply, who } => {
+                let answer = if updates.config.repository.is_none() {
+                    Err(no_repository())
+                } else {
+                    tracing::info!(who, "update check asked through the API");
+                    crate::update::check_now(updates.config.clone())
+                        .await
+                        .map_err(|e| Refused {
+                            status: 502,
+                            message: crate::error_chain(&e),
+                        })
+                };
+                let _ = reply.send(answer);
             }
-            ApiRequest::UpdateApply { reply, .. } => {
-                let _ = reply.send(Err(unavailable("applying an update")));
+            ApiRequest::UpdateApply { reply, who } => {
+                let answer = match updates.state() {
+                    _ if updates.config.repository.is_none() => Err(no_repository()),
+                    UpdateState::Idle => {
+                        tracing::info!(who, "update apply asked through the API");
+                        updates.wake.notify_one();
+                        Ok(serde_json::json!({
+                            "started": true,
+                            "detail": "checking now; a release that applies is installed \
+                                       and rebooted into through the strategy",
+                        }))
+                    }
+                    busy => Err(busy_with(&busy)),
+                };
+                let _ = reply.send(answer);
             }
-            ApiRequest::UpdateRollback { reply, .. } => {
-                let _ = reply.send(Err(unavailable("a rollback")));
+            ApiRequest::UpdateRollback { reply, who } => {
+                let answer = match updates.state() {
+                    UpdateState::Idle | UpdateState::Disabled => {
+                        match crate::update::rollback_now(format!("asked by {who} through the API"))
+                            .await
+                        {
+                            Ok(to) => {
+                                tracing::info!(who, %to, "rollback asked through the API");
+                                let pending = pending.clone();
+                                if pending.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                                    Ok(serde_json::json!({
+                                        "rolled_back_to": to.to_string(),
+                                        "reboot": "already waiting for the strategy",
+                                    }))
+                                } else {
+                                    let task_reboots = reboots.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(reason) =
+                                            reboot_through_strategy(&task_reboots).await
+                                        {
+                                            pending
+                                                .store(false, std::sync::atomic::Ordering::SeqCst);
+                                            tracing::warn!(
+                                                reason,
+                                                "rollback reboot refused by the strategy"
+                                            );
+                                        }
+                                    });
+                                    Ok(serde_json::json!({
+                                        "rolled_back_to": to.to_string(),
+                                        "reboot": format!("through strategy {via}"),
+                                    }))
+                                }
+                            }
+                            Err(e) => Err(Refused {
+                                status: 422,
+                                message: crate::error_chain(&e),
+                            }),
+                        }
+                    }
+                    busy => Err(busy_with(&busy)),
+                };
+                let _ = reply.send(answer);
             }
         }
     }
@@ -678,5 +777,61 @@ mod tests {
         reboot_through_strategy(&r).await.unwrap();
         assert_eq!(scripted.asked.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(power.recv().await, Some(Action::Reboot));
+    }
+
+    /// The API's update requests against a lifecycle in `state`, with or
+    /// without a repository: returns the answer and whether the poll woke.
+    async fn ask_apply(
+        state: crate::update::UpdateState,
+        repository: bool,
+    ) -> (Result<serde_json::Value, api::requests::Refused>, bool) {
+        let (r, _, _power) = reboots(Strategy::Immediate, 0, false);
+        let status = crate::update::new_status();
+        status.lock().unwrap().state = state;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let config = UpdateConfig {
+            repository: repository.then(|| "http://127.0.0.1:9/".to_owned()),
+            ..UpdateConfig::default()
+        };
+        let (tx, rx) = api::requests::channel();
+        tokio::spawn(answer_api_requests(
+            rx,
+            r,
+            ApiUpdates {
+                config,
+                status,
+                wake: wake.clone(),
+            },
+        ));
+        let answer = api::requests::ask(&tx, |reply| api::requests::ApiRequest::UpdateApply {
+            who: "alice".into(),
+            reply,
+        })
+        .await;
+        let woke = tokio::time::timeout(Duration::from_millis(50), wake.notified())
+            .await
+            .is_ok();
+        (answer, woke)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn apply_wakes_an_idle_lifecycle_and_refuses_a_busy_or_disabled_one() {
+        use crate::update::UpdateState;
+        let (answer, woke) = ask_apply(UpdateState::Idle, true).await;
+        assert_eq!(answer.unwrap()["started"], true);
+        assert!(woke);
+        let version = "1.1.0".parse().unwrap();
+        let (answer, woke) = ask_apply(UpdateState::Installing { version }, true).await;
+        let refused = answer.unwrap_err();
+        assert_eq!(refused.status, 409);
+        assert!(
+            refused.message.contains("installing"),
+            "{}",
+            refused.message
+        );
+        assert!(!woke);
+        let (answer, woke) = ask_apply(UpdateState::Idle, false).await;
+        assert!(answer.unwrap_err().message.contains("no repository"));
+        assert!(!woke);
     }
 }

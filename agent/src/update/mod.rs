@@ -79,6 +79,8 @@ pub struct UpdateContext {
     pub holders: Vec<Arc<dyn RebootStrategy>>,
     pub status: SharedUpdateStatus,
     pub power: mpsc::Sender<Action>,
+    /// Ends the wait for the next poll at once (an operator's "apply now").
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for UpdateContext {
@@ -286,7 +288,12 @@ impl Driver {
                 return Some(Input::Tick);
             }
             Effect::PollIn(interval) => {
-                tokio::time::sleep(with_jitter(interval)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(with_jitter(interval)) => {}
+                    () = self.ctx.wake.notified() => {
+                        tracing::info!("update check asked for now");
+                    }
+                }
                 return Some(Input::Tick);
             }
         }
@@ -372,6 +379,31 @@ fn with_source<T>(
         allow_downgrade: false,
     };
     f(&node, &source, opts)
+}
+
+/// An operator's check from the API: what the repository offers this
+/// node now, as `ballast update check --json` prints it. Reads only; the
+/// lifecycle's own polling is not disturbed.
+pub async fn check_now(config: UpdateConfig) -> Result<serde_json::Value, UpdateError> {
+    tokio::task::spawn_blocking(move || {
+        let layout = layout::node_layout()?;
+        with_source(&config, &layout, |node, source, opts| {
+            let report = install::check(node, source, &opts)?;
+            Ok(serde_json::to_value(&report).unwrap_or_default())
+        })
+    })
+    .await?
+}
+
+/// An operator's rollback from the API: the previous version's entry
+/// becomes the default (as `ballast update rollback` does); the caller
+/// reboots through the strategy. Returns the version the node will boot.
+pub async fn rollback_now(reason: String) -> Result<Version, UpdateError> {
+    tokio::task::spawn_blocking(move || {
+        let layout = layout::node_layout()?;
+        Ok(control::rollback(&RealStorage, &layout, &reason, SystemTime::now())?.to)
+    })
+    .await?
 }
 
 fn check(config: &UpdateConfig, layout: &NodeLayout) -> Result<Checked, UpdateError> {
