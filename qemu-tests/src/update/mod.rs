@@ -36,6 +36,8 @@ pub enum UpdateError {
     Scratch(#[source] std::io::Error),
     #[error("a VM thread of the FleetLock scenario panicked")]
     Thread,
+    #[error("the operator's CA and admin identity: {0}")]
+    Operator(String),
 }
 
 impl From<UpdateError> for ScenarioError {

@@ -5,10 +5,11 @@
 //! installed, rebooting, trial-boot, committed, trial-failed, rolled-back,
 //! update-error), checking versions and slots at each step.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::events::Event;
-use crate::http;
+use crate::operator::Operator;
 use crate::scenarios::{Context, ScenarioError};
 use crate::vm::{GuestFwd, Vm, VmBuilder};
 
@@ -28,11 +29,36 @@ const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolle
 /// Longest wait for a download and install (TCG, 2 busy cores).
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// User-data: API on all addresses, static address, `[update]` against the
-/// test repository, then `extra` (more tables).
-pub fn user_data(strategy: &str, health_deadline: &str, extra: &str) -> String {
+/// The operator (a CA and an admin identity, made with `ballast pki`)
+/// whose client certificates every update scenario's node trusts: the TCP
+/// API answers `/status` only to them. One per test process.
+fn operator() -> Result<&'static Operator, UpdateError> {
+    static OPERATOR: OnceLock<Operator> = OnceLock::new();
+    if let Some(op) = OPERATOR.get() {
+        return Ok(op);
+    }
+    let op = Operator::new().map_err(|e| UpdateError::Operator(super::error_chain(&e)))?;
+    Ok(OPERATOR.get_or_init(|| op))
+}
+
+/// User-data: the HTTPS API on all addresses trusting the operator's CA,
+/// static address, `[update]` against the test repository, then `extra`
+/// (more tables).
+pub fn user_data(
+    strategy: &str,
+    health_deadline: &str,
+    extra: &str,
+) -> Result<String, UpdateError> {
+    let api = operator()?
+        .api_user_data()
+        .map_err(|e| UpdateError::Operator(super::error_chain(&e)))?;
+    Ok(user_data_with(&api, strategy, health_deadline, extra))
+}
+
+/// [`user_data`] with a given `[api]` section.
+fn user_data_with(api: &str, strategy: &str, health_deadline: &str, extra: &str) -> String {
     format!(
-        "[api]\nlisten = \"0.0.0.0:9465\"\n\
+        "{api}\
          [network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n\
          [update]\nrepository = \"http://{REPO_GUEST_ADDR}/\"\ninterval = \"{}s\"\n\
          strategy = \"{strategy}\"\nhealth_deadline = \"{health_deadline}\"\n{extra}",
@@ -217,9 +243,15 @@ fn status(vm: &mut Vm) -> Result<serde_json::Value, UpdateError> {
     let port = vm
         .api_port()
         .ok_or_else(|| vm.fail("no API port forwarded"))?;
+    // The node's key is kept on STATE, so the pin holds across reboots.
+    let pin = crate::operator::api_pin(vm, 0)
+        .map_err(|e| UpdateError::Operator(super::error_chain(&e)))?;
+    let admin = operator()?
+        .admin_tls(&pin)
+        .map_err(|e| UpdateError::Operator(super::error_chain(&e)))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = http::request(port, "GET", "/status", None, Duration::from_secs(10));
+        let r = admin.request(port, "GET", "/status", None, Duration::from_secs(10));
         match r {
             Ok(r) if r.status == 200 => {
                 if let Ok(v) = serde_json::from_str(&r.body) {
@@ -244,7 +276,7 @@ fn run(f: impl FnOnce() -> Result<(), UpdateError>) -> Result<(), ScenarioError>
 pub fn update(ctx: &Context) -> Result<(), ScenarioError> {
     run(|| {
         let setup = Setup::new(ctx, &["1.1.0"])?;
-        let ud = user_data("immediate", "60s", "");
+        let ud = user_data("immediate", "60s", "")?;
         let mut vm = setup.vm(ctx, "update", &ud).spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
         update_cycle(&mut vm, ctx, "1.1.0", "b", UNHAPPY)?;
@@ -273,7 +305,7 @@ pub fn unhealthy(ctx: &Context) -> Result<(), ScenarioError> {
     run(|| {
         let setup = Setup::new(ctx, &["1.1.0"])?;
         setup.server.set_health(503);
-        let ud = user_data("immediate", "20s", HEALTH_CHECK);
+        let ud = user_data("immediate", "20s", HEALTH_CHECK)?;
         let mut vm = setup.vm(ctx, "update-unhealthy", &ud).spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
         install_until_reboot(&mut vm, "1.1.0", "b")?;
@@ -369,7 +401,7 @@ pub fn never_boots(ctx: &Context) -> Result<(), ScenarioError> {
         repo.add(&bad_payload)?;
         repo.sign()?;
         let server = RepoServer::start(repo.path())?;
-        let ud = user_data("immediate", "60s", "");
+        let ud = user_data("immediate", "60s", "")?;
         let mut vm = ctx
             .vm("update-never-boots")
             .forward_api()
@@ -476,7 +508,7 @@ pub fn power_cut(ctx: &Context) -> Result<(), ScenarioError> {
             ctx.arch,
             delay.as_millis()
         );
-        let ud = user_data("immediate", "60s", "");
+        let ud = user_data("immediate", "60s", "")?;
         // writeback: guest flushes reach the overlay file, as they would a disk.
         let builder = setup
             .vm(ctx, "update-power-cut", &ud)
@@ -565,7 +597,7 @@ pub fn tampered(ctx: &Context) -> Result<(), ScenarioError> {
             .prefix("ballast-tampered-")
             .tempdir()
             .map_err(UpdateError::Scratch)?;
-        let ud = user_data("immediate", "60s", "");
+        let ud = user_data("immediate", "60s", "")?;
         let mut vm = setup
             .vm(ctx, "update-tampered", &ud)
             .work_dir(work.path())
@@ -703,7 +735,7 @@ pub fn fleetlock(ctx: &Context) -> Result<(), ScenarioError> {
         let extra = format!(
             "[update.fleetlock]\nurl = \"http://{LOCK_GUEST_ADDR}/\"\ngroup = \"default\"\n"
         );
-        let ud = user_data("fleetlock", "60s", &extra);
+        let ud = user_data("fleetlock", "60s", &extra)?;
         let mut vms = Vec::new();
         for name in ["update-fleetlock-1", "update-fleetlock-2"] {
             let vm = setup
@@ -812,7 +844,7 @@ pub fn hung_trial(ctx: &Context) -> Result<(), ScenarioError> {
     run(|| {
         let setup = Setup::new(ctx, &[HUNG_RELEASE])?;
         // A gate deadline far beyond the watchdog's: only a reset ends a try.
-        let ud = user_data("immediate", "30m", "");
+        let ud = user_data("immediate", "30m", "")?;
         let mut vm = setup.vm(ctx, "update-watchdog", &ud).watchdog().spawn()?;
         ready(&mut vm, ctx, "1.0.0", "a")?;
         install_until_reboot(&mut vm, "1.1.0", "b")?;
@@ -905,7 +937,7 @@ mod tests {
 
     #[test]
     fn user_data_is_the_documented_toml() {
-        let ud = user_data("fleetlock", "20s", HEALTH_CHECK);
+        let ud = user_data_with("[api]\n", "fleetlock", "20s", HEALTH_CHECK);
         let v: toml_like::Doc = toml_like::parse(&ud);
         assert_eq!(
             v.get("update.repository"),

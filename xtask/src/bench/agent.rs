@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use ballast_updater::payload::Arch;
-use qemu_tests::http;
 use qemu_tests::vm::VmBuilder;
 
 use crate::vm_test::{ensure_image, log_dir};
 
 const SECTION: &str = "## Agent footprint";
 const GOAL_RSS_KIB: u64 = 6 * 1024;
-const USER_DATA: &str = "[api]\nlisten = \"0.0.0.0:9465\"\n\
-[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n";
+/// The network part of the user-data; the `[api]` part (HTTPS, the
+/// operator's CA) is made per run, as the idle figure includes TLS.
+const NETWORK_USER_DATA: &str =
+    "[network.interfaces.eth0]\naddresses = [\"10.0.2.15/24\"]\ngateway = \"10.0.2.2\"\n";
 
 #[derive(Debug, clap::Args)]
 pub struct AgentBenchArgs {
@@ -32,8 +33,8 @@ pub struct AgentBenchArgs {
     pub idle_seconds: u64,
 }
 
-fn usage(port: u16) -> Result<(u64, u64)> {
-    let resp = http::request(port, "GET", "/status", None, Duration::from_secs(20))?;
+fn usage(admin: &qemu_tests::tls::TlsClient, port: u16) -> Result<(u64, u64)> {
+    let resp = admin.request(port, "GET", "/status", None, Duration::from_secs(20))?;
     ensure!(resp.status == 200, "/status answered {}", resp.status);
     let v: serde_json::Value = serde_json::from_str(&resp.body).context("parsing /status")?;
     let rss = v["agent"]["rss_kib"]
@@ -94,20 +95,24 @@ pub fn run(args: AgentBenchArgs) -> Result<()> {
     let hello = hello_world_size(args.arch, scratch.path())?;
 
     println!("bench agent: booting {} and waiting for ready", args.arch);
+    let operator = qemu_tests::operator::Operator::new()?;
+    let user_data = format!("{}{NETWORK_USER_DATA}", operator.api_user_data()?);
     let mut vm = VmBuilder::new("bench-agent", args.arch)
         .disk(&image.join("disk.raw"))
         .forward_api()
-        .user_data(USER_DATA.as_bytes())
+        .user_data(user_data.as_bytes())
         .log_dir(&log_dir())
         .spawn()?;
     vm.wait_for_event("ready", Duration::from_secs(300))?;
     let port = vm.api_port().context("no API port forwarded")?;
+    let pin = qemu_tests::operator::api_pin(&mut vm, 0)?;
+    let admin = operator.admin_tls(&pin)?;
     // Let first-boot work (STATE growth, the first checks) finish.
     std::thread::sleep(Duration::from_secs(15));
-    let (rss0, cpu0) = usage(port)?;
+    let (rss0, cpu0) = usage(&admin, port)?;
     println!("bench agent: idle for {} s", args.idle_seconds);
     std::thread::sleep(Duration::from_secs(args.idle_seconds));
-    let (rss1, cpu1) = usage(port)?;
+    let (rss1, cpu1) = usage(&admin, port)?;
     vm.kill();
 
     // Each /status sample itself costs a little CPU: included, so an upper bound.

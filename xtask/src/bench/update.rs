@@ -65,7 +65,7 @@ pub fn run(args: UpdateBenchArgs) -> Result<()> {
             guest_addr: REPO_GUEST_ADDR.into(),
             host_port: server.port(),
         })
-        .user_data(user_data("immediate", "120s", "").as_bytes())
+        .user_data(user_data("immediate", "120s", "")?.as_bytes())
         .spawn()?;
 
     let first_ready = wait(&mut vm, "ready")?;
