@@ -14,8 +14,9 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Every file under `dir` ending in `ext`, skipping build output and
-/// hidden directories (`.git`, `.cargo`).
+/// Every file under `dir` ending in `ext`, skipping build output (`target`,
+/// and the git-ignored `target-*` of other target directories), `build`
+/// (images) and hidden directories (`.git`, `.cargo`, `.cache`).
 fn files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -25,7 +26,8 @@ fn files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if path.is_dir() {
-            if name != "target" && !name.starts_with('.') {
+            let build_output = name == "target" || name.starts_with("target-") || name == "build";
+            if !build_output && !name.starts_with('.') {
                 files(&path, ext, out);
             }
         } else if name.ends_with(ext) {
