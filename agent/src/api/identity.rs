@@ -4,9 +4,8 @@
 //! on STATE (`/var/lib/ballast/api`, 0600, written atomically) so the
 //! fingerprint clients pin stays the same across boots.
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -38,6 +37,8 @@ pub enum IdentityError {
     Pem { what: String, kind: &'static str },
     #[error("making the server certificate")]
     Generate(#[source] rcgen::Error),
+    #[error(transparent)]
+    Atomic(crate::atomic::AtomicError),
 }
 
 /// A certificate chain (leaf first) and its key.
@@ -190,29 +191,7 @@ fn generate(hostname: &str, addresses: &[IpAddr]) -> Result<(String, String), rc
 /// Write to a temporary file, fsync, rename over `path`, fsync the
 /// directory: a crash leaves the old file or the new one, never half.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let err = |source| IdentityError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{}.tmp", name.unwrap_or_default()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    std::fs::rename(&tmp, path).map_err(err)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err)
+    crate::atomic::write(path, bytes, mode).map_err(IdentityError::Atomic)
 }
 
 /// The node's addresses for the certificate: every non-loopback address
