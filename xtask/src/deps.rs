@@ -40,6 +40,13 @@ pub const HOST_PACKAGES: &[&str] = &[
     // efi-virtio.rom, the option ROM of virtio-net-pci under UEFI: a
     // Depends of qemu-system-x86 but only a Recommends of qemu-system-arm.
     "ipxe-qemu",
+    // The VM network lab (qemu-tests/src/netlab.rs): a real DHCP/RA server
+    // and a real NTP server in a network namespace the test creates. They
+    // are installed with services held back (see `install`), so neither
+    // ever serves or sets this host's clock.
+    "dnsmasq",
+    "chrony",
+    "iproute2",
 ];
 
 /// Host packages taken from bookworm-backports (they must match the
@@ -192,6 +199,7 @@ pub fn install() -> Result<()> {
     } else {
         let mut args = vec!["install", "-y", "--no-install-recommends"];
         args.extend(&missing);
+        let _held = HeldServices::hold()?;
         run("apt-get", &args)?;
     }
 
@@ -215,6 +223,40 @@ pub fn install() -> Result<()> {
 
 /// Programs the image builder, the VM harness and the tests run, each with
 /// the package that ships it.
+/// Keeps package scripts from starting services (dnsmasq, chronyd, nginx)
+/// while it lives: Debian's invoke-rc.d asks `/usr/sbin/policy-rc.d`, and
+/// exit code 101 means "action forbidden". A policy already in place (as in
+/// container images) is left alone.
+struct HeldServices {
+    created: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl HeldServices {
+    fn hold() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\nexit 101\n")
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for HeldServices {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
 pub const REQUIRED_PROGRAMS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-system-aarch64", "qemu-system-arm"),
@@ -235,6 +277,9 @@ pub const REQUIRED_PROGRAMS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("gcc", "gcc"),
     ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    ("dnsmasq", "dnsmasq"),
+    ("chronyd", "chrony"),
+    ("ip", "iproute2"),
 ];
 
 /// Files the VM harness reads: UEFI firmware for both arches and the
