@@ -37,6 +37,8 @@ pub enum Event {
         arch: String,
         slot: String,
         boot_id: String,
+        /// So a console reader knows which node it is looking at.
+        hostname: String,
     },
     /// An address was put on an interface.
     NetworkConfigured {
@@ -276,6 +278,7 @@ mod tests {
                 arch: s("x86_64"),
                 slot: s("a"),
                 boot_id: s("b"),
+                hostname: s("node-1"),
             },
             Event::NetworkConfigured {
                 interface: s("eth0"),
@@ -385,8 +388,9 @@ mod tests {
                     arch: "x86_64".into(),
                     slot: "a".into(),
                     boot_id: "b1".into(),
+                    hostname: "node-1".into(),
                 },
-                r#"{"arch":"x86_64","boot_id":"b1","event":"ready","ms":7,"slot":"a","version":"1.0.0"}"#,
+                r#"{"arch":"x86_64","boot_id":"b1","event":"ready","hostname":"node-1","ms":7,"slot":"a","version":"1.0.0"}"#,
             ),
             (
                 Event::NetworkConfigured {

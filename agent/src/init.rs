@@ -134,6 +134,7 @@ async fn main_loop() -> Action {
             .unwrap_or_default(),
         boot_id: boot_id.clone(),
         config_error,
+        user_data: crate::config::user_data::status().cloned(),
     };
 
     // Children: one reaper for every process (we are PID 1, orphans land
@@ -214,6 +215,9 @@ async fn main_loop() -> Action {
         arch: status.arch.to_string(),
         slot: status.slot.clone(),
         boot_id,
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     });
 
     // The agent's own calls to the cluster (Node report, reboot strategy

@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn ready_line_parses_with_fields() {
-        let line = r#"BALLAST-EVENT {"event":"ready","ms":1234,"version":"1.0.0","arch":"x86_64","slot":"a","boot_id":"b1"}"#;
+        let line = r#"BALLAST-EVENT {"event":"ready","ms":1234,"version":"1.0.0","arch":"x86_64","slot":"a","boot_id":"b1","hostname":"node-1"}"#;
         let ev = parse_line(line).unwrap().unwrap();
         assert_eq!(ev.name, "ready");
         assert_eq!(ev.ms(), Some(1234));
@@ -146,6 +146,7 @@ mod tests {
                 arch: "x86_64".into(),
                 slot: "a".into(),
                 boot_id: "b1".into(),
+                hostname: "node-1".into(),
             })
         );
     }

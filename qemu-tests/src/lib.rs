@@ -17,6 +17,7 @@
 pub mod disk;
 pub mod events;
 pub mod floor;
+pub mod hostile;
 pub mod http;
 pub mod image;
 pub mod k8s;

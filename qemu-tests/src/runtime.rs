@@ -90,7 +90,10 @@ impl Drop for HealthServer {
 }
 
 /// A FAT image labelled `CIDATA` holding `user-data`.
-fn make_cidata(dir: &Path, user_data: &str) -> Result<std::path::PathBuf, ScenarioError> {
+pub(crate) fn make_cidata(
+    dir: &Path,
+    user_data: &str,
+) -> Result<std::path::PathBuf, ScenarioError> {
     let img = dir.join("cidata.img");
     let ud = dir.join("user-data");
     std::fs::write(&ud, user_data).map_err(ScenarioError::Scratch)?;

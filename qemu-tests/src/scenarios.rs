@@ -138,6 +138,12 @@ pub const ALL: &[Scenario] = &[
         // run on each); the lead may re-tier it.
         tier: Tier::Core,
     },
+    Scenario {
+        name: "hostile-disks",
+        about: "fw_cfg-provisioned node with five hostile partition tables attached reaches ready; a CIDATA volume attached later is ignored, reported by user-data-ignored and /status",
+        run: crate::hostile::hostile_disks,
+        tier: Tier::Extended,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {

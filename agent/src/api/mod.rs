@@ -99,6 +99,9 @@ pub struct Status {
     pub boot_id: String,
     /// Why the node's configuration was not applied, if it was not.
     pub config_error: Option<String>,
+    /// Which user-data source is in force and which were ignored this boot
+    /// (`config::user_data`); `null` before the policy ran.
+    pub user_data: Option<crate::config::user_data::Status>,
 }
 
 /// Everything the API reads, shared with PID 1.
@@ -466,6 +469,7 @@ mod tests {
             slot: "a".into(),
             boot_id: "b".into(),
             config_error: None,
+            user_data: None,
         }
     }
 

@@ -65,6 +65,7 @@ fn status() -> Status {
         slot: "a".into(),
         boot_id: "b".into(),
         config_error: None,
+        user_data: None,
     }
 }
 
