@@ -10,60 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{ring as ring_provider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use ballast::api::identity::Identity;
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+use rustls::ClientConfig;
 
 use crate::http::{self, HttpError, Response};
-
-#[derive(Debug)]
-struct Pin {
-    sha256: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Pin {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if <[u8; 32]>::from(Sha256::digest(end_entity.as_ref())) == self.sha256 {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
 
 /// TLS settings for one node: its pin and maybe a client identity.
 #[derive(Debug, Clone)]
@@ -79,34 +30,23 @@ impl TlsClient {
         let mut sha256 = [0u8; 32];
         hex::decode_to_slice(pin_hex.trim(), &mut sha256)
             .map_err(|_| setup(format!("{pin_hex:?} is not a SHA-256 pin")))?;
-        let provider = Arc::new(ring_provider::default_provider());
-        let pin = Arc::new(Pin {
-            sha256,
-            algorithms: provider.signature_verification_algorithms,
-        });
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| setup(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(pin);
-        let config = match identity_dir {
-            None => builder.with_no_client_auth(),
+        let identity = match identity_dir {
+            None => None,
             Some(dir) => {
                 let cert = dir.join("client.crt");
                 let key = dir.join("client.key");
-                let certs = CertificateDer::pem_file_iter(&cert)
+                let chain = CertificateDer::pem_file_iter(&cert)
                     .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| setup(format!("{}: {e}", cert.display())))?;
                 let key = PrivateKeyDer::from_pem_file(&key)
                     .map_err(|e| setup(format!("{}: {e}", key.display())))?;
-                builder
-                    .with_client_auth_cert(certs, key)
-                    .map_err(|e| setup(e.to_string()))?
+                Some(Identity { chain, key })
             }
         };
-        Ok(TlsClient {
-            config: Arc::new(config),
-        })
+        // The agent's own pinned client configuration (one verifier).
+        let config = ballast::api::tls::client_config(pin_hex, identity)
+            .map_err(|e| setup(ballast::error_chain(&e)))?;
+        Ok(TlsClient { config })
     }
 
     /// One request over TLS to `127.0.0.1:port`, read to the end.

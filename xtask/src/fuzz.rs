@@ -3,6 +3,14 @@
 //! each for a short, bounded time. Only stable Rust exists on
 //! these machines, so cargo-fuzz runs with RUSTC_BOOTSTRAP=1 (it needs the
 //! `-Z sanitizer` flags of a nightly compiler).
+//!
+//! The smoke runs are built for speed of building, which is most of their
+//! CI minutes: unoptimised (`--dev`, which also keeps overflow checks on,
+//! the arithmetic bugs we fuzz for), without AddressSanitizer (`-s none`:
+//! the fuzzed code is safe Rust, `unsafe` lives only in `sys.rs`, which no
+//! target reaches, so ASan has nothing to find), and both fuzz crates share
+//! one target directory, so the updater and the common dependencies build
+//! once. A long campaign can still be run by hand with `cargo fuzz run`.
 
 use std::process::Command;
 
@@ -41,7 +49,10 @@ pub fn run(args: FuzzArgs) -> Result<()> {
 
 /// Runs every target of `krate/fuzz`; returns how many ran.
 fn run_crate(krate: &str, args: &FuzzArgs) -> Result<usize> {
-    let dir = crate::workspace_root().join(krate);
+    let root = crate::workspace_root();
+    let dir = root.join(krate);
+    let target_dir = root.join("target/fuzz");
+    let target_dir = target_dir.to_string_lossy();
     let list = Command::new("cargo")
         .args(["fuzz", "list"])
         .current_dir(&dir)
@@ -69,6 +80,11 @@ fn run_crate(krate: &str, args: &FuzzArgs) -> Result<usize> {
             .args([
                 "fuzz",
                 "run",
+                "--dev",
+                "--sanitizer",
+                "none",
+                "--target-dir",
+                &target_dir,
                 t,
                 "--",
                 &format!("-max_total_time={}", args.seconds),

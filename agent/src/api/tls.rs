@@ -4,7 +4,7 @@
 //! certificate); the router refuses them everything else. A certificate
 //! that does not chain to the CA fails the handshake.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
@@ -56,9 +56,13 @@ pub fn server_config(
 /// Client side: trusts exactly the server certificate whose SHA-256
 /// (lowercase hex of the DER) is `pin`, the value `api-listening` and
 /// `/status` announce. Host names are not checked: the pin is the identity.
+/// It remembers the fingerprint the server presented, so a client can say
+/// which certificate it refused. The one pinned verifier of the tree: the
+/// CLI (`ballast --node`), the API's tests and the VM tests all use it.
 #[derive(Debug)]
 pub struct PinnedServer {
     pin: String,
+    presented: Mutex<Option<String>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -66,8 +70,15 @@ impl PinnedServer {
     pub fn new(pin: &str) -> Self {
         PinnedServer {
             pin: pin.trim().to_ascii_lowercase(),
+            presented: Mutex::new(None),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         }
+    }
+
+    /// The SHA-256 (lowercase hex) of the last certificate a server
+    /// presented to this verifier, if any.
+    pub fn presented(&self) -> Option<String> {
+        self.presented.lock().ok().and_then(|p| p.clone())
     }
 }
 
@@ -80,7 +91,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedServer {
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if super::identity::cert_sha256(end_entity) == self.pin {
+        let presented = super::identity::cert_sha256(end_entity);
+        let matches = presented == self.pin;
+        if let Ok(mut p) = self.presented.lock() {
+            *p = Some(presented);
+        }
+        if matches {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(
@@ -130,12 +146,21 @@ pub fn client_config(
     pin: &str,
     identity: Option<Identity>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pinned_client_config(Arc::new(PinnedServer::new(pin)), identity)
+}
+
+/// [`client_config`] with a verifier the caller keeps, to ask it
+/// afterwards what the server presented.
+pub fn pinned_client_config(
+    verifier: Arc<PinnedServer>,
+    identity: Option<Identity>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Identity)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer::new(pin)));
+        .with_custom_certificate_verifier(verifier);
     let mut config = match identity {
         Some(id) => builder
             .with_client_auth_cert(id.chain, id.key)

@@ -18,7 +18,7 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -26,14 +26,13 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio_rustls::rustls::{
-    self,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{ring as ring_provider, WebPkiSupportedAlgorithms},
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    ClientConfig,
 };
 
-use super::pki::{sha256, CLIENT_CERT, CLIENT_KEY};
+use super::pki::{CLIENT_CERT, CLIENT_KEY};
+use crate::api::identity::Identity;
+use crate::api::tls::{pinned_client_config, PinnedServer};
 
 /// The API's port when `--node` names none.
 pub const DEFAULT_PORT: u16 = 9465;
@@ -111,7 +110,7 @@ pub enum RemoteError {
         source: std::io::Error,
     },
     #[error("setting up TLS")]
-    TlsConfig(#[source] rustls::Error),
+    TlsConfig(#[source] crate::api::tls::TlsError),
     #[error("{method} {path} on {node}")]
     Http {
         method: Method,
@@ -238,61 +237,6 @@ pub fn identity_dir(args: &RemoteArgs) -> PathBuf {
     config.join("ballast")
 }
 
-/// Trusts exactly one server certificate, by the SHA-256 of its DER, and
-/// still checks that the peer signed the handshake with its key.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    /// What the node presented, for the mismatch message.
-    presented: Mutex<Option<String>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = sha256(end_entity.as_ref());
-        if let Ok(mut p) = self.presented.lock() {
-            *p = Some(hex::encode(got));
-        }
-        if got == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 /// The client's certificate chain and key from the identity directory.
 /// The key must not be readable by others, as ssh insists too.
 fn load_identity(
@@ -337,7 +281,7 @@ fn load_identity(
 pub struct Remote {
     target: Target,
     tls: Arc<ClientConfig>,
-    verifier: Arc<PinVerifier>,
+    verifier: Arc<PinnedServer>,
     pin_hex: String,
     /// Where to record the pin after it worked, when it came from the
     /// command line or environment rather than from there.
@@ -379,28 +323,16 @@ impl Remote {
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
         record_in: Option<PathBuf>,
     ) -> Result<Remote, RemoteError> {
-        let provider = Arc::new(ring_provider::default_provider());
-        let verifier = Arc::new(PinVerifier {
-            pin,
-            presented: Mutex::new(None),
-            algorithms: provider.signature_verification_algorithms,
-        });
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(RemoteError::TlsConfig)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone());
-        let tls = match identity {
-            Some((certs, key)) => builder
-                .with_client_auth_cert(certs, key)
-                .map_err(RemoteError::TlsConfig)?,
-            None => builder.with_no_client_auth(),
-        };
+        let pin_hex = hex::encode(pin);
+        let verifier = Arc::new(PinnedServer::new(&pin_hex));
+        let identity = identity.map(|(chain, key)| Identity { chain, key });
+        let tls =
+            pinned_client_config(verifier.clone(), identity).map_err(RemoteError::TlsConfig)?;
         Ok(Remote {
             target,
-            tls: Arc::new(tls),
+            tls,
             verifier,
-            pin_hex: hex::encode(pin),
+            pin_hex,
             record_in,
         })
     }
@@ -450,7 +382,7 @@ impl Remote {
                 })
             }
             Ok(Err(source)) => {
-                let presented = self.verifier.presented.lock().ok().and_then(|p| p.clone());
+                let presented = self.verifier.presented();
                 return Err(match presented {
                     Some(presented) if presented != self.pin_hex => RemoteError::PinMismatch {
                         node,
@@ -758,6 +690,8 @@ fn print_object(body: &str, json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::pki::sha256;
+    use tokio_rustls::rustls::crypto::ring as ring_provider;
 
     #[test]
     fn targets_parse_with_and_without_ports() {
