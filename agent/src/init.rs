@@ -65,6 +65,9 @@ async fn main_loop() -> Action {
         tracing::error!(target, error = %e, "mount failed");
     }
     crate::reopen_console();
+    if let Err(e) = crate::node::confine::protect_agent_from_oom() {
+        tracing::warn!(error = %crate::error_chain(&e), "the agent may be picked by the OOM killer");
+    }
     if let Err(e) =
         crate::node::failpoints::load(Path::new(crate::node::failpoints::FAILPOINTS_FILE))
     {

@@ -1,6 +1,8 @@
 //! Safe wrappers for the few raw kernel interfaces nix does not cover:
 //! device-mapper ioctls, block-device size and partition ioctls, and the
-//! ext4 online resize ioctl. This is the only module with `unsafe` code.
+//! ext4 online resize ioctl, and the pre-exec hook that confines a service
+//! (user, capabilities, no_new_privs, limits). This is the only module with
+//! `unsafe` code.
 
 use std::fs::File;
 use std::io;
@@ -298,5 +300,122 @@ mod tests {
         assert!(DmBuffer::new("", 0, &[]).is_err());
         assert!(DmBuffer::new("a/b", 0, &[]).is_err());
         assert!(DmBuffer::new(&"x".repeat(128), 0, &[]).is_err());
+    }
+}
+
+/// What a service process gives up between fork and exec
+/// (`node::confine` builds it from `[services.NAME]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Capabilities kept (bit `n` is capability `n`); every other one
+    /// leaves the bounding set. For a non-root `uid` they are also raised
+    /// as ambient capabilities, so the program holds them after exec.
+    pub capabilities: Option<u64>,
+    pub no_new_privs: bool,
+    /// `RLIMIT_NOFILE`, soft and hard.
+    pub nofile: Option<u64>,
+    pub oom_score_adj: Option<i32>,
+}
+
+impl Confinement {
+    /// Whether there is anything to do.
+    pub fn is_empty(&self) -> bool {
+        *self == Confinement::default()
+    }
+}
+
+/// Highest capability number the loop below tries; the kernel refuses the
+/// ones it does not know (EINVAL), which are skipped.
+const CAP_BITS: u32 = 64;
+
+/// Applies `c` in the child; only raw syscalls through rustix, no
+/// allocation and no locks, as a `pre_exec` hook requires.
+fn apply_confinement(c: &Confinement, oom_text: Option<&[u8]>) -> io::Result<()> {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    use rustix::thread::{self, CapabilitySet, CapabilitySets};
+
+    if let Some(n) = c.nofile {
+        let limit = Rlimit {
+            current: Some(n),
+            maximum: Some(n),
+        };
+        setrlimit(Resource::Nofile, limit)?;
+    }
+    if let Some(text) = oom_text {
+        let fd = rustix::fs::open(
+            c"/proc/self/oom_score_adj",
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        rustix::io::write(&fd, text)?;
+    }
+    let keep = c.capabilities.map(CapabilitySet::from_bits_retain);
+    if let Some(keep) = keep {
+        for bit in 0..CAP_BITS {
+            let cap = CapabilitySet::from_bits_retain(1 << bit);
+            if keep.contains(cap) {
+                continue;
+            }
+            match thread::remove_capability_from_bounding_set(cap) {
+                Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let non_root = c.uid.is_some_and(|u| u != 0);
+    let ambient = keep.filter(|k| non_root && !k.is_empty());
+    if ambient.is_some() {
+        // Keep the permitted set across setuid, to raise the ambient set.
+        thread::set_keep_capabilities(true)?;
+    }
+    if c.uid.is_some() || c.gid.is_some() {
+        thread::set_thread_groups(&[])?;
+    }
+    if let Some(gid) = c.gid {
+        thread::set_thread_gid(rustix::process::Gid::from_raw(gid))?;
+    }
+    if let Some(uid) = c.uid {
+        // The forked child has one thread: its setuid is the process's.
+        thread::set_thread_uid(rustix::process::Uid::from_raw(uid))?;
+    }
+    if let Some(keep) = ambient {
+        thread::set_capabilities(
+            None,
+            CapabilitySets {
+                effective: keep,
+                permitted: keep,
+                inheritable: keep,
+            },
+        )?;
+        for bit in 0..CAP_BITS {
+            let cap = CapabilitySet::from_bits_retain(1 << bit);
+            if keep.contains(cap) {
+                thread::configure_capability_in_ambient_set(cap, true)?;
+            }
+        }
+    }
+    if c.no_new_privs {
+        thread::set_no_new_privs(true)?;
+    }
+    Ok(())
+}
+
+/// Makes `command`'s child apply `confinement` just before exec.
+pub fn confine(command: &mut std::process::Command, confinement: Confinement) {
+    use std::os::unix::process::CommandExt;
+    if confinement.is_empty() {
+        return;
+    }
+    // Formatted before the fork: the hook must not allocate.
+    let oom_text = confinement
+        .oom_score_adj
+        .map(|v| v.to_string().into_bytes());
+    // SAFETY: the hook runs in the forked child before exec; it makes only
+    // raw syscalls (rustix), takes no locks and does not allocate, and it
+    // touches only its own captured values.
+    unsafe {
+        command.pre_exec(move || apply_confinement(&confinement, oom_text.as_deref()));
     }
 }

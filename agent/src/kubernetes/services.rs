@@ -43,6 +43,14 @@ pub fn kubelet_installed(path: &Path) -> Result<String, String> {
     }
 }
 
+/// Descriptors for containerd and the kubelet: every container's files
+/// and sockets count against containerd's shims and the kubelet's
+/// watches (the kernel's nr_open default, as their systemd units ask).
+const RUNTIME_NOFILE: u64 = 1 << 20;
+/// Near the agent's -1000: the OOM killer takes pods before the runtime
+/// that would restart them (the kubelet's own choice for itself).
+const RUNTIME_OOM_SCORE_ADJ: i32 = -999;
+
 /// The supervisor services for rendered files; the kubelet only when
 /// installed.
 pub fn service_specs(
@@ -59,6 +67,8 @@ pub fn service_specs(
                 CONTAINERD_CONFIG.to_owned(),
             ],
             restart: RestartPolicy::Always,
+            nofile: Some(RUNTIME_NOFILE),
+            oom_score_adj: Some(RUNTIME_OOM_SCORE_ADJ),
             ..ServiceSpec::default()
         },
     );
@@ -69,6 +79,8 @@ pub fn service_specs(
                 command: rendered.kubelet_argv.clone(),
                 after: vec![CONTAINERD_SERVICE.to_owned()],
                 restart: RestartPolicy::Always,
+                nofile: Some(RUNTIME_NOFILE),
+                oom_score_adj: Some(RUNTIME_OOM_SCORE_ADJ),
                 ..ServiceSpec::default()
             },
         );

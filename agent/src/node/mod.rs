@@ -1,6 +1,7 @@
 //! The node's runtime services under PID 1: power actions, service
-//! supervision and reaping, health checks, and fail points.
+//! supervision and reaping, what a service may do (confine), health checks, and fail points.
 
+pub mod confine;
 pub mod failpoints;
 pub mod health;
 pub mod power;

@@ -83,6 +83,8 @@ pub enum SupervisorError {
         limit: &'static str,
         detail: String,
     },
+    #[error(transparent)]
+    Confine(#[from] crate::node::confine::ConfineError),
     #[error("installing the SIGCHLD handler")]
     SignalHandler(#[source] std::io::Error),
     /// Only the program and the number of arguments: arguments may carry
@@ -126,6 +128,26 @@ pub struct ServiceSpec {
     pub restart: RestartPolicy,
     #[serde(default)]
     pub limits: Limits,
+    /// Numeric user id to run as (default root); see `node::confine`.
+    #[serde(default)]
+    pub user: Option<u32>,
+    /// Numeric group id (default: the user's number); supplementary
+    /// groups are always dropped when either is set.
+    #[serde(default)]
+    pub group: Option<u32>,
+    /// Capabilities kept (`CAP_NET_ADMIN` or `net_admin`); every other one
+    /// leaves the bounding set. Unset: unchanged.
+    #[serde(default)]
+    pub capabilities: Option<Vec<String>>,
+    /// setuid programs and file capabilities grant nothing.
+    #[serde(default)]
+    pub no_new_privs: bool,
+    /// `RLIMIT_NOFILE`, soft and hard.
+    #[serde(default)]
+    pub nofile: Option<u64>,
+    /// The OOM killer's preference, -1000 (never) ..= 1000.
+    #[serde(default)]
+    pub oom_score_adj: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,6 +571,7 @@ pub fn start_order(
             });
         }
         spec.limits.validate(name)?;
+        crate::node::confine::confinement(name, spec)?;
         for dependency in &spec.after {
             if !services.contains_key(dependency) {
                 return Err(SupervisorError::UnknownDependency {
@@ -982,6 +1005,10 @@ fn spawn_process(context: &ServiceContext) -> Result<Running, SupervisorError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // Checked when the services were loaded; derived again here (cheap)
+    // rather than stored beside the spec.
+    let confinement = crate::node::confine::confinement(name, spec)?;
+    crate::sys::confine(&mut command, confinement);
     let (mut child, exit) =
         context
             .reaper
