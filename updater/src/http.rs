@@ -5,6 +5,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use crate::fetch::{check_relative, redact_url, Fetch, FetchError};
+use crate::pace::{Pace, Paced};
 
 /// A repository at an `http://` or `https://` base URL.
 #[derive(Debug, Clone)]
@@ -71,7 +72,8 @@ impl Fetch for HttpFetch {
             return Ok(None);
         };
         let mut bytes = Vec::new();
-        resp.take(max as u64 + 1)
+        Paced::new(resp, Pace::default())
+            .take(max as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| FetchError::Http {
                 url: redact_url(&url),
@@ -103,9 +105,9 @@ impl Fetch for HttpFetch {
                     reason: redact_url(&e.to_string()),
                 }
             })?;
-            return Ok(Box::new(resp));
+            return Ok(Box::new(Paced::new(resp, Pace::default())));
         }
-        Ok(Box::new(resp))
+        Ok(Box::new(Paced::new(resp, Pace::default())))
     }
 
     fn describe(&self) -> String {

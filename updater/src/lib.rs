@@ -20,6 +20,7 @@ pub mod http;
 pub mod install;
 pub mod keys;
 pub mod manifest;
+pub mod pace;
 pub mod payload;
 pub mod repo;
 pub mod state;

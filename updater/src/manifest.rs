@@ -330,6 +330,12 @@ pub fn parse_signatures(bytes: &[u8]) -> Result<Vec<Signature>, ManifestError> {
 
 /// Checks the signatures over the raw manifest bytes against the trusted
 /// keys; only then parses the manifest. Returns the key ids that signed.
+///
+/// As in TUF, the quorum counts distinct trusted keys with a valid
+/// signature and ignores invalid ones: a signature that does not verify
+/// (a key being rotated, a corrupted entry, one planted by whoever can
+/// write the repository) can neither veto a release the threshold signed
+/// nor count toward it. Without a quorum, an invalid signature is named.
 pub fn verify_signatures(
     manifest_bytes: &[u8],
     signatures_bytes: Option<&[u8]>,
@@ -344,19 +350,27 @@ pub fn verify_signatures(
     }
     let mut valid = BTreeSet::new();
     let mut unknown = Vec::new();
+    let mut invalid = Vec::new();
     for sig in &sigs {
         let Some(key) = trust.get(&sig.key_id) else {
             unknown.push(sig.key_id.clone());
             continue;
         };
         let mut raw = [0u8; 64];
-        let bad = || ManifestError::BadSignature {
-            key_id: sig.key_id.clone(),
-        };
-        hex::decode_to_slice(&sig.signature, &mut raw).map_err(|_| bad())?;
-        key.verify_strict(manifest_bytes, &DalekSignature::from_bytes(&raw))
-            .map_err(|_| bad())?;
-        valid.insert(sig.key_id.clone());
+        let verifies = hex::decode_to_slice(&sig.signature, &mut raw).is_ok()
+            && key
+                .verify_strict(manifest_bytes, &DalekSignature::from_bytes(&raw))
+                .is_ok();
+        if verifies {
+            valid.insert(sig.key_id.clone());
+        } else {
+            invalid.push(sig.key_id.clone());
+        }
+    }
+    if valid.len() < trust.threshold() {
+        if let Some(key_id) = invalid.into_iter().next() {
+            return Err(ManifestError::BadSignature { key_id });
+        }
     }
     if valid.is_empty() && !unknown.is_empty() {
         return Err(ManifestError::UnknownKey {
@@ -651,6 +665,20 @@ mod tests {
                 now,
                 None
             ),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        // An invalid signature beside a quorum of valid ones is ignored,
+        // and does not count.
+        let mut sigs: Vec<Signature> = serde_json::from_slice(&sign(&bytes, &[&k1, &k2])).unwrap();
+        let mut forged = sigs[0].clone();
+        forged.signature = hex::encode([7u8; 64]);
+        sigs.push(forged);
+        let with_forged = serde_json::to_vec(&sigs).unwrap();
+        assert!(verify(&bytes, Some(&with_forged), &trust, now, None).is_ok());
+        let sigs_one_valid = vec![sigs[0].clone(), sigs[2].clone()];
+        let one_valid = serde_json::to_vec(&sigs_one_valid).unwrap();
+        assert!(matches!(
+            verify(&bytes, Some(&one_valid), &trust, now, None),
             Err(ManifestError::BadSignature { .. })
         ));
     }
