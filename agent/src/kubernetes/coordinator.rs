@@ -71,12 +71,10 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// From `[kubernetes]`; `hostname` is the node's configured hostname
-    /// (the node name unless `node_name` overrides it).
-    pub fn from_config(
-        config: &KubernetesConfig,
-        hostname: Option<&str>,
-    ) -> Result<Self, CoordinatorError> {
+    /// From `[kubernetes]`; `node` is the node's one identity
+    /// ([`super::identity::node_name`]), the same name the kubelet
+    /// registers.
+    pub fn from_config(config: &KubernetesConfig, node: &str) -> Result<Self, CoordinatorError> {
         let server = config
             .api_server
             .clone()
@@ -101,8 +99,14 @@ impl Cluster {
             }
             (None, None) => None,
         };
-        let node =
-            super::render::node_name(config, hostname).map_err(CoordinatorError::NodeName)?;
+        crate::config::kubernetes_validate::node_name(node).map_err(|detail| {
+            CoordinatorError::NodeName(super::render::RenderError::NodeName {
+                name: node.to_owned(),
+                source_key: "node identity",
+                detail,
+            })
+        })?;
+        let node = node.to_owned();
         let client = KubeClient::new(ClientConfig::new(server, ca_pem, auth))
             .map_err(CoordinatorError::Client)?;
         let r = &config.reboot;
@@ -402,11 +406,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
         c.agent = None;
-        let e = Cluster::from_config(&c, None).unwrap_err();
+        let e = Cluster::from_config(&c, "node-1").unwrap_err();
         assert!(e.to_string().contains("kubernetes.agent"), "{e}");
         c.api_server = None;
         assert!(matches!(
-            Cluster::from_config(&c, None),
+            Cluster::from_config(&c, "node-1"),
             Err(CoordinatorError::NoApiServer)
         ));
     }
@@ -418,7 +422,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t0ken").unwrap();
-        let cluster = Cluster::from_config(&config(&server.url(), &token), None).unwrap();
+        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1").unwrap();
         assert_eq!(cluster.node(), "node-1");
         cluster.before_reboot().await.unwrap();
         let unschedulable = |s: &TestServer| {

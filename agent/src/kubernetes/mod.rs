@@ -6,6 +6,7 @@
 pub mod client;
 pub mod coordinator;
 pub mod drain;
+pub mod identity;
 pub mod lease;
 pub mod node_report;
 pub mod render;

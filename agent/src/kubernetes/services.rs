@@ -76,15 +76,14 @@ pub fn service_specs(
     services
 }
 
-/// Renders the files under `root` and returns the services. `hostname`
-/// names the Node when `node_name` is not set.
+/// Renders the files under `root` for the Node `node_name` (the node's
+/// one identity, [`super::identity::node_name`]) and returns the services.
 pub fn prepare(
     config: &KubernetesConfig,
-    hostname: Option<&str>,
+    node_name: &str,
     root: &Path,
 ) -> Result<Prepared, RenderError> {
-    let name = render::node_name(config, hostname)?;
-    let rendered = render::render(config, &name)?;
+    let rendered = render::render(config, node_name)?;
     let written = render::write(&rendered.files, root)?;
     let kubelet = kubelet_installed(
         &root.join(
@@ -103,11 +102,8 @@ pub fn prepare(
 
 /// PID 1's call at boot: [`prepare`] on `/`, with the outcome logged. An
 /// error starts neither service (and says why); it never stops the boot.
-pub fn boot(config: &KubernetesConfig) -> BTreeMap<String, ServiceSpec> {
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned());
-    match prepare(config, hostname.as_deref(), Path::new("/")) {
+pub fn boot(config: &KubernetesConfig, node_name: &str) -> BTreeMap<String, ServiceSpec> {
+    match prepare(config, node_name, Path::new("/")) {
         Ok(prepared) => {
             // Paths only: the bootstrap kubeconfig holds a token.
             tracing::info!(files = prepared.written.len(), "kubernetes files rendered");
@@ -140,7 +136,7 @@ mod tests {
     #[test]
     fn kubelet_runs_after_containerd_only_when_installed() {
         let root = tempfile::tempdir().unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
         assert_eq!(
             prepared.kubelet,
             Err(format!(
@@ -168,12 +164,12 @@ mod tests {
         std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o644))
             .unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
         assert!(prepared.kubelet.unwrap_err().contains("not an executable"));
 
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
         assert!(prepared.kubelet.is_ok());
         let kubelet = &prepared.services["kubelet"];
         assert_eq!(kubelet.after, ["containerd"]);
@@ -189,7 +185,7 @@ mod tests {
     #[test]
     fn a_bad_table_renders_nothing() {
         let root = tempfile::tempdir().unwrap();
-        let err = prepare(&KubernetesConfig::default(), Some("n"), root.path()).unwrap_err();
+        let err = prepare(&KubernetesConfig::default(), "n", root.path()).unwrap_err();
         assert!(err.to_string().contains("kubernetes.api_server"), "{err}");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
