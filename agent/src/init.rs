@@ -132,6 +132,11 @@ async fn main_loop() -> Action {
         Err(e) => tracing::error!(error = %crate::error_chain(&e), "network not started"),
     }
 
+    // [kernel] (with a Kubernetes node's defaults): after the network (a
+    // user's per-interface sysctl wins over the network's own), before
+    // containerd and the kubelet start.
+    apply_kernel_settings(&config);
+
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .unwrap_or_default()
         .trim()
@@ -295,6 +300,26 @@ async fn main_loop() -> Action {
         supervisor.stop_all().await;
     }
     action
+}
+
+/// Loads `[kernel] modules` and writes `[kernel.sysctl]`, with the defaults
+/// a Kubernetes node needs when `[kubernetes]` is set. Failures are logged
+/// one by one and never stop the boot.
+fn apply_kernel_settings(config: &Config) {
+    let kubernetes = config.kubernetes.is_some();
+    let dir = crate::boot::modules::running_kernel_dir();
+    for m in config.kernel.modules(kubernetes) {
+        if let Err(e) = crate::boot::modules::load(&dir, &[m.as_str()]) {
+            tracing::warn!(module = %m, error = %crate::error_chain(&e), "module not loaded");
+        }
+    }
+    let failed = crate::node::sysctl::apply(
+        &crate::node::sysctl::Dir::default(),
+        &config.kernel.sysctls(kubernetes),
+    );
+    if !failed.is_empty() {
+        tracing::error!(failed = failed.len(), "sysctls not set (see above)");
+    }
 }
 
 /// What an operator's reboot through the API goes through: the node's

@@ -12,6 +12,7 @@
 //! wrong types are errors naming the file, line and key; a bad config leaves
 //! the last good one in force.
 
+pub mod kernel;
 pub mod kubernetes;
 pub mod kubernetes_validate;
 pub mod update;
@@ -123,6 +124,9 @@ pub struct Config {
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,
+    /// `[kernel]`: sysctls and extra modules.
+    #[serde(default)]
+    pub kernel: kernel::KernelConfig,
 }
 
 /// `[api]`: the HTTPS API on TCP (the Unix socket is always on).
@@ -355,6 +359,10 @@ impl Config {
             .validate()
             .map_err(|e| invalid(e.to_string()))?;
         crate::node::supervisor::start_order(&config.services)
+            .map_err(|e| invalid(e.to_string()))?;
+        config
+            .kernel
+            .validate()
             .map_err(|e| invalid(e.to_string()))?;
         if let Some(k8s) = &config.kubernetes {
             crate::config::kubernetes_validate::validate(k8s)

@@ -1,7 +1,8 @@
 //! The node's runtime services under PID 1: power actions, service
-//! supervision and reaping, health checks, and fail points.
+//! supervision and reaping, health checks, fail points, and sysctls.
 
 pub mod failpoints;
 pub mod health;
 pub mod power;
 pub mod supervisor;
+pub mod sysctl;
