@@ -136,6 +136,14 @@ async fn main_loop() -> Action {
     // user's per-interface sysctl wins over the network's own), before
     // containerd and the kubelet start.
     apply_kernel_settings(&config);
+    // [trust]: extra CAs into the node's bundle (the /etc tmpfs was filled
+    // from the factory copy above), before anything reads it.
+    if let Err(e) = crate::node::trust::append(
+        Path::new(crate::node::trust::NODE_BUNDLE),
+        &config.trust.bundle(),
+    ) {
+        tracing::error!(error = %crate::error_chain(&e), "extra CA certificates not trusted");
+    }
 
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .unwrap_or_default()
@@ -169,7 +177,11 @@ async fn main_loop() -> Action {
     // names are reserved, so nothing collides.
     let mut services = config.services.clone();
     if let Some(k8s) = &config.kubernetes {
-        services.extend(crate::kubernetes::services::boot(k8s, &identity.name));
+        services.extend(crate::kubernetes::services::boot(
+            k8s,
+            &identity.name,
+            &config.proxy.environment(),
+        ));
     }
     let supervisor = match &reaper {
         Some(reaper) => {
@@ -243,7 +255,7 @@ async fn main_loop() -> Action {
         .as_ref()
         .filter(|k| k.agent.is_some() && !k.standalone)
         .and_then(|k| {
-            crate::kubernetes::coordinator::Cluster::from_config(k, &identity.name)
+            crate::kubernetes::coordinator::Cluster::from_config(k, &identity.name, &config.trust.bundle())
                 .map_err(|e| {
                     tracing::error!(error = %crate::error_chain(&e), "no cluster calls from the agent")
                 })

@@ -81,6 +81,11 @@ pub struct KubernetesConfig {
     #[serde(default)]
     pub static_pods: BTreeMap<String, String>,
 
+    /// Registry host (`docker.io`, `HOST:PORT`, `_default`) to mirrors, CA
+    /// and pull credentials, rendered for containerd.
+    #[serde(default)]
+    pub registries: BTreeMap<String, super::kubernetes_registries::RegistryConfig>,
+
     /// The agent's own credential for its API calls.
     pub agent: Option<AgentCredentials>,
     #[serde(default)]

@@ -225,6 +225,9 @@ pub fn validate(c: &KubernetesConfig) -> Result<(), KubernetesConfigError> {
     for name in c.static_pods.keys() {
         dns1123_label(name).map_err(|d| invalid(format!("kubernetes.static_pods.{name:?}"), d))?;
     }
+    for (host, registry) in &c.registries {
+        super::kubernetes_registries::validate(host, registry)?;
+    }
     if let Some(agent) = &c.agent {
         match (&agent.token_file, &agent.kubeconfig) {
             (Some(path), None) => {

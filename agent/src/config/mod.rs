@@ -14,7 +14,10 @@
 
 pub mod kernel;
 pub mod kubernetes;
+pub mod kubernetes_registries;
 pub mod kubernetes_validate;
+pub mod proxy;
+pub mod trust;
 pub mod update;
 pub mod user_data;
 
@@ -61,7 +64,9 @@ const SECRET_KEY_PARTS: [&str; 6] = [
 /// Whether a key's name says its value is a secret (see [`SECRET_KEY_PARTS`]).
 pub fn is_secret_key(key: &str) -> bool {
     let lower = key.to_ascii_lowercase();
-    SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
+    // `auth` alone: a registry's base64 credential (`authentication` and
+    // `authorization` tables of kubelet_extra are not secrets).
+    lower == "auth" || SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +132,12 @@ pub struct Config {
     /// `[kernel]`: sysctls and extra modules.
     #[serde(default)]
     pub kernel: kernel::KernelConfig,
+    /// `[proxy]`: the HTTP(S) proxy of containerd and the kubelet.
+    #[serde(default)]
+    pub proxy: proxy::ProxyConfig,
+    /// `[trust]`: extra CA certificates for the whole node.
+    #[serde(default)]
+    pub trust: trust::TrustConfig,
 }
 
 /// `[api]`: the HTTPS API on TCP (the Unix socket is always on).
@@ -362,6 +373,14 @@ impl Config {
             .map_err(|e| invalid(e.to_string()))?;
         config
             .kernel
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        config
+            .proxy
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        config
+            .trust
             .validate()
             .map_err(|e| invalid(e.to_string()))?;
         if let Some(k8s) = &config.kubernetes {
@@ -921,10 +940,20 @@ inner = { token = "k7" }
             "privateKey",
             "CREDENTIALS",
             "db_password",
+            "auth",
+            "password",
         ] {
             assert!(is_secret_key(key), "{key}");
         }
-        for key in ["hostname", "listen", "url", "command"] {
+        for key in [
+            "hostname",
+            "listen",
+            "url",
+            "command",
+            "authentication",
+            "authorization",
+            "username",
+        ] {
             assert!(!is_secret_key(key), "{key}");
         }
     }

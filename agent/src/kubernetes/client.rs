@@ -94,6 +94,9 @@ pub struct ClientConfig {
     /// The cluster CA (PEM). When set it is the only trusted root; when not,
     /// the built-in web roots are used.
     pub ca_pem: Option<Vec<u8>>,
+    /// The node's extra CAs (`[trust] ca`, PEM): trusted beside the
+    /// built-in roots when `ca_pem` is not set, ignored when it is.
+    pub extra_roots: Option<Vec<u8>>,
     pub auth: Auth,
     /// Per-request timeout (connect and answer).
     pub timeout: Duration,
@@ -105,6 +108,7 @@ impl ClientConfig {
         ClientConfig {
             server: server.into(),
             ca_pem,
+            extra_roots: None,
             auth,
             timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
@@ -259,6 +263,16 @@ impl KubeClient {
             // The cluster CA alone decides: a public CA must not be able to
             // impersonate the API server.
             builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        } else if let Some(extra) = &config.extra_roots {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(extra).map_err(|e| KubeError::Config {
+                    field: "trust.ca",
+                    value: format!("{} bytes", extra.len()),
+                    reason: e.to_string(),
+                })?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }

@@ -73,8 +73,13 @@ pub struct Cluster {
 impl Cluster {
     /// From `[kubernetes]`; `node` is the node's one identity
     /// ([`super::identity::node_name`]), the same name the kubelet
-    /// registers.
-    pub fn from_config(config: &KubernetesConfig, node: &str) -> Result<Self, CoordinatorError> {
+    /// registers; `extra_ca` (PEM, `[trust] ca`) is trusted beside the
+    /// public roots when no cluster CA is set (a cluster CA alone decides).
+    pub fn from_config(
+        config: &KubernetesConfig,
+        node: &str,
+        extra_ca: &str,
+    ) -> Result<Self, CoordinatorError> {
         let server = config
             .api_server
             .clone()
@@ -107,8 +112,11 @@ impl Cluster {
             })
         })?;
         let node = node.to_owned();
-        let client = KubeClient::new(ClientConfig::new(server, ca_pem, auth))
-            .map_err(CoordinatorError::Client)?;
+        let mut client_config = ClientConfig::new(server, ca_pem, auth);
+        if !extra_ca.is_empty() {
+            client_config.extra_roots = Some(extra_ca.as_bytes().to_vec());
+        }
+        let client = KubeClient::new(client_config).map_err(CoordinatorError::Client)?;
         let r = &config.reboot;
         let semaphore = RebootSemaphore::new(
             client.clone(),
@@ -406,11 +414,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
         c.agent = None;
-        let e = Cluster::from_config(&c, "node-1").unwrap_err();
+        let e = Cluster::from_config(&c, "node-1", "").unwrap_err();
         assert!(e.to_string().contains("kubernetes.agent"), "{e}");
         c.api_server = None;
         assert!(matches!(
-            Cluster::from_config(&c, "node-1"),
+            Cluster::from_config(&c, "node-1", ""),
             Err(CoordinatorError::NoApiServer)
         ));
     }
@@ -422,7 +430,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t0ken").unwrap();
-        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1").unwrap();
+        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1", "").unwrap();
         assert_eq!(cluster.node(), "node-1");
         cluster.before_reboot().await.unwrap();
         let unschedulable = |s: &TestServer| {

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod identity;
 pub mod lease;
 pub mod node_report;
+pub mod registries;
 pub mod render;
 pub mod services;
 #[cfg(test)]

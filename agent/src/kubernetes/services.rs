@@ -44,10 +44,11 @@ pub fn kubelet_installed(path: &Path) -> Result<String, String> {
 }
 
 /// The supervisor services for rendered files; the kubelet only when
-/// installed.
+/// installed. `env` (the `[proxy]` settings) is the environment of both.
 pub fn service_specs(
     rendered: &Rendered,
     kubelet_installed: bool,
+    env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, ServiceSpec> {
     let mut services = BTreeMap::new();
     services.insert(
@@ -59,6 +60,7 @@ pub fn service_specs(
                 CONTAINERD_CONFIG.to_owned(),
             ],
             restart: RestartPolicy::Always,
+            env: env.clone(),
             ..ServiceSpec::default()
         },
     );
@@ -69,6 +71,7 @@ pub fn service_specs(
                 command: rendered.kubelet_argv.clone(),
                 after: vec![CONTAINERD_SERVICE.to_owned()],
                 restart: RestartPolicy::Always,
+                env: env.clone(),
                 ..ServiceSpec::default()
             },
         );
@@ -77,10 +80,12 @@ pub fn service_specs(
 }
 
 /// Renders the files under `root` for the Node `node_name` (the node's
-/// one identity, [`super::identity::node_name`]) and returns the services.
+/// one identity, [`super::identity::node_name`]) and returns the services,
+/// with `env` (the `[proxy]` settings) as their environment.
 pub fn prepare(
     config: &KubernetesConfig,
     node_name: &str,
+    env: &BTreeMap<String, String>,
     root: &Path,
 ) -> Result<Prepared, RenderError> {
     let rendered = render::render(config, node_name)?;
@@ -94,7 +99,7 @@ pub fn prepare(
         ),
     );
     Ok(Prepared {
-        services: service_specs(&rendered, kubelet.is_ok()),
+        services: service_specs(&rendered, kubelet.is_ok(), env),
         written,
         kubelet,
     })
@@ -102,8 +107,12 @@ pub fn prepare(
 
 /// PID 1's call at boot: [`prepare`] on `/`, with the outcome logged. An
 /// error starts neither service (and says why); it never stops the boot.
-pub fn boot(config: &KubernetesConfig, node_name: &str) -> BTreeMap<String, ServiceSpec> {
-    match prepare(config, node_name, Path::new("/")) {
+pub fn boot(
+    config: &KubernetesConfig,
+    node_name: &str,
+    env: &BTreeMap<String, String>,
+) -> BTreeMap<String, ServiceSpec> {
+    match prepare(config, node_name, env, Path::new("/")) {
         Ok(prepared) => {
             // Paths only: the bootstrap kubeconfig holds a token.
             tracing::info!(files = prepared.written.len(), "kubernetes files rendered");
@@ -136,7 +145,7 @@ mod tests {
     #[test]
     fn kubelet_runs_after_containerd_only_when_installed() {
         let root = tempfile::tempdir().unwrap();
-        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert_eq!(
             prepared.kubelet,
             Err(format!(
@@ -164,12 +173,12 @@ mod tests {
         std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o644))
             .unwrap();
-        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert!(prepared.kubelet.unwrap_err().contains("not an executable"));
 
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
-        let prepared = prepare(&standalone(), "node-1", root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert!(prepared.kubelet.is_ok());
         let kubelet = &prepared.services["kubelet"];
         assert_eq!(kubelet.after, ["containerd"]);
@@ -183,9 +192,36 @@ mod tests {
     }
 
     #[test]
+    fn proxy_settings_are_the_environment_of_both_services() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let proxy = crate::config::proxy::ProxyConfig {
+            https: Some("http://proxy.example:3128".into()),
+            http: None,
+            no_proxy: vec![".svc".into()],
+        };
+        let prepared = prepare(&standalone(), "node-1", &proxy.environment(), root.path()).unwrap();
+        for name in ["containerd", "kubelet"] {
+            let env = &prepared.services[name].env;
+            assert_eq!(env["HTTPS_PROXY"], "http://proxy.example:3128", "{name}");
+            assert_eq!(env["NO_PROXY"], "localhost,127.0.0.1,::1,.svc", "{name}");
+        }
+    }
+
+    #[test]
     fn a_bad_table_renders_nothing() {
         let root = tempfile::tempdir().unwrap();
-        let err = prepare(&KubernetesConfig::default(), "n", root.path()).unwrap_err();
+        let err = prepare(
+            &KubernetesConfig::default(),
+            "n",
+            &BTreeMap::new(),
+            root.path(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("kubernetes.api_server"), "{err}");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
