@@ -291,6 +291,32 @@ pub fn check_complete(c: &KubernetesConfig) -> Result<(), KubernetesConfigError>
                 ));
             }
         }
+        // The standalone kubelet authorizes everyone who authenticates
+        // (AlwaysAllow): a client CA would hand the whole kubelet API (exec
+        // into every pod) to anyone holding a certificate from it.
+        for (key, set) in [
+            ("ca_pem", c.ca_pem.is_some()),
+            ("ca_file", c.ca_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    format!("kubernetes.{key}"),
+                    "standalone = true authorizes every authenticated client (AlwaysAllow); a client CA would open the kubelet's API to its certificates: remove it",
+                ));
+            }
+        }
+        let extra_client_ca = c
+            .kubelet_extra
+            .get("authentication")
+            .and_then(|a| a.get("x509"))
+            .and_then(|x| x.get("clientCAFile"))
+            .is_some();
+        if extra_client_ca {
+            return Err(invalid(
+                "kubernetes.kubelet_extra.authentication.x509.clientCAFile",
+                "standalone = true authorizes every authenticated client (AlwaysAllow); a client CA would open the kubelet's API to its certificates: remove it",
+            ));
+        }
         for (key, set) in [
             ("labels", !c.labels.is_empty()),
             ("taints", !c.taints.is_empty()),
@@ -878,6 +904,21 @@ bootstrap_token = "abcdef.0123456789abcdef"
                 "standalone = true\n[[kubernetes.taints]]\nkey = \"a\"\neffect = \"NoExecute\"",
                 "kubernetes.taints",
                 "no Node",
+            ),
+            (
+                "standalone = true\nca_file = \"/etc/ca.pem\"",
+                "kubernetes.ca_file",
+                "AlwaysAllow",
+            ),
+            (
+                "standalone = true\nca_pem = \"-----BEGIN CERTIFICATE-----\\nX\\n-----END CERTIFICATE-----\"",
+                "kubernetes.ca_pem",
+                "AlwaysAllow",
+            ),
+            (
+                "standalone = true\n[kubernetes.kubelet_extra.authentication.x509]\nclientCAFile = \"/ca.pem\"",
+                "kubernetes.kubelet_extra.authentication.x509.clientCAFile",
+                "AlwaysAllow",
             ),
             (
                 "bootstrap_token = \"abcdef.0123456789abcdef\"",

@@ -456,7 +456,18 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
         merge_tables(&mut merged, table);
     }
     let text = toml::to_string(&merged).unwrap_or_default();
-    let config = Config::parse(&text, Path::new("merged configuration"))?;
+    let mut config = Config::parse(&text, Path::new("merged configuration"))?;
+    let strategy_set = merged
+        .get("update")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|u| u.contains_key("strategy"));
+    if !strategy_set {
+        let (strategy, warning) = update::default_strategy(config.kubernetes.as_ref());
+        config.update.strategy = strategy;
+        if let Some(warning) = warning {
+            tracing::warn!(warning);
+        }
+    }
     // A layer may set the strategy and another its table (vendor default
     // and user-data); only the whole must be complete.
     config
@@ -848,6 +859,44 @@ dns = ["10.0.2.3"]
             config.update.strategy,
             crate::config::update::Strategy::Fleetlock
         );
+    }
+
+    #[test]
+    fn the_default_strategy_follows_kubernetes_and_its_agent_credential() {
+        use crate::config::update::Strategy;
+        const CLUSTER: &str =
+            "[kubernetes]\napi_server = \"https://h\"\nkubeconfig = \"/k.conf\"\n";
+        const AGENT: &str = "[kubernetes.agent]\ntoken_file = \"/t\"\n";
+        let cases: &[(&[&str], Strategy)] = &[
+            (&[""], Strategy::Immediate),
+            (&[CLUSTER], Strategy::Immediate),
+            (&[CLUSTER, AGENT], Strategy::Kubernetes),
+            (&["[kubernetes]\nstandalone = true\n"], Strategy::Immediate),
+            // An explicit strategy in any layer wins.
+            (
+                &["[update]\nstrategy = \"immediate\"\n", CLUSTER, AGENT],
+                Strategy::Immediate,
+            ),
+            (
+                &[CLUSTER, AGENT, "[update]\nstrategy = \"off\"\n"],
+                Strategy::Off,
+            ),
+        ];
+        for (texts, want) in cases {
+            let layers: Vec<Layer> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| layer(&format!("{i}.toml"), t))
+                .collect();
+            let (config, table) = merge(&layers).unwrap();
+            assert_eq!(config.update.strategy, *want, "{texts:?}");
+            // The shown configuration says only what the layers said.
+            let said = table
+                .get("update")
+                .and_then(|u| u.get("strategy"))
+                .is_some();
+            assert_eq!(said, texts.iter().any(|t| t.contains("strategy")));
+        }
     }
 
     #[test]

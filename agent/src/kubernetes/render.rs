@@ -405,8 +405,10 @@ fn kubelet_configuration(
                 enabled: cluster,
                 cache_ttl: "2m0s",
             },
+            // Standalone never trusts a client CA (check_complete refuses
+            // one; this holds even if that check is bypassed).
             x509: X509 {
-                client_ca_file: ca_path,
+                client_ca_file: ca_path.filter(|_| cluster),
             },
         },
         authorization: if cluster {
