@@ -592,6 +592,8 @@ impl NodeView {
 pub struct PodView {
     pub metadata: ObjectMeta,
     pub phase: Option<String>,
+    /// Names of the pod's `emptyDir` volumes (data lost with the pod).
+    pub empty_dir_volumes: Vec<String>,
 }
 
 /// Decode the part of `object` at `pointer` (absent or null: `None`).
@@ -640,9 +642,16 @@ impl KubeClient {
         items
             .iter()
             .map(|pod| {
+                let volumes: Vec<k8s_openapi::api::core::v1::Volume> =
+                    part(pod, "/spec/volumes", &verb, path)?.unwrap_or_default();
                 Ok(PodView {
                     metadata: part(pod, "/metadata", &verb, path)?.unwrap_or_default(),
                     phase: part(pod, "/status/phase", &verb, path)?,
+                    empty_dir_volumes: volumes
+                        .into_iter()
+                        .filter(|v| v.empty_dir.is_some())
+                        .map(|v| v.name)
+                        .collect(),
                 })
             })
             .collect()

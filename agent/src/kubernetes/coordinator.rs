@@ -135,6 +135,8 @@ impl Cluster {
             drain: DrainOptions {
                 timeout: r.drain_timeout,
                 force: r.force,
+                delete_emptydir_data: r.delete_emptydir_data,
+                disable_eviction: r.disable_eviction,
                 ..DrainOptions::default()
             },
         })
