@@ -110,7 +110,11 @@ pub fn validate(host: &str, r: &RegistryConfig) -> Result<(), KubernetesConfigEr
             .decode(auth.expose())
             .ok()
             .and_then(|b| String::from_utf8(b).ok());
-        if !decoded.is_some_and(|d| d.split_once(':').is_some_and(|(u, _)| !u.is_empty())) {
+        let valid = match decoded {
+            Some(d) => d.split_once(':').is_some_and(|(user, _)| !user.is_empty()),
+            None => false,
+        };
+        if !valid {
             return Err(invalid(at(".auth"), "is not base64 of USERNAME:PASSWORD"));
         }
     }

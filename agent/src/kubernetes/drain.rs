@@ -733,17 +733,17 @@ mod tests {
         );
         let client = server.client();
 
-        // (force, delete_emptydir_data) -> refused pods, or None when drained
-        let table: &[(bool, bool, Option<(&[&str], &[&str])>)] = &[
-            (false, false, Some((&["default/bare"], &["cache/redis-0"]))),
-            (true, false, Some((&[], &["cache/redis-0"]))),
-            (false, true, Some((&["default/bare"], &[]))),
+        // (force, delete_emptydir_data, refused unmanaged, refused emptyDir)
+        type Case<'a> = (bool, bool, &'a [&'a str], &'a [&'a str]);
+        let table: &[Case<'_>] = &[
+            (false, false, &["default/bare"], &["cache/redis-0"]),
+            (true, false, &[], &["cache/redis-0"]),
+            (false, true, &["default/bare"], &[]),
         ];
-        for (force, emptydir, want) in table {
+        for (force, emptydir, unmanaged_want, empty_want) in table {
             let mut options = fast(5_000, *force);
             options.delete_emptydir_data = *emptydir;
             let err = cordon_and_drain(&client, "n1", &options).await.unwrap_err();
-            let (unmanaged_want, empty_want) = want.unwrap();
             match &err {
                 DrainError::Refused {
                     node,

@@ -147,7 +147,14 @@ mod tests {
     #[test]
     fn sources_in_order() {
         // (kubernetes.node_name, metadata, hostname) -> (name, source)
-        let table: &[(Option<&str>, Option<&str>, Option<&str>, &str, NameSource)] = &[
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            NameSource,
+        );
+        let table: &[Case<'_>] = &[
             (
                 Some("worker-1"),
                 Some("meta"),
