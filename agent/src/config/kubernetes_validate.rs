@@ -233,13 +233,8 @@ pub fn validate(c: &KubernetesConfig) -> Result<(), KubernetesConfigError> {
             (Some(path), None) => {
                 absolute(path).map_err(|d| invalid("kubernetes.agent.token_file", d))?
             }
-            (None, Some(_)) => {
-                // The agent has no YAML reader; refusing here beats a node
-                // that accepts the key and then never reports.
-                return Err(invalid(
-                    "kubernetes.agent.kubeconfig",
-                    "not read by the agent yet; use token_file",
-                ));
+            (None, Some(path)) => {
+                absolute(path).map_err(|d| invalid("kubernetes.agent.kubeconfig", d))?
             }
             _ => {
                 return Err(invalid(
@@ -863,7 +858,7 @@ bootstrap_token = "abcdef.0123456789abcdef"
                 "exactly one",
             ),
             ("[kubernetes.agent]\ntoken_file = \"token\"", "kubernetes.agent.token_file", "absolute"),
-            ("[kubernetes.agent]\nkubeconfig = \"/k\"", "kubernetes.agent.kubeconfig", "not read by the agent yet"),
+            ("[kubernetes.agent]\nkubeconfig = \"k.conf\"", "kubernetes.agent.kubeconfig", "absolute"),
             ("[kubernetes.reboot]\nmax_concurrent = 0", "kubernetes.reboot.max_concurrent", "at least 1"),
             ("[kubernetes.reboot]\ngroup = \"Workers\"", "kubernetes.reboot.group", "DNS-1123 label"),
             ("[kubernetes.reboot]\nlease_namespace = \"a.b\"", "kubernetes.reboot.lease_namespace", "DNS-1123 label"),

@@ -18,24 +18,21 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// How the agent proves who it is to the API server. The agent's config
-/// reaches only `TokenFile` today (`[kubernetes.agent] token_file`); the
-/// others exist in tests only until something (kubeconfig reading) needs
-/// them.
+/// How the agent proves who it is to the API server: `token_file`, or what
+/// a `[kubernetes.agent] kubeconfig` holds (a token, a token file or a
+/// client certificate).
 #[derive(Clone)]
 pub enum Auth {
     /// No credential (a test server, or an API server behind a local proxy).
     #[cfg(test)]
     None,
     /// A bearer token held in memory.
-    #[cfg(test)]
     Token(String),
     /// A bearer token read from this file before every request, so a token
     /// that is rotated on disk is picked up without restarting the agent.
     TokenFile(PathBuf),
     /// A TLS client certificate (chain) and its private key, both PEM. The
     /// kubelet's `kubelet-client-current.pem` holds both; pass it twice.
-    #[cfg(test)]
     ClientCert { cert_pem: Vec<u8>, key_pem: Vec<u8> },
 }
 
@@ -45,10 +42,8 @@ impl fmt::Debug for Auth {
         match self {
             #[cfg(test)]
             Auth::None => f.write_str("None"),
-            #[cfg(test)]
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
             Auth::TokenFile(p) => f.debug_tuple("TokenFile").field(p).finish(),
-            #[cfg(test)]
             Auth::ClientCert { .. } => f.write_str("ClientCert(<redacted>)"),
         }
     }
@@ -277,7 +272,6 @@ impl KubeClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        #[cfg(test)]
         if let Auth::ClientCert { cert_pem, key_pem } = &config.auth {
             let mut pem = cert_pem.clone();
             pem.push(b'\n');
@@ -289,7 +283,6 @@ impl KubeClient {
             })?;
             builder = builder.identity(identity);
         }
-        #[cfg(test)]
         if let Auth::Token(t) = &config.auth {
             bearer(t).ok_or_else(|| KubeError::Config {
                 field: "token",
@@ -392,8 +385,8 @@ impl KubeClient {
     fn authorization(&self) -> Result<Option<HeaderValue>, KubeError> {
         match &self.auth {
             #[cfg(test)]
-            Auth::None | Auth::ClientCert { .. } => Ok(None),
-            #[cfg(test)]
+            Auth::None => Ok(None),
+            Auth::ClientCert { .. } => Ok(None),
             Auth::Token(t) => Ok(bearer(t)),
             Auth::TokenFile(path) => {
                 let token =

@@ -7,6 +7,7 @@ pub mod client;
 pub mod coordinator;
 pub mod drain;
 pub mod identity;
+pub mod kubeconfig;
 pub mod lease;
 pub mod node_report;
 pub mod registries;
