@@ -98,18 +98,32 @@ async fn main_loop() -> Action {
     }
 
     let (config, config_table, config_error) = load_config();
-    // Without a configured name every node gets a stable, unique one from
-    // its machine id (a DHCP-supplied name may still replace it), so that
-    // Kubernetes node names never collide and never read "(none)".
+    // The node's one identity, fixed before the network and the services
+    // start: the kubelet's name, the Node, Lease and drain target of the
+    // agent and the FleetLock id. Without a configured name every node
+    // gets a stable, unique one from its machine id, so Kubernetes node
+    // names never collide and never read "(none)".
+    let identity = crate::kubernetes::identity::node_name(
+        config.kubernetes.as_ref(),
+        config.hostname.as_deref(),
+        None,
+        &machine_id(),
+    );
+    tracing::info!(node = %identity.name, source = identity.source.key(), "node name");
     let node_hostname = config
         .hostname
         .clone()
-        .unwrap_or_else(|| default_hostname(&machine_id()));
+        .unwrap_or_else(|| identity.name.clone());
     if let Err(e) = nix::unistd::sethostname(&node_hostname) {
         tracing::warn!(error = %e, "hostname not set");
     }
     let _ = std::fs::write("/etc/hostname", format!("{node_hostname}\n"));
-    match crate::net::start(&config.network, config.hostname.clone()).await {
+    // A DHCP host name may rename a plain node, never a Kubernetes one.
+    let pinned_hostname = config
+        .hostname
+        .clone()
+        .or_else(|| identity.pinned_hostname().map(str::to_owned));
+    match crate::net::start(&config.network, pinned_hostname).await {
         // Services usually want the network: wait a little for the first
         // address (static ones are there at once, a DHCP lease usually
         // within a second), then go on; DHCP keeps trying behind.
@@ -119,6 +133,19 @@ async fn main_loop() -> Action {
             }
         }
         Err(e) => tracing::error!(error = %crate::error_chain(&e), "network not started"),
+    }
+
+    // [kernel] (with a Kubernetes node's defaults): after the network (a
+    // user's per-interface sysctl wins over the network's own), before
+    // containerd and the kubelet start.
+    apply_kernel_settings(&config);
+    // [trust]: extra CAs into the node's bundle (the /etc tmpfs was filled
+    // from the factory copy above), before anything reads it.
+    if let Err(e) = crate::node::trust::append(
+        Path::new(crate::node::trust::NODE_BUNDLE),
+        &config.trust.bundle(),
+    ) {
+        tracing::error!(error = %crate::error_chain(&e), "extra CA certificates not trusted");
     }
 
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -154,7 +181,11 @@ async fn main_loop() -> Action {
     // names are reserved, so nothing collides.
     let mut services = config.services.clone();
     if let Some(k8s) = &config.kubernetes {
-        services.extend(crate::kubernetes::services::boot(k8s));
+        services.extend(crate::kubernetes::services::boot(
+            k8s,
+            &identity.name,
+            &config.proxy.environment(),
+        ));
     }
     let supervisor = match &reaper {
         Some(reaper) => {
@@ -231,7 +262,7 @@ async fn main_loop() -> Action {
         .as_ref()
         .filter(|k| k.agent.is_some() && !k.standalone)
         .and_then(|k| {
-            crate::kubernetes::coordinator::Cluster::from_config(k, Some(node_hostname.as_str()))
+            crate::kubernetes::coordinator::Cluster::from_config(k, &identity.name, &config.trust.bundle())
                 .map_err(|e| {
                     tracing::error!(error = %crate::error_chain(&e), "no cluster calls from the agent")
                 })
@@ -248,7 +279,8 @@ async fn main_loop() -> Action {
         ));
     }
 
-    let (strategy, holders) = reboot_strategy(&config.update, cluster, machine_id());
+    let (strategy, holders) =
+        reboot_strategy(&config.update, cluster, identity.fleetlock_id().to_owned());
     let wake = Arc::new(tokio::sync::Notify::new());
     // Requests queue in the channel until here (the API answers 503 only
     // when it is full or nobody will ever read it).
@@ -287,6 +319,26 @@ async fn main_loop() -> Action {
         supervisor.stop_all().await;
     }
     action
+}
+
+/// Loads `[kernel] modules` and writes `[kernel.sysctl]`, with the defaults
+/// a Kubernetes node needs when `[kubernetes]` is set. Failures are logged
+/// one by one and never stop the boot.
+fn apply_kernel_settings(config: &Config) {
+    let kubernetes = config.kubernetes.is_some();
+    let dir = crate::boot::modules::running_kernel_dir();
+    for m in config.kernel.modules(kubernetes) {
+        if let Err(e) = crate::boot::modules::load(&dir, &[m.as_str()]) {
+            tracing::warn!(module = %m, error = %crate::error_chain(&e), "module not loaded");
+        }
+    }
+    let failed = crate::node::sysctl::apply(
+        &crate::node::sysctl::Dir::default(),
+        &config.kernel.sysctls(kubernetes),
+    );
+    if !failed.is_empty() {
+        tracing::error!(failed = failed.len(), "sysctls not set (see above)");
+    }
 }
 
 /// What an operator's reboot through the API goes through: the node's
@@ -557,12 +609,8 @@ fn reboot_strategy(
     (chosen, fleetlock.into_iter().chain(cluster).collect())
 }
 
-/// A random id made at first boot and kept on STATE (FleetLock's node id).
-/// `ballast-` and the first 8 hex digits of the machine id.
-fn default_hostname(machine_id: &str) -> String {
-    format!("ballast-{}", &machine_id[..machine_id.len().min(8)])
-}
-
+/// A random id made at first boot and kept on STATE (the last source of
+/// the node's name, and FleetLock's node id without Kubernetes).
 fn machine_id() -> String {
     let path = Path::new(STATE_DIR).join("machine-id");
     if let Ok(id) = std::fs::read_to_string(&path) {
@@ -701,17 +749,6 @@ fn load_config() -> (Config, toml::Table, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_hostnames_are_valid_node_names() {
-        let name = default_hostname("0123456789abcdef0123456789abcdef");
-        assert_eq!(name, "ballast-01234567");
-        let k8s = crate::config::kubernetes::KubernetesConfig::default();
-        assert_eq!(
-            crate::kubernetes::render::node_name(&k8s, Some(&name)).unwrap(),
-            name
-        );
-    }
 
     /// Blocks `blocks` times (retrying after 1 ms), then permits; counts asks.
     #[derive(Debug)]

@@ -81,6 +81,11 @@ pub struct KubernetesConfig {
     #[serde(default)]
     pub static_pods: BTreeMap<String, String>,
 
+    /// Registry host (`docker.io`, `HOST:PORT`, `_default`) to mirrors, CA
+    /// and pull credentials, rendered for containerd.
+    #[serde(default)]
+    pub registries: BTreeMap<String, super::kubernetes_registries::RegistryConfig>,
+
     /// The agent's own credential for its API calls.
     pub agent: Option<AgentCredentials>,
     #[serde(default)]
@@ -150,9 +155,15 @@ pub struct RebootConfig {
     pub lease_ttl: Duration,
     #[serde(default = "default_drain_timeout", with = "crate::duration")]
     pub drain_timeout: Duration,
-    /// Reboot even when the drain did not finish in time.
+    /// Also evict pods no controller owns (kubectl's `--force`).
     #[serde(default)]
     pub force: bool,
+    /// Also evict pods with `emptyDir` volumes, losing their data.
+    #[serde(default)]
+    pub delete_emptydir_data: bool,
+    /// Delete pods instead of evicting them, bypassing PodDisruptionBudgets.
+    #[serde(default)]
+    pub disable_eviction: bool,
 }
 
 impl Default for RebootConfig {
@@ -164,6 +175,8 @@ impl Default for RebootConfig {
             lease_ttl: default_lease_ttl(),
             drain_timeout: default_drain_timeout(),
             force: false,
+            delete_emptydir_data: false,
+            disable_eviction: false,
         }
     }
 }
@@ -235,6 +248,14 @@ mod tests {
         assert_eq!(r.lease_namespace, "kube-system");
         assert_eq!(r.drain_timeout, Duration::from_secs(300));
         assert!(!r.force);
+        assert!(!r.delete_emptydir_data);
+        assert!(!r.disable_eviction);
+        let doc: Doc = toml::from_str(
+            "[kubernetes.reboot]\nforce = true\ndelete_emptydir_data = true\ndisable_eviction = true\n",
+        )
+        .unwrap();
+        let r = doc.kubernetes.reboot;
+        assert!(r.force && r.delete_emptydir_data && r.disable_eviction);
     }
 
     #[test]

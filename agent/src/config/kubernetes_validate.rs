@@ -225,18 +225,16 @@ pub fn validate(c: &KubernetesConfig) -> Result<(), KubernetesConfigError> {
     for name in c.static_pods.keys() {
         dns1123_label(name).map_err(|d| invalid(format!("kubernetes.static_pods.{name:?}"), d))?;
     }
+    for (host, registry) in &c.registries {
+        super::kubernetes_registries::validate(host, registry)?;
+    }
     if let Some(agent) = &c.agent {
         match (&agent.token_file, &agent.kubeconfig) {
             (Some(path), None) => {
                 absolute(path).map_err(|d| invalid("kubernetes.agent.token_file", d))?
             }
-            (None, Some(_)) => {
-                // The agent has no YAML reader; refusing here beats a node
-                // that accepts the key and then never reports.
-                return Err(invalid(
-                    "kubernetes.agent.kubeconfig",
-                    "not read by the agent yet; use token_file",
-                ));
+            (None, Some(path)) => {
+                absolute(path).map_err(|d| invalid("kubernetes.agent.kubeconfig", d))?
             }
             _ => {
                 return Err(invalid(
@@ -287,6 +285,32 @@ pub fn check_complete(c: &KubernetesConfig) -> Result<(), KubernetesConfigError>
                     "standalone = true runs without an API server; remove it",
                 ));
             }
+        }
+        // The standalone kubelet authorizes everyone who authenticates
+        // (AlwaysAllow): a client CA would hand the whole kubelet API (exec
+        // into every pod) to anyone holding a certificate from it.
+        for (key, set) in [
+            ("ca_pem", c.ca_pem.is_some()),
+            ("ca_file", c.ca_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    format!("kubernetes.{key}"),
+                    "standalone = true authorizes every authenticated client (AlwaysAllow); a client CA would open the kubelet's API to its certificates: remove it",
+                ));
+            }
+        }
+        let extra_client_ca = c
+            .kubelet_extra
+            .get("authentication")
+            .and_then(|a| a.get("x509"))
+            .and_then(|x| x.get("clientCAFile"))
+            .is_some();
+        if extra_client_ca {
+            return Err(invalid(
+                "kubernetes.kubelet_extra.authentication.x509.clientCAFile",
+                "standalone = true authorizes every authenticated client (AlwaysAllow); a client CA would open the kubelet's API to its certificates: remove it",
+            ));
         }
         for (key, set) in [
             ("labels", !c.labels.is_empty()),
@@ -834,7 +858,7 @@ bootstrap_token = "abcdef.0123456789abcdef"
                 "exactly one",
             ),
             ("[kubernetes.agent]\ntoken_file = \"token\"", "kubernetes.agent.token_file", "absolute"),
-            ("[kubernetes.agent]\nkubeconfig = \"/k\"", "kubernetes.agent.kubeconfig", "not read by the agent yet"),
+            ("[kubernetes.agent]\nkubeconfig = \"k.conf\"", "kubernetes.agent.kubeconfig", "absolute"),
             ("[kubernetes.reboot]\nmax_concurrent = 0", "kubernetes.reboot.max_concurrent", "at least 1"),
             ("[kubernetes.reboot]\ngroup = \"Workers\"", "kubernetes.reboot.group", "DNS-1123 label"),
             ("[kubernetes.reboot]\nlease_namespace = \"a.b\"", "kubernetes.reboot.lease_namespace", "DNS-1123 label"),
@@ -875,6 +899,21 @@ bootstrap_token = "abcdef.0123456789abcdef"
                 "standalone = true\n[[kubernetes.taints]]\nkey = \"a\"\neffect = \"NoExecute\"",
                 "kubernetes.taints",
                 "no Node",
+            ),
+            (
+                "standalone = true\nca_file = \"/etc/ca.pem\"",
+                "kubernetes.ca_file",
+                "AlwaysAllow",
+            ),
+            (
+                "standalone = true\nca_pem = \"-----BEGIN CERTIFICATE-----\\nX\\n-----END CERTIFICATE-----\"",
+                "kubernetes.ca_pem",
+                "AlwaysAllow",
+            ),
+            (
+                "standalone = true\n[kubernetes.kubelet_extra.authentication.x509]\nclientCAFile = \"/ca.pem\"",
+                "kubernetes.kubelet_extra.authentication.x509.clientCAFile",
+                "AlwaysAllow",
             ),
             (
                 "bootstrap_token = \"abcdef.0123456789abcdef\"",

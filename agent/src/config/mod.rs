@@ -12,8 +12,12 @@
 //! wrong types are errors naming the file, line and key; a bad config leaves
 //! the last good one in force.
 
+pub mod kernel;
 pub mod kubernetes;
+pub mod kubernetes_registries;
 pub mod kubernetes_validate;
+pub mod proxy;
+pub mod trust;
 pub mod update;
 pub mod user_data;
 
@@ -60,7 +64,9 @@ const SECRET_KEY_PARTS: [&str; 6] = [
 /// Whether a key's name says its value is a secret (see [`SECRET_KEY_PARTS`]).
 pub fn is_secret_key(key: &str) -> bool {
     let lower = key.to_ascii_lowercase();
-    SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
+    // `auth` alone: a registry's base64 credential (`authentication` and
+    // `authorization` tables of kubelet_extra are not secrets).
+    lower == "auth" || SECRET_KEY_PARTS.iter().any(|s| lower.contains(s))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +129,15 @@ pub struct Config {
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,
+    /// `[kernel]`: sysctls and extra modules.
+    #[serde(default)]
+    pub kernel: kernel::KernelConfig,
+    /// `[proxy]`: the HTTP(S) proxy of containerd and the kubelet.
+    #[serde(default)]
+    pub proxy: proxy::ProxyConfig,
+    /// `[trust]`: extra CA certificates for the whole node.
+    #[serde(default)]
+    pub trust: trust::TrustConfig,
 }
 
 /// `[api]`: the HTTPS API on TCP (the Unix socket is always on).
@@ -356,6 +371,18 @@ impl Config {
             .map_err(|e| invalid(e.to_string()))?;
         crate::node::supervisor::start_order(&config.services)
             .map_err(|e| invalid(e.to_string()))?;
+        config
+            .kernel
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        config
+            .proxy
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
+        config
+            .trust
+            .validate()
+            .map_err(|e| invalid(e.to_string()))?;
         if let Some(k8s) = &config.kubernetes {
             crate::config::kubernetes_validate::validate(k8s)
                 .map_err(|e| invalid(e.to_string()))?;
@@ -429,7 +456,18 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
         merge_tables(&mut merged, table);
     }
     let text = toml::to_string(&merged).unwrap_or_default();
-    let config = Config::parse(&text, Path::new("merged configuration"))?;
+    let mut config = Config::parse(&text, Path::new("merged configuration"))?;
+    let strategy_set = merged
+        .get("update")
+        .and_then(toml::Value::as_table)
+        .is_some_and(|u| u.contains_key("strategy"));
+    if !strategy_set {
+        let (strategy, warning) = update::default_strategy(config.kubernetes.as_ref());
+        config.update.strategy = strategy;
+        if let Some(warning) = warning {
+            tracing::warn!(warning);
+        }
+    }
     // A layer may set the strategy and another its table (vendor default
     // and user-data); only the whole must be complete.
     config
@@ -824,6 +862,44 @@ dns = ["10.0.2.3"]
     }
 
     #[test]
+    fn the_default_strategy_follows_kubernetes_and_its_agent_credential() {
+        use crate::config::update::Strategy;
+        const CLUSTER: &str =
+            "[kubernetes]\napi_server = \"https://h\"\nkubeconfig = \"/k.conf\"\n";
+        const AGENT: &str = "[kubernetes.agent]\ntoken_file = \"/t\"\n";
+        let cases: &[(&[&str], Strategy)] = &[
+            (&[""], Strategy::Immediate),
+            (&[CLUSTER], Strategy::Immediate),
+            (&[CLUSTER, AGENT], Strategy::Kubernetes),
+            (&["[kubernetes]\nstandalone = true\n"], Strategy::Immediate),
+            // An explicit strategy in any layer wins.
+            (
+                &["[update]\nstrategy = \"immediate\"\n", CLUSTER, AGENT],
+                Strategy::Immediate,
+            ),
+            (
+                &[CLUSTER, AGENT, "[update]\nstrategy = \"off\"\n"],
+                Strategy::Off,
+            ),
+        ];
+        for (texts, want) in cases {
+            let layers: Vec<Layer> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| layer(&format!("{i}.toml"), t))
+                .collect();
+            let (config, table) = merge(&layers).unwrap();
+            assert_eq!(config.update.strategy, *want, "{texts:?}");
+            // The shown configuration says only what the layers said.
+            let said = table
+                .get("update")
+                .and_then(|u| u.get("strategy"))
+                .is_some();
+            assert_eq!(said, texts.iter().any(|t| t.contains("strategy")));
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted_at_any_depth() {
         let t: toml::Table = toml::from_str("a = 1\n[k]\nbootstrap_token = \"abc.def\"\n").unwrap();
         let shown = toml::to_string(&redact(&t)).unwrap();
@@ -913,10 +989,20 @@ inner = { token = "k7" }
             "privateKey",
             "CREDENTIALS",
             "db_password",
+            "auth",
+            "password",
         ] {
             assert!(is_secret_key(key), "{key}");
         }
-        for key in ["hostname", "listen", "url", "command"] {
+        for key in [
+            "hostname",
+            "listen",
+            "url",
+            "command",
+            "authentication",
+            "authorization",
+            "username",
+        ] {
             assert!(!is_secret_key(key), "{key}");
         }
     }

@@ -95,6 +95,23 @@ fn default_deadline() -> Duration {
     Duration::from_secs(300)
 }
 
+/// The strategy when `update.strategy` is not set anywhere: `kubernetes`
+/// on a cluster node whose agent has a credential (a fleet must not reboot
+/// all at once without a drain), else `immediate`. The second value is a
+/// warning for a Kubernetes node that gets `immediate`.
+pub fn default_strategy(
+    kubernetes: Option<&super::kubernetes::KubernetesConfig>,
+) -> (Strategy, Option<&'static str>) {
+    match kubernetes {
+        Some(k) if !k.standalone && k.agent.is_some() => (Strategy::Kubernetes, None),
+        Some(k) if !k.standalone => (
+            Strategy::Immediate,
+            Some("[kubernetes] without [kubernetes.agent]: update.strategy defaults to immediate, so nodes reboot without a drain or a Lease; set [kubernetes.agent] or update.strategy"),
+        ),
+        _ => (Strategy::Immediate, None),
+    }
+}
+
 /// When a node that installed an update may reboot into it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

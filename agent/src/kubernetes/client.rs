@@ -18,24 +18,21 @@ use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// How the agent proves who it is to the API server. The agent's config
-/// reaches only `TokenFile` today (`[kubernetes.agent] token_file`); the
-/// others exist in tests only until something (kubeconfig reading) needs
-/// them.
+/// How the agent proves who it is to the API server: `token_file`, or what
+/// a `[kubernetes.agent] kubeconfig` holds (a token, a token file or a
+/// client certificate).
 #[derive(Clone)]
 pub enum Auth {
     /// No credential (a test server, or an API server behind a local proxy).
     #[cfg(test)]
     None,
     /// A bearer token held in memory.
-    #[cfg(test)]
     Token(String),
     /// A bearer token read from this file before every request, so a token
     /// that is rotated on disk is picked up without restarting the agent.
     TokenFile(PathBuf),
     /// A TLS client certificate (chain) and its private key, both PEM. The
     /// kubelet's `kubelet-client-current.pem` holds both; pass it twice.
-    #[cfg(test)]
     ClientCert { cert_pem: Vec<u8>, key_pem: Vec<u8> },
 }
 
@@ -45,10 +42,8 @@ impl fmt::Debug for Auth {
         match self {
             #[cfg(test)]
             Auth::None => f.write_str("None"),
-            #[cfg(test)]
             Auth::Token(_) => f.write_str("Token(<redacted>)"),
             Auth::TokenFile(p) => f.debug_tuple("TokenFile").field(p).finish(),
-            #[cfg(test)]
             Auth::ClientCert { .. } => f.write_str("ClientCert(<redacted>)"),
         }
     }
@@ -94,6 +89,9 @@ pub struct ClientConfig {
     /// The cluster CA (PEM). When set it is the only trusted root; when not,
     /// the built-in web roots are used.
     pub ca_pem: Option<Vec<u8>>,
+    /// The node's extra CAs (`[trust] ca`, PEM): trusted beside the
+    /// built-in roots when `ca_pem` is not set, ignored when it is.
+    pub extra_roots: Option<Vec<u8>>,
     pub auth: Auth,
     /// Per-request timeout (connect and answer).
     pub timeout: Duration,
@@ -105,6 +103,7 @@ impl ClientConfig {
         ClientConfig {
             server: server.into(),
             ca_pem,
+            extra_roots: None,
             auth,
             timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
@@ -262,8 +261,17 @@ impl KubeClient {
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
+        } else if let Some(extra) = &config.extra_roots {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(extra).map_err(|e| KubeError::Config {
+                    field: "trust.ca",
+                    value: format!("{} bytes", extra.len()),
+                    reason: e.to_string(),
+                })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
-        #[cfg(test)]
         if let Auth::ClientCert { cert_pem, key_pem } = &config.auth {
             let mut pem = cert_pem.clone();
             pem.push(b'\n');
@@ -275,7 +283,6 @@ impl KubeClient {
             })?;
             builder = builder.identity(identity);
         }
-        #[cfg(test)]
         if let Auth::Token(t) = &config.auth {
             bearer(t).ok_or_else(|| KubeError::Config {
                 field: "token",
@@ -378,8 +385,8 @@ impl KubeClient {
     fn authorization(&self) -> Result<Option<HeaderValue>, KubeError> {
         match &self.auth {
             #[cfg(test)]
-            Auth::None | Auth::ClientCert { .. } => Ok(None),
-            #[cfg(test)]
+            Auth::None => Ok(None),
+            Auth::ClientCert { .. } => Ok(None),
             Auth::Token(t) => Ok(bearer(t)),
             Auth::TokenFile(path) => {
                 let token =
@@ -578,6 +585,8 @@ impl NodeView {
 pub struct PodView {
     pub metadata: ObjectMeta,
     pub phase: Option<String>,
+    /// Names of the pod's `emptyDir` volumes (data lost with the pod).
+    pub empty_dir_volumes: Vec<String>,
 }
 
 /// Decode the part of `object` at `pointer` (absent or null: `None`).
@@ -626,9 +635,16 @@ impl KubeClient {
         items
             .iter()
             .map(|pod| {
+                let volumes: Vec<k8s_openapi::api::core::v1::Volume> =
+                    part(pod, "/spec/volumes", &verb, path)?.unwrap_or_default();
                 Ok(PodView {
                     metadata: part(pod, "/metadata", &verb, path)?.unwrap_or_default(),
                     phase: part(pod, "/status/phase", &verb, path)?,
+                    empty_dir_volumes: volumes
+                        .into_iter()
+                        .filter(|v| v.empty_dir.is_some())
+                        .map(|v| v.name)
+                        .collect(),
                 })
             })
             .collect()

@@ -25,10 +25,10 @@ const DRAIN_RETRY: Duration = Duration::from_secs(60);
 pub enum CoordinatorError {
     #[error("kubernetes.api_server is not set; the agent has no cluster to talk to")]
     NoApiServer,
-    #[error("kubernetes.agent is not set: the agent needs its own credential (token_file) for Leases and evictions; see docs/kubernetes-rbac.md")]
+    #[error("kubernetes.agent is not set: the agent needs its own credential (token_file or kubeconfig) for Leases and evictions; see docs/kubernetes-rbac.md")]
     NoCredential,
-    #[error("kubernetes.agent.kubeconfig {path}: reading a kubeconfig is not supported yet; use token_file")]
-    KubeconfigUnsupported { path: PathBuf },
+    #[error("kubernetes.agent.kubeconfig")]
+    Kubeconfig(#[source] super::kubeconfig::KubeconfigError),
     #[error("reading the cluster CA {path}")]
     Ca {
         path: PathBuf,
@@ -71,40 +71,61 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// From `[kubernetes]`; `hostname` is the node's configured hostname
-    /// (the node name unless `node_name` overrides it).
+    /// From `[kubernetes]`; `node` is the node's one identity
+    /// ([`super::identity::node_name`]), the same name the kubelet
+    /// registers; `extra_ca` (PEM, `[trust] ca`) is trusted beside the
+    /// public roots when no cluster CA is set (a cluster CA alone decides).
     pub fn from_config(
         config: &KubernetesConfig,
-        hostname: Option<&str>,
+        node: &str,
+        extra_ca: &str,
     ) -> Result<Self, CoordinatorError> {
         let server = config
             .api_server
             .clone()
             .ok_or(CoordinatorError::NoApiServer)?;
-        let auth = match &config.agent {
-            Some(a) => match (&a.token_file, &a.kubeconfig) {
-                (Some(token), _) => Auth::TokenFile(token.clone()),
+        let config_ca = || -> Result<Option<Vec<u8>>, CoordinatorError> {
+            Ok(match (&config.ca_pem, &config.ca_file) {
+                (Some(pem), _) => Some(pem.as_bytes().to_vec()),
                 (None, Some(path)) => {
-                    return Err(CoordinatorError::KubeconfigUnsupported { path: path.clone() })
+                    Some(std::fs::read(path).map_err(|source| CoordinatorError::Ca {
+                        path: path.clone(),
+                        source,
+                    })?)
+                }
+                (None, None) => None,
+            })
+        };
+        // A kubeconfig names its own server and usually its CA; the
+        // table's CA serves when it names none.
+        let (server, ca_pem, auth) = match &config.agent {
+            Some(a) => match (&a.token_file, &a.kubeconfig) {
+                (Some(token), _) => (server, config_ca()?, Auth::TokenFile(token.clone())),
+                (None, Some(path)) => {
+                    let k = super::kubeconfig::load(path).map_err(CoordinatorError::Kubeconfig)?;
+                    let ca = match k.ca_pem {
+                        Some(ca) => Some(ca),
+                        None => config_ca()?,
+                    };
+                    (k.server, ca, k.auth)
                 }
                 (None, None) => return Err(CoordinatorError::NoCredential),
             },
             None => return Err(CoordinatorError::NoCredential),
         };
-        let ca_pem = match (&config.ca_pem, &config.ca_file) {
-            (Some(pem), _) => Some(pem.as_bytes().to_vec()),
-            (None, Some(path)) => {
-                Some(std::fs::read(path).map_err(|source| CoordinatorError::Ca {
-                    path: path.clone(),
-                    source,
-                })?)
-            }
-            (None, None) => None,
-        };
-        let node =
-            super::render::node_name(config, hostname).map_err(CoordinatorError::NodeName)?;
-        let client = KubeClient::new(ClientConfig::new(server, ca_pem, auth))
-            .map_err(CoordinatorError::Client)?;
+        crate::config::kubernetes_validate::node_name(node).map_err(|detail| {
+            CoordinatorError::NodeName(super::render::RenderError::NodeName {
+                name: node.to_owned(),
+                source_key: "node identity",
+                detail,
+            })
+        })?;
+        let node = node.to_owned();
+        let mut client_config = ClientConfig::new(server, ca_pem, auth);
+        if !extra_ca.is_empty() {
+            client_config.extra_roots = Some(extra_ca.as_bytes().to_vec());
+        }
+        let client = KubeClient::new(client_config).map_err(CoordinatorError::Client)?;
         let r = &config.reboot;
         let semaphore = RebootSemaphore::new(
             client.clone(),
@@ -123,6 +144,8 @@ impl Cluster {
             drain: DrainOptions {
                 timeout: r.drain_timeout,
                 force: r.force,
+                delete_emptydir_data: r.delete_emptydir_data,
+                disable_eviction: r.disable_eviction,
                 ..DrainOptions::default()
             },
         })
@@ -402,13 +425,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
         c.agent = None;
-        let e = Cluster::from_config(&c, None).unwrap_err();
+        let e = Cluster::from_config(&c, "node-1", "").unwrap_err();
         assert!(e.to_string().contains("kubernetes.agent"), "{e}");
         c.api_server = None;
         assert!(matches!(
-            Cluster::from_config(&c, None),
+            Cluster::from_config(&c, "node-1", ""),
             Err(CoordinatorError::NoApiServer)
         ));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_kubeconfig_with_a_client_certificate_reaches_the_api_server() {
+        use crate::kubernetes::testserver::tls;
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let server = TestServer::start_tls(true).await;
+        server.add_node("node-1");
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("agent.conf");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: agent\n\
+                 clusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
+                 users:\n- name: agent\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n\
+                 contexts:\n- name: agent\n  context:\n    cluster: test\n    user: agent\n",
+                server.url(),
+                b64(tls::CA_PEM),
+                b64(tls::CLIENT_PEM),
+                b64(tls::CLIENT_KEY),
+            ),
+        )
+        .unwrap();
+        let mut c = config("https://unused.example:6443", &dir.path().join("t"));
+        c.agent = Some(crate::config::kubernetes::AgentCredentials {
+            token_file: None,
+            kubeconfig: Some(kubeconfig.clone()),
+        });
+        crate::config::kubernetes_validate::validate(&c).unwrap();
+        let cluster = Cluster::from_config(&c, "node-1", "").unwrap();
+        let node = cluster.client.get_node("node-1").await.unwrap();
+        assert_eq!(node.metadata.name.as_deref(), Some("node-1"));
+        assert_eq!(server.requests_matching("GET", "/api/v1/nodes/node-1"), 1);
+
+        // A broken kubeconfig is an error naming the file and the field.
+        std::fs::write(&kubeconfig, "current-context: nowhere\n").unwrap();
+        let err = crate::error_chain(&Cluster::from_config(&c, "node-1", "").unwrap_err());
+        assert!(
+            err.contains("agent.conf") && err.contains("current-context"),
+            "{err}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -418,7 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t0ken").unwrap();
-        let cluster = Cluster::from_config(&config(&server.url(), &token), None).unwrap();
+        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1", "").unwrap();
         assert_eq!(cluster.node(), "node-1");
         cluster.before_reboot().await.unwrap();
         let unschedulable = |s: &TestServer| {

@@ -1,12 +1,21 @@
 //! Cordon, drain and uncordon of this node before and after an update
 //! reboot, as `kubectl drain` does it: mark the Node unschedulable, evict
 //! its pods through the Eviction API (so PodDisruptionBudgets are honoured:
-//! a 429 is retried until the drain timeout), wait for them to be gone, and
-//! on timeout delete what is left only when `force` is set.
+//! a 429 is retried until the drain timeout), and wait for them to be gone.
+//! A drain that does not finish in time fails; nothing is deleted past a
+//! budget.
 //!
 //! Pods that a drain leaves alone: DaemonSet pods (their controller puts
 //! them back and tolerates unschedulable nodes), mirror pods of static pods
 //! (the API cannot delete them) and pods that already finished.
+//!
+//! Pods a drain refuses to move, like `kubectl drain`, unless told: pods no
+//! controller owns (gone for good once evicted; `force`, kubectl's
+//! `--force`) and pods with `emptyDir` volumes (their data is lost;
+//! `delete_emptydir_data`). The refusal names every such pod and happens
+//! before anything is evicted. `disable_eviction` deletes pods instead of
+//! evicting them, bypassing PodDisruptionBudgets (kubectl's
+//! `--disable-eviction`); nothing else ever does.
 //!
 //! Ownership of the cordon: the agent marks a Node it cordons with the
 //! annotation `ballast.dev/cordoned=true`, so after the reboot (or an agent
@@ -44,8 +53,13 @@ const MAX_PAUSE: Duration = Duration::from_secs(10);
 pub struct DrainOptions {
     /// How long evictions and pod termination may take in all.
     pub timeout: Duration,
-    /// On timeout, delete the pods that are left instead of failing.
+    /// Also move pods no controller owns (kubectl's `--force`).
     pub force: bool,
+    /// Also move pods with `emptyDir` volumes, losing their data.
+    pub delete_emptydir_data: bool,
+    /// Delete pods instead of evicting them: PodDisruptionBudgets are not
+    /// consulted.
+    pub disable_eviction: bool,
     /// First pause between eviction rounds and between polls (it doubles,
     /// up to 10 s).
     pub poll_interval: Duration,
@@ -56,6 +70,8 @@ impl Default for DrainOptions {
         DrainOptions {
             timeout: Duration::from_secs(5 * 60),
             force: false,
+            delete_emptydir_data: false,
+            disable_eviction: false,
             poll_interval: Duration::from_secs(1),
         }
     }
@@ -74,7 +90,7 @@ pub struct DrainOutcome {
     /// The agent cordoned the node (and will uncordon it after the reboot).
     pub cordoned_by_us: bool,
     pub evicted: Vec<String>,
-    /// Deleted after the timeout because `force` was set.
+    /// Deleted without an eviction because `disable_eviction` was set.
     pub deleted: Vec<String>,
     pub skipped: Vec<(String, SkipReason)>,
 }
@@ -115,12 +131,37 @@ pub enum DrainError {
         #[source]
         source: Box<KubeError>,
     },
+    #[error("draining node {node}: {}", refusal(unmanaged, empty_dir))]
+    Refused {
+        node: String,
+        /// Pods no controller owns (`namespace/name`).
+        unmanaged: Vec<String>,
+        /// Pods with `emptyDir` volumes.
+        empty_dir: Vec<String>,
+    },
     #[error("draining node {node}: {} pod(s) still there after {}: {}", remaining.len(), humantime::format_duration(*timeout), remaining.join(", "))]
     Timeout {
         node: String,
         timeout: Duration,
         remaining: Vec<String>,
     },
+}
+
+fn refusal(unmanaged: &[String], empty_dir: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !unmanaged.is_empty() {
+        parts.push(format!(
+            "cannot move pods no controller owns (set kubernetes.reboot.force = true to evict them anyway): {}",
+            unmanaged.join(", ")
+        ));
+    }
+    if !empty_dir.is_empty() {
+        parts.push(format!(
+            "cannot move pods with emptyDir data (set kubernetes.reboot.delete_emptydir_data = true to lose it): {}",
+            empty_dir.join(", ")
+        ));
+    }
+    parts.join("; ")
 }
 
 /// A pod the drain has to move.
@@ -371,11 +412,42 @@ async fn drain(
         .unwrap_or_else(|| now + crate::duration::MAX);
     let mut outcome = DrainOutcome::default();
     let mut movable = Vec::new();
+    let (mut unmanaged, mut empty_dir) = (Vec::new(), Vec::new());
     for pod in list_pods(client, node).await? {
         let r = pod_ref(&pod);
         match skip_reason(&pod) {
             Some(why) => outcome.skipped.push((r.key(), why)),
-            None => movable.push(r),
+            None => {
+                if !options.force && !has_controller(&pod) {
+                    unmanaged.push(r.key());
+                }
+                if !options.delete_emptydir_data && !pod.empty_dir_volumes.is_empty() {
+                    empty_dir.push(r.key());
+                }
+                movable.push(r);
+            }
+        }
+    }
+    if !unmanaged.is_empty() || !empty_dir.is_empty() {
+        return Err(DrainError::Refused {
+            node: node.to_string(),
+            unmanaged,
+            empty_dir,
+        });
+    }
+    if options.disable_eviction {
+        for pod in &movable {
+            tracing::warn!(node, pod = %pod.key(), "deleting the pod without an eviction (disable_eviction: disruption budgets not consulted)");
+            match client.delete(&pod.path()).await {
+                Ok(()) => outcome.deleted.push(pod.key()),
+                Err(KubeError::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(DrainError::Delete {
+                        pod: pod.key(),
+                        source: Box::new(source),
+                    })
+                }
+            }
         }
     }
     tracing::info!(
@@ -387,7 +459,11 @@ async fn drain(
 
     // Evict in rounds: a pod whose budget says no (429) waits for the next
     // round while the others proceed.
-    let mut blocked = movable.clone();
+    let mut blocked = if options.disable_eviction {
+        Vec::new()
+    } else {
+        movable.clone()
+    };
     let mut pause = options.poll_interval;
     let mut in_time = true;
     while !blocked.is_empty() {
@@ -427,30 +503,28 @@ async fn drain(
         remaining = still_there(client, node, &movable).await?;
     }
     if remaining.is_empty() {
-        tracing::info!(node, evicted = outcome.evicted.len(), "node drained");
+        tracing::info!(
+            node,
+            evicted = outcome.evicted.len(),
+            deleted = outcome.deleted.len(),
+            "node drained"
+        );
         return Ok(outcome);
     }
-    if !options.force {
-        return Err(DrainError::Timeout {
-            node: node.to_string(),
-            timeout: options.timeout,
-            remaining: remaining.iter().map(PodRef::key).collect(),
-        });
-    }
-    for pod in remaining {
-        tracing::warn!(node, pod = %pod.key(), "drain timed out, deleting the pod (force)");
-        match client.delete(&pod.path()).await {
-            Ok(()) => outcome.deleted.push(pod.key()),
-            Err(KubeError::NotFound { .. }) => {}
-            Err(source) => {
-                return Err(DrainError::Delete {
-                    pod: pod.key(),
-                    source: Box::new(source),
-                })
-            }
-        }
-    }
-    Ok(outcome)
+    Err(DrainError::Timeout {
+        node: node.to_string(),
+        timeout: options.timeout,
+        remaining: remaining.iter().map(PodRef::key).collect(),
+    })
+}
+
+/// Whether a controller (ReplicaSet, StatefulSet, Job, ...) owns the pod
+/// and so recreates it elsewhere.
+fn has_controller(pod: &PodView) -> bool {
+    pod.metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|r| r.controller == Some(true)))
 }
 
 #[cfg(test)]
@@ -463,6 +537,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             force,
             poll_interval: Duration::from_millis(10),
+            ..DrainOptions::default()
         }
     }
 
@@ -595,23 +670,122 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn force_deletes_what_the_timeout_left() {
+    async fn no_option_bypasses_a_budget_on_timeout_but_disable_eviction_deletes() {
         let server = TestServer::start().await;
         workload(&server);
         server.set_evict_429("shop", "db-0", u32::MAX);
         let client = server.client();
 
-        let outcome = cordon_and_drain(&client, "n1", &fast(300, true))
-            .await
-            .unwrap();
-        assert_eq!(outcome.evicted, ["default/web-1"]);
+        // force and delete_emptydir_data do not touch budgets: a timeout
+        // fails, deletes nothing and uncordons.
+        let mut options = fast(300, true);
+        options.delete_emptydir_data = true;
+        let err = cordon_and_drain(&client, "n1", &options).await.unwrap_err();
+        assert!(matches!(err, DrainError::Timeout { .. }), "{err:?}");
+        assert!(server.deleted().is_empty());
+        assert!(server.pod_exists("shop", "db-0"));
+        assert!(!unschedulable(&server, "n1"));
+
+        // disable_eviction: DELETE, no eviction asked, budgets not consulted.
+        let mut options = fast(5_000, false);
+        options.disable_eviction = true;
+        let before = server.requests_matching("POST", "/api/v1/namespaces/shop/pods/db-0/eviction");
+        let outcome = cordon_and_drain(&client, "n1", &options).await.unwrap();
+        // web-1 went with the first attempt's eviction; db-0 is left.
         assert_eq!(outcome.deleted, ["shop/db-0"]);
-        assert_eq!(server.deleted(), ["shop/db-0"]);
+        assert!(outcome.evicted.is_empty());
+        assert_eq!(
+            server.requests_matching("POST", "/api/v1/namespaces/shop/pods/db-0/eviction"),
+            before
+        );
         assert!(!server.pod_exists("shop", "db-0"));
+        assert!(
+            server.pod_exists("kube-system", "proxy-x"),
+            "DaemonSet pods stay"
+        );
         assert!(
             unschedulable(&server, "n1"),
             "a successful drain stays cordoned"
         );
+    }
+
+    #[tokio::test]
+    async fn unmanaged_and_emptydir_pods_are_refused_unless_allowed() {
+        let server = TestServer::start().await;
+        workload(&server);
+        server.add_pod(
+            "default",
+            "bare",
+            "n1",
+            PodSpec {
+                unmanaged: true,
+                ..PodSpec::default()
+            },
+        );
+        server.add_pod(
+            "cache",
+            "redis-0",
+            "n1",
+            PodSpec {
+                empty_dir: true,
+                ..PodSpec::default()
+            },
+        );
+        let client = server.client();
+
+        // (force, delete_emptydir_data, refused unmanaged, refused emptyDir)
+        type Case<'a> = (bool, bool, &'a [&'a str], &'a [&'a str]);
+        let table: &[Case<'_>] = &[
+            (false, false, &["default/bare"], &["cache/redis-0"]),
+            (true, false, &[], &["cache/redis-0"]),
+            (false, true, &["default/bare"], &[]),
+        ];
+        for (force, emptydir, unmanaged_want, empty_want) in table {
+            let mut options = fast(5_000, *force);
+            options.delete_emptydir_data = *emptydir;
+            let err = cordon_and_drain(&client, "n1", &options).await.unwrap_err();
+            match &err {
+                DrainError::Refused {
+                    node,
+                    unmanaged,
+                    empty_dir,
+                } => {
+                    assert_eq!(node, "n1");
+                    assert_eq!(unmanaged, unmanaged_want, "{force} {emptydir}");
+                    assert_eq!(empty_dir, empty_want, "{force} {emptydir}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            let text = err.to_string();
+            if !unmanaged_want.is_empty() {
+                assert!(text.contains("kubernetes.reboot.force"), "{text}");
+            }
+            if !empty_want.is_empty() {
+                assert!(
+                    text.contains("kubernetes.reboot.delete_emptydir_data"),
+                    "{text}"
+                );
+            }
+            // Refused before anything moved; the cordon was undone.
+            assert!(server.evicted().is_empty());
+            assert!(!unschedulable(&server, "n1"));
+        }
+
+        let mut options = fast(5_000, true);
+        options.delete_emptydir_data = true;
+        let outcome = cordon_and_drain(&client, "n1", &options).await.unwrap();
+        let mut evicted = outcome.evicted.clone();
+        evicted.sort();
+        assert_eq!(
+            evicted,
+            [
+                "cache/redis-0",
+                "default/bare",
+                "default/web-1",
+                "shop/db-0"
+            ]
+        );
+        assert!(outcome.deleted.is_empty());
     }
 
     #[tokio::test]

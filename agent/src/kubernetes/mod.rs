@@ -6,8 +6,11 @@
 pub mod client;
 pub mod coordinator;
 pub mod drain;
+pub mod identity;
+pub mod kubeconfig;
 pub mod lease;
 pub mod node_report;
+pub mod registries;
 pub mod render;
 pub mod services;
 #[cfg(test)]

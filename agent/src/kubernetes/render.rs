@@ -13,7 +13,9 @@
 //! | `/etc/kubernetes/kubelet.args` | 0644 | the kubelet's argv, one per line |
 //! | `/etc/kubernetes/bootstrap-kubelet.conf` | 0600 | bootstrap kubeconfig (token) |
 //! | `/etc/kubernetes/pki/ca.crt` | 0644 | cluster CA, when given inline |
-//! | `/etc/containerd/config.toml` | 0644 | containerd configuration |
+//! | `/etc/containerd/config.toml` | 0644, 0600 with registry credentials | containerd configuration |
+//! | `/etc/containerd/certs.d/<host>/hosts.toml` | 0644 | registry mirrors and CA (see [`super::registries`]) |
+//! | `/etc/containerd/certs.d/<host>/ca.crt` | 0644 | a registry's CA, when given inline |
 //! | `/etc/cni/net.d/10-ballast-bridge.conflist` | 0644 | standalone: bridge network |
 //! | `/etc/kubernetes/manifests/<name>.yaml` | 0644 | standalone: static pods |
 //!
@@ -340,11 +342,18 @@ pub fn render(config: &KubernetesConfig, node_name: &str) -> Result<Rendered, Re
         );
     }
 
+    let (registry_section, has_credentials) =
+        super::registries::containerd_section(&config.registries);
+    let mut containerd = CONTAINERD_TOML.to_owned();
+    containerd.push_str(&registry_section);
     file(
         CONTAINERD_CONFIG,
-        0o644,
-        CONTAINERD_TOML.as_bytes().to_vec(),
+        if has_credentials { 0o600 } else { 0o644 },
+        containerd.into_bytes(),
     );
+    for (path, mode, contents) in super::registries::host_files(&config.registries) {
+        file(&path, mode, contents);
+    }
 
     if config.standalone {
         let conflist = cni_conflist(config.pod_cidr());
@@ -396,8 +405,10 @@ fn kubelet_configuration(
                 enabled: cluster,
                 cache_ttl: "2m0s",
             },
+            // Standalone never trusts a client CA (check_complete refuses
+            // one; this holds even if that check is bypassed).
             x509: X509 {
-                client_ca_file: ca_path,
+                client_ca_file: ca_path.filter(|_| cluster),
             },
         },
         authorization: if cluster {
@@ -574,7 +585,9 @@ mod tests {
 
     /// Fixture cases: `tests/fixtures/kubernetes/<case>/config.toml` (a
     /// whole node configuration) and `expected/`, the rendered tree, plus
-    /// `expected.files`, one `MODE PATH` line per file. Set
+    /// `expected.files`, one `MODE PATH` line per file, and
+    /// `expected.node`, the node's name, sysctls, modules and the services'
+    /// environment. Set
     /// BALLAST_UPDATE_FIXTURES=1 to rewrite the expectations.
     #[test]
     fn fixtures_render_byte_for_byte() {
@@ -591,9 +604,27 @@ mod tests {
             let config_path = case.join("config.toml");
             let text = std::fs::read_to_string(&config_path).unwrap();
             let config = crate::config::Config::parse(&text, &config_path).unwrap();
-            let k8s = config.kubernetes.expect("a [kubernetes] table");
-            let name = node_name(&k8s, config.hostname.as_deref()).unwrap();
+            let k8s = config.kubernetes.clone().expect("a [kubernetes] table");
+            let identity = super::super::identity::node_name(
+                Some(&k8s),
+                config.hostname.as_deref(),
+                None,
+                "0123456789abcdef0123456789abcdef",
+            );
+            let name = identity.name.clone();
             let rendered = render(&k8s, &name).unwrap();
+            // What is not a file: the node's name, sysctls, modules and the
+            // services' proxy environment.
+            let mut node = format!("node {name} (from {})\n", identity.source.key());
+            for (sysctl, value) in config.kernel.sysctls(true) {
+                node.push_str(&format!("sysctl {sysctl} = {value}\n"));
+            }
+            for module in config.kernel.modules(true) {
+                node.push_str(&format!("module {module}\n"));
+            }
+            for (key, value) in config.proxy.environment() {
+                node.push_str(&format!("env {key}={value}\n"));
+            }
             let out = tempfile::tempdir().unwrap();
             write(&rendered.files, out.path()).unwrap();
             let listing: String = rendered
@@ -606,8 +637,15 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&expected);
                 write(&rendered.files, &expected).unwrap();
                 std::fs::write(case.join("expected.files"), &listing).unwrap();
+                std::fs::write(case.join("expected.node"), &node).unwrap();
                 continue;
             }
+            assert_eq!(
+                std::fs::read_to_string(case.join("expected.node")).unwrap(),
+                node,
+                "{}",
+                case.display()
+            );
             assert_eq!(
                 std::fs::read_to_string(case.join("expected.files")).unwrap(),
                 listing,
@@ -686,6 +724,35 @@ mod tests {
         let meta =
             std::fs::metadata(dir.path().join("etc/kubernetes/bootstrap-kubelet.conf")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn registry_credentials_make_containerd_config_0600_and_stay_there() {
+        let mut c = cluster();
+        c.registries = toml::from_str(
+            "[\"quay.io\"]\nusername = \"u\"\npassword = \"pw-9f8e7d\"\nmirrors = [\"https://m.example\"]\n",
+        )
+        .unwrap();
+        let r = render(&c, "node-1").unwrap();
+        for f in &r.files {
+            let has = String::from_utf8_lossy(&f.contents).contains("pw-9f8e7d");
+            assert_eq!(
+                has,
+                f.path == Path::new(CONTAINERD_CONFIG),
+                "{}",
+                f.path.display()
+            );
+        }
+        assert_eq!(find(&r, CONTAINERD_CONFIG).unwrap().mode, 0o600);
+        assert!(find(&r, "/etc/containerd/certs.d/quay.io/hosts.toml").is_some());
+        assert!(!format!("{c:?}").contains("pw-9f8e7d"));
+        // Without credentials the file stays 0644.
+        assert_eq!(
+            find(&render(&cluster(), "node-1").unwrap(), CONTAINERD_CONFIG)
+                .unwrap()
+                .mode,
+            0o644
+        );
     }
 
     #[test]

@@ -52,10 +52,11 @@ const RUNTIME_NOFILE: u64 = 1 << 20;
 const RUNTIME_OOM_SCORE_ADJ: i32 = -999;
 
 /// The supervisor services for rendered files; the kubelet only when
-/// installed.
+/// installed. `env` (the `[proxy]` settings) is the environment of both.
 pub fn service_specs(
     rendered: &Rendered,
     kubelet_installed: bool,
+    env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, ServiceSpec> {
     let mut services = BTreeMap::new();
     services.insert(
@@ -69,6 +70,7 @@ pub fn service_specs(
             restart: RestartPolicy::Always,
             nofile: Some(RUNTIME_NOFILE),
             oom_score_adj: Some(RUNTIME_OOM_SCORE_ADJ),
+            env: env.clone(),
             ..ServiceSpec::default()
         },
     );
@@ -81,6 +83,7 @@ pub fn service_specs(
                 restart: RestartPolicy::Always,
                 nofile: Some(RUNTIME_NOFILE),
                 oom_score_adj: Some(RUNTIME_OOM_SCORE_ADJ),
+                env: env.clone(),
                 ..ServiceSpec::default()
             },
         );
@@ -88,15 +91,16 @@ pub fn service_specs(
     services
 }
 
-/// Renders the files under `root` and returns the services. `hostname`
-/// names the Node when `node_name` is not set.
+/// Renders the files under `root` for the Node `node_name` (the node's
+/// one identity, [`super::identity::node_name`]) and returns the services,
+/// with `env` (the `[proxy]` settings) as their environment.
 pub fn prepare(
     config: &KubernetesConfig,
-    hostname: Option<&str>,
+    node_name: &str,
+    env: &BTreeMap<String, String>,
     root: &Path,
 ) -> Result<Prepared, RenderError> {
-    let name = render::node_name(config, hostname)?;
-    let rendered = render::render(config, &name)?;
+    let rendered = render::render(config, node_name)?;
     let written = render::write(&rendered.files, root)?;
     let kubelet = kubelet_installed(
         &root.join(
@@ -107,7 +111,7 @@ pub fn prepare(
         ),
     );
     Ok(Prepared {
-        services: service_specs(&rendered, kubelet.is_ok()),
+        services: service_specs(&rendered, kubelet.is_ok(), env),
         written,
         kubelet,
     })
@@ -115,11 +119,12 @@ pub fn prepare(
 
 /// PID 1's call at boot: [`prepare`] on `/`, with the outcome logged. An
 /// error starts neither service (and says why); it never stops the boot.
-pub fn boot(config: &KubernetesConfig) -> BTreeMap<String, ServiceSpec> {
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned());
-    match prepare(config, hostname.as_deref(), Path::new("/")) {
+pub fn boot(
+    config: &KubernetesConfig,
+    node_name: &str,
+    env: &BTreeMap<String, String>,
+) -> BTreeMap<String, ServiceSpec> {
+    match prepare(config, node_name, env, Path::new("/")) {
         Ok(prepared) => {
             // Paths only: the bootstrap kubeconfig holds a token.
             tracing::info!(files = prepared.written.len(), "kubernetes files rendered");
@@ -152,7 +157,7 @@ mod tests {
     #[test]
     fn kubelet_runs_after_containerd_only_when_installed() {
         let root = tempfile::tempdir().unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert_eq!(
             prepared.kubelet,
             Err(format!(
@@ -180,12 +185,12 @@ mod tests {
         std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o644))
             .unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert!(prepared.kubelet.unwrap_err().contains("not an executable"));
 
         std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
-        let prepared = prepare(&standalone(), Some("node-1"), root.path()).unwrap();
+        let prepared = prepare(&standalone(), "node-1", &BTreeMap::new(), root.path()).unwrap();
         assert!(prepared.kubelet.is_ok());
         let kubelet = &prepared.services["kubelet"];
         assert_eq!(kubelet.after, ["containerd"]);
@@ -199,9 +204,36 @@ mod tests {
     }
 
     #[test]
+    fn proxy_settings_are_the_environment_of_both_services() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let proxy = crate::config::proxy::ProxyConfig {
+            https: Some("http://proxy.example:3128".into()),
+            http: None,
+            no_proxy: vec![".svc".into()],
+        };
+        let prepared = prepare(&standalone(), "node-1", &proxy.environment(), root.path()).unwrap();
+        for name in ["containerd", "kubelet"] {
+            let env = &prepared.services[name].env;
+            assert_eq!(env["HTTPS_PROXY"], "http://proxy.example:3128", "{name}");
+            assert_eq!(env["NO_PROXY"], "localhost,127.0.0.1,::1,.svc", "{name}");
+        }
+    }
+
+    #[test]
     fn a_bad_table_renders_nothing() {
         let root = tempfile::tempdir().unwrap();
-        let err = prepare(&KubernetesConfig::default(), Some("n"), root.path()).unwrap_err();
+        let err = prepare(
+            &KubernetesConfig::default(),
+            "n",
+            &BTreeMap::new(),
+            root.path(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("kubernetes.api_server"), "{err}");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }

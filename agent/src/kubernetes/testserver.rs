@@ -33,6 +33,10 @@ pub struct PodSpec {
     pub mirror: bool,
     /// `status.phase`; `Running` when not set.
     pub phase: Option<&'static str>,
+    /// No controller owns it (a bare pod).
+    pub unmanaged: bool,
+    /// It has an `emptyDir` volume named `scratch`.
+    pub empty_dir: bool,
 }
 
 #[derive(Debug, Default)]
@@ -233,6 +237,12 @@ impl TestServer {
                 "uid": "0000-rs", "controller": true
             }]);
         }
+        if spec.unmanaged {
+            metadata
+                .as_object_mut()
+                .expect("an object")
+                .remove("ownerReferences");
+        }
         if spec.mirror {
             metadata["annotations"] = json!({"kubernetes.io/config.mirror": "abc123"});
             metadata["ownerReferences"] = json!([{
@@ -240,10 +250,18 @@ impl TestServer {
                 "controller": true
             }]);
         }
+        let mut pod_spec =
+            json!({"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]});
+        if spec.empty_dir {
+            pod_spec["volumes"] = json!([
+                {"name": "config", "configMap": {"name": "cm"}},
+                {"name": "scratch", "emptyDir": {}}
+            ]);
+        }
         let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": metadata,
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]},
+            "spec": pod_spec,
             "status": {"phase": spec.phase.unwrap_or("Running")}
         });
         self.lock().create(pod_path(namespace, name), pod);
