@@ -66,6 +66,8 @@ pub enum IdentityError {
         old: Uuid,
         new: Uuid,
     },
+    #[error("no Ballast boot entry under {esp} names the renewed slots: the partition table is left alone")]
+    NoEntries { esp: PathBuf },
     #[error("journal {path} is unreadable")]
     Journal {
         path: PathBuf,
@@ -133,6 +135,7 @@ pub trait Disk {
 }
 
 /// A block device (or image file).
+#[derive(Debug)]
 pub struct BlockDisk {
     pub path: PathBuf,
     pub disk: gpt::DiskFile,
@@ -260,10 +263,23 @@ pub fn renew(
     };
 
     // 2. Entries name NEW, and OLD as a fallback.
-    rewrite_entries(storage, esp, |p| match journal.renewed(p.usr_partuuid) {
-        Some(new) => Some((new, Some(p.usr_partuuid))),
-        None => None,
+    rewrite_entries(storage, esp, |p| {
+        journal
+            .renewed(p.usr_partuuid)
+            .map(|new| (new, Some(p.usr_partuuid)))
     })?;
+    // Never change the disk under entries that do not follow it (an ESP
+    // that failed to mount shows none).
+    let follow = list_entries(storage, esp)?
+        .into_iter()
+        .filter_map(|e| e.entry.ok())
+        .filter(|e| journal.has_new(e.params.usr_partuuid))
+        .count();
+    if follow == 0 {
+        return Err(IdentityError::NoEntries {
+            esp: esp.to_owned(),
+        });
+    }
     // Test images can stop here (a `panic` action: PID 1 reboots).
     fail::fail_point!("disk-identity-entries-written");
 
@@ -339,38 +355,44 @@ fn rewrite_entries(
         };
         let path = dir.join(&installed.file_name);
         let text = String::from_utf8_lossy(&storage.read(&path)?).into_owned();
-        let mut params = entry.params.clone();
-        params.usr_partuuid = usr;
-        params.usr_was = was;
-        write_atomic(storage, &path, replace_params(&text, &params).as_bytes())?;
+        write_atomic(storage, &path, replace_usr(&text, usr, was).as_bytes())?;
         tracing::info!(entry = %installed.file_name, usr = %usr, "boot entry renamed its slot");
     }
     Ok(())
 }
 
-/// `text` with the `ballast.*` words of its `options` line replaced by
-/// `params`' (other words and lines kept, in order).
-fn replace_params(text: &str, params: &ballast_updater::cmdline::BootParams) -> String {
+/// `text` with the `ballast.usr` word of its `options` line naming `usr`,
+/// followed by `ballast.usr.was` when `was` is given; every other word and
+/// line is kept as it was, in order (words other helpers or the operator
+/// put there survive).
+fn replace_usr(text: &str, usr: Uuid, was: Option<Uuid>) -> String {
     let mut out = String::with_capacity(text.len() + 64);
     for line in text.split_inclusive('\n') {
         let body = line.trim_end_matches('\n');
-        let trimmed = body.trim_start();
-        match trimmed.strip_prefix("options") {
-            Some(rest) if rest.starts_with(char::is_whitespace) => {
-                let others: Vec<&str> = rest
-                    .split_ascii_whitespace()
-                    .filter(|w| !w.starts_with("ballast."))
-                    .collect();
-                out.push_str("options ");
-                if !others.is_empty() {
-                    out.push_str(&others.join(" "));
-                    out.push(' ');
+        let Some(rest) = body
+            .trim_start()
+            .strip_prefix("options")
+            .filter(|r| r.starts_with(char::is_whitespace))
+        else {
+            out.push_str(line);
+            continue;
+        };
+        let mut words = Vec::new();
+        for word in rest.split_ascii_whitespace() {
+            match word.split_once('=').map(|(k, _)| k) {
+                Some("ballast.usr") => {
+                    words.push(format!("ballast.usr=PARTUUID={}", usr.hyphenated()));
+                    if let Some(was) = was {
+                        words.push(format!("ballast.usr.was=PARTUUID={}", was.hyphenated()));
+                    }
                 }
-                out.push_str(&params.to_string());
-                out.push_str(&line[body.len()..]);
+                Some("ballast.usr.was") => {}
+                _ => words.push(word.to_owned()),
             }
-            _ => out.push_str(line),
         }
+        out.push_str("options ");
+        out.push_str(&words.join(" "));
+        out.push_str(&line[body.len()..]);
     }
     out
 }
@@ -684,6 +706,16 @@ mod tests {
             "{text}"
         );
         let before = (mem.snapshot(), disk.live.borrow().clone());
+        let with_word = replace_usr(
+            "title x\noptions a ballast.usr=PARTUUID=x ballast.config.k=v b\n",
+            OLD_B,
+            Some(OLD_A),
+        );
+        assert_eq!(
+            with_word,
+            "title x\noptions a ballast.usr=PARTUUID=00000000-0000-0000-0000-000000001002 \
+             ballast.usr.was=PARTUUID=00000000-0000-0000-0000-000000001001 ballast.config.k=v b\n"
+        );
         assert_eq!(run(&mem, &disk, 0x6000).unwrap(), Outcome::AlreadyDone);
         assert_eq!((mem.snapshot(), disk.live.borrow().clone()), before);
     }
@@ -784,6 +816,37 @@ mod tests {
         assert!(err.to_string().contains("USR-B"), "{err}");
         assert_eq!(mem.snapshot(), before);
         assert_eq!(*disk.live.borrow(), no_b);
+    }
+
+    /// An ESP that did not mount (no entries) never lets the table change
+    /// under entries that still name the old GUIDs.
+    #[test]
+    fn no_entries_no_new_table() {
+        let mem = MemStorage::new();
+        mem.put(Path::new("/var/lib/ballast/machine-id"), b"x\n");
+        let power = Power::new(&mem, None);
+        let bytes = disk_image();
+        let disk = MemDisk {
+            live: RefCell::new(bytes.clone()),
+            durable: RefCell::new(bytes.clone()),
+            power: &power,
+        };
+        let err = run(&mem, &disk, 0x5000).unwrap_err();
+        assert!(matches!(err, IdentityError::NoEntries { .. }), "{err}");
+        assert_eq!(*disk.live.borrow(), bytes);
+        // The ESP comes back: the next boot finishes with the same plan.
+        let planned = read_journal(&mem, Path::new(JOURNAL)).unwrap().unwrap();
+        mem.put(
+            Path::new(ENTRY_A),
+            entry("1.0.0", Slot::A, OLD_A).as_bytes(),
+        );
+        mem.put(
+            Path::new(ENTRY_B),
+            entry("1.1.0", Slot::B, OLD_B).as_bytes(),
+        );
+        run(&mem, &disk, 0x9000).unwrap();
+        let j = assert_finished(&mem, &disk.live.borrow());
+        assert_eq!(j.partitions, planned.partitions);
     }
 
     #[test]
