@@ -31,6 +31,14 @@ pub enum Event {
         device: Option<String>,
         reason: String,
     },
+    /// First boot gave the boot disk and its USR-A, USR-B and STATE
+    /// partitions fresh random GUIDs (boot::disk_identity).
+    DiskIdentityRenewed {
+        /// The block device, `/dev/vda`.
+        disk: String,
+        /// The renewed partitions' labels.
+        partitions: Vec<String>,
+    },
     /// PID 1 in the slot finished its setup and serves the API.
     Ready {
         version: String,
@@ -138,6 +146,7 @@ impl Event {
         "boot-failed",
         "config-error",
         "user-data-ignored",
+        "disk-identity-renewed",
         "ready",
         "network-configured",
         "network-lost",
@@ -168,6 +177,7 @@ impl Event {
             Event::BootFailed { .. } => "boot-failed",
             Event::ConfigError { .. } => "config-error",
             Event::UserDataIgnored { .. } => "user-data-ignored",
+            Event::DiskIdentityRenewed { .. } => "disk-identity-renewed",
             Event::Ready { .. } => "ready",
             Event::NetworkConfigured { .. } => "network-configured",
             Event::NetworkLost { .. } => "network-lost",
@@ -272,6 +282,10 @@ mod tests {
                 source: s("cidata"),
                 device: Some(s("/dev/vdb")),
                 reason: s("r"),
+            },
+            Event::DiskIdentityRenewed {
+                disk: s("/dev/vda"),
+                partitions: vec![s("USR-A"), s("USR-B"), s("STATE")],
             },
             Event::Ready {
                 version: s("1.0.0"),

@@ -83,6 +83,7 @@ async fn main_loop() -> Action {
     };
     if let Some(info) = &info {
         mount_esp(info);
+        renew_disk_identity(info);
     }
     let dir = crate::boot::modules::running_kernel_dir();
     let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
@@ -702,6 +703,20 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// First boot: fresh GUIDs for the boot disk (boot::disk_identity). A
+/// failure leaves a node that boots as before; the next boot tries again.
+fn renew_disk_identity(info: &BootInfo) {
+    // The slot's PARTUUID as early boot found it on the disk.
+    let running = [info.usr.partuuid];
+    match crate::boot::disk_identity::renew_boot_disk(&info.usr.disk, Path::new("/efi"), &running) {
+        Ok(Some(event)) => console::emit(&event),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(disk = %info.usr.disk.display(), error = %crate::error_chain(&e), "disk identity not renewed")
+        }
+    }
 }
 
 fn mount_esp(info: &BootInfo) {

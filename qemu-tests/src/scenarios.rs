@@ -217,7 +217,31 @@ pub fn boot(ctx: &Context) -> Result<(), ScenarioError> {
                 .into())
         }
     }
+    check_disk_identity_renewed(&mut vm, 1)?;
     check_dhcp_lease(&mut vm)
+}
+
+/// Every node renews its disk's GUIDs on its first boot, before `ready`,
+/// and never again: `boots_so_far` boots, one `disk-identity-renewed`.
+fn check_disk_identity_renewed(vm: &mut Vm, boots_so_far: usize) -> Result<(), ScenarioError> {
+    let renewed: Vec<Event> = vm
+        .events_seen()
+        .iter()
+        .filter(|e| e.name == "disk-identity-renewed")
+        .cloned()
+        .collect();
+    let parts = renewed.first().map(|e| e.json()).unwrap_or_default();
+    let labels_ok = parts.contains(r#""partitions":["USR-A","USR-B","STATE"]"#);
+    if renewed.len() != 1 || !labels_ok {
+        return Err(vm
+            .fail(format!(
+                "expected one disk-identity-renewed event for USR-A, USR-B and STATE in {boots_so_far} boot(s), saw {}: {parts}",
+                renewed.len()
+            ))
+            .into());
+    }
+    vm.progress(&format!("disk identity renewed once: {parts}"));
+    Ok(())
 }
 
 /// With no network configuration the agent runs DHCP on the first NIC and
@@ -313,6 +337,7 @@ pub fn reboot(ctx: &Context) -> Result<(), ScenarioError> {
         }
     }
     let second = wait_ready(&mut vm, ctx)?;
+    check_disk_identity_renewed(&mut vm, 2)?;
     if first.str_field("boot_id") == second.str_field("boot_id") {
         return Err(vm
             .fail(format!(

@@ -225,6 +225,7 @@ mod tests {
                 version: "1.0.0".parse().unwrap(),
                 slot: Slot::A,
                 usr_partuuid: uuid::Uuid::from_u128(7),
+                usr_was: None,
                 usr_fstype: "erofs".into(),
                 root_hash: "b".repeat(64),
                 salt: "aa".into(),

@@ -88,6 +88,11 @@ pub struct BootParams {
     pub version: Version,
     pub slot: Slot,
     pub usr_partuuid: Uuid,
+    /// `ballast.usr.was`: the slot's previous PARTUUID, carried only while
+    /// the node renews its disk's GUIDs (see the agent's
+    /// `boot::disk_identity`); early boot falls back to it only when no
+    /// partition has `usr_partuuid`.
+    pub usr_was: Option<Uuid>,
     pub usr_fstype: String,
     pub root_hash: String,
     pub salt: String,
@@ -101,6 +106,7 @@ impl BootParams {
             version: meta.version,
             slot,
             usr_partuuid,
+            usr_was: None,
             usr_fstype: meta.usr_fstype.clone(),
             root_hash: meta.verity.root_hash.clone(),
             salt: meta.verity.salt.clone(),
@@ -142,6 +148,15 @@ impl BootParams {
             .strip_prefix("PARTUUID=")
             .and_then(|u| Uuid::parse_str(u).ok())
             .ok_or_else(|| invalid("ballast.usr", usr))?;
+        let usr_was = match lookup(cmdline, "ballast.usr.was") {
+            None => None,
+            Some(was) => Some(
+                was.strip_prefix("PARTUUID=")
+                    .and_then(|u| Uuid::parse_str(u).ok())
+                    .filter(|u| *u != usr_partuuid)
+                    .ok_or_else(|| invalid("ballast.usr.was", was))?,
+            ),
+        };
         let usr_fstype = lookup(cmdline, "ballast.usrfs").unwrap_or("erofs");
         if !matches!(usr_fstype, "erofs" | "squashfs") {
             return Err(invalid("ballast.usrfs", usr_fstype));
@@ -164,6 +179,7 @@ impl BootParams {
             version,
             slot,
             usr_partuuid,
+            usr_was,
             usr_fstype: usr_fstype.to_owned(),
             root_hash: root_hash.to_owned(),
             salt: salt.to_owned(),
@@ -177,15 +193,18 @@ impl fmt::Display for BootParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ballast.version={} ballast.slot={} ballast.usr=PARTUUID={} ballast.usrfs={} \
-             ballast.verity={} ballast.verity.salt={} ballast.verity.blocks={}",
+            "ballast.version={} ballast.slot={} ballast.usr=PARTUUID={}",
             self.version,
             self.slot,
             self.usr_partuuid.hyphenated(),
-            self.usr_fstype,
-            self.root_hash,
-            self.salt,
-            self.data_blocks
+        )?;
+        if let Some(was) = self.usr_was {
+            write!(f, " ballast.usr.was=PARTUUID={}", was.hyphenated())?;
+        }
+        write!(
+            f,
+            " ballast.usrfs={} ballast.verity={} ballast.verity.salt={} ballast.verity.blocks={}",
+            self.usr_fstype, self.root_hash, self.salt, self.data_blocks
         )
     }
 }
@@ -214,6 +233,7 @@ mod tests {
             version: "1.2.0".parse().unwrap(),
             slot: Slot::B,
             usr_partuuid: Uuid::from_u128(0x1234),
+            usr_was: None,
             usr_fstype: "erofs".into(),
             root_hash: "a".repeat(64),
             salt: "0011".into(),
@@ -227,6 +247,43 @@ mod tests {
         let line = format!("console=ttyS0 {p} quiet\n");
         assert_eq!(BootParams::parse(&line).unwrap(), p);
         assert_eq!(p.verity().hash_start_block(), 2049);
+    }
+
+    /// The transitional `ballast.usr.was` word round-trips, is optional,
+    /// and may not name the new PARTUUID again or anything but a PARTUUID.
+    #[test]
+    fn the_previous_partuuid_round_trips_and_is_checked() {
+        let p = BootParams {
+            usr_was: Some(Uuid::from_u128(0x99)),
+            ..sample()
+        };
+        let line = p.to_string();
+        assert!(line.contains(
+            "ballast.usr=PARTUUID=00000000-0000-0000-0000-000000001234 \
+             ballast.usr.was=PARTUUID=00000000-0000-0000-0000-000000000099 "
+        ));
+        assert_eq!(BootParams::parse(&line).unwrap(), p);
+        assert_eq!(
+            BootParams::parse(&sample().to_string()).unwrap().usr_was,
+            None
+        );
+        for bad in [
+            "PARTUUID=00000000-0000-0000-0000-000000001234",
+            "PARTLABEL=USR-A",
+            "PARTUUID=nope",
+        ] {
+            let line = format!("{} ballast.usr.was={bad}", sample());
+            assert!(
+                matches!(
+                    BootParams::parse(&line),
+                    Err(CmdlineError::Invalid {
+                        key: "ballast.usr.was",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

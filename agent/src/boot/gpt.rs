@@ -69,6 +69,23 @@ impl Source for [u8] {
     }
 }
 
+/// Where a rewritten table goes: a disk, or a model of one in tests that
+/// can lose the power between any two writes.
+pub trait Sink {
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl Sink for File {
+    fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(bytes, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.sync_all()
+    }
+}
+
 /// A disk (or image file) and its size in bytes.
 #[derive(Debug)]
 pub struct DiskFile {
@@ -427,6 +444,11 @@ impl Table {
         Ok(())
     }
 
+    /// Gives the disk a new GUID.
+    pub fn set_disk_guid(&mut self, guid: Uuid) {
+        self.disk_guid = guid;
+    }
+
     /// The header for one copy of the table on a disk of `sectors` sectors.
     fn header_bytes(&self, primary: bool, sectors: u64, last_usable: u64) -> Vec<u8> {
         let last = sectors - 1;
@@ -453,7 +475,7 @@ impl Table {
     /// written and synced first, the primary header last: a power cut at
     /// any point leaves one valid, self-consistent copy (the old primary, or
     /// the new backup when the primary's entries were half written).
-    pub fn write(&self, file: &File, disk_bytes: u64) -> Result<(), GptError> {
+    pub fn write(&self, file: &(impl Sink + ?Sized), disk_bytes: u64) -> Result<(), GptError> {
         let sectors = disk_bytes / self.sector;
         let array = self.array_sectors();
         // Room for: protective MBR, primary header and array (rewritten at
@@ -479,14 +501,13 @@ impl Table {
         }
         let write = |bytes: &[u8], lba: u64| {
             let offset = lba * self.sector;
-            file.write_all_at(bytes, offset)
-                .map_err(|e| GptError::Write {
-                    offset,
-                    message: e.to_string(),
-                })
+            file.write_at(bytes, offset).map_err(|e| GptError::Write {
+                offset,
+                message: e.to_string(),
+            })
         };
         let sync = || {
-            file.sync_all().map_err(|e| GptError::Write {
+            file.sync().map_err(|e| GptError::Write {
                 offset: 0,
                 message: format!("syncing: {e}"),
             })

@@ -110,10 +110,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     tracing::info!(count, "kernel modules loaded");
 
     let roots = Roots::default();
-    let usr = roots.wait_for(
-        &Wanted::PartUuid(params.usr_partuuid),
-        Duration::from_secs(20),
-    )?;
+    let usr = find_usr(&roots, &params)?;
     let verity_dev = open_verity(&usr, &params)?;
     verify_every_block(&verity_dev, &usr, &params)?;
 
@@ -174,6 +171,23 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         .map_err(EarlyBootError::BootInfo)?;
 
     switch_root(Path::new(SYSROOT)).map_err(EarlyBootError::SwitchRoot)
+}
+
+/// The running slot's partition: the one with the command line's PARTUUID.
+/// While the node renews its disk's GUIDs (boot::disk_identity) an entry
+/// also names the slot's previous PARTUUID (`ballast.usr.was`); that one is
+/// used only when no partition has the new PARTUUID after a full wait for
+/// the disks, and is refused like any other when two partitions have it.
+fn find_usr(roots: &Roots, params: &BootParams) -> Result<Partition, EarlyBootError> {
+    let wait = Duration::from_secs(20);
+    let new = roots.wait_for(&Wanted::PartUuid(params.usr_partuuid), wait);
+    match (new, params.usr_was) {
+        (Err(DiskError::NotFound { .. }), Some(was)) => {
+            tracing::warn!(new = %params.usr_partuuid, was = %was, "slot not found under its new PARTUUID; trying the previous one");
+            Ok(roots.wait_for(&Wanted::PartUuid(was), Duration::from_secs(1))?)
+        }
+        (found, _) => Ok(found?),
+    }
 }
 
 fn read_to_string(path: &str) -> Result<String, EarlyBootError> {

@@ -5,6 +5,7 @@
 
 pub mod bootinfo;
 pub mod cidata;
+pub mod disk_identity;
 pub mod disks;
 pub mod gpt;
 pub mod initramfs;

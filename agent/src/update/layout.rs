@@ -108,10 +108,17 @@ pub fn discover(args: &Overrides) -> Result<NodeLayout, LayoutError> {
         path: args.cmdline.clone(),
         source,
     })?;
-    let running = BootParams::parse(&cmdline).map_err(|source| LayoutError::NotBallast {
+    let mut running = BootParams::parse(&cmdline).map_err(|source| LayoutError::NotBallast {
         path: args.cmdline.clone(),
         source,
     })?;
+    // After this boot renewed the disk's GUIDs the command line still names
+    // the old PARTUUID; the disk (and every entry) hold the new one.
+    running.usr_partuuid = crate::boot::disk_identity::current_usr_partuuid(
+        &RealStorage,
+        Path::new(crate::boot::disk_identity::JOURNAL_PATH),
+        running.usr_partuuid,
+    );
     let discovered = if args.slot_a.is_none() || args.slot_b.is_none() {
         Some(discover_slots(&running)?)
     } else {
@@ -176,11 +183,18 @@ fn partuuid_for(
 fn discover_slots(running: &BootParams) -> Result<Vec<SlotDevice>, LayoutError> {
     use crate::boot::disks::{unique, Roots, Wanted};
     let parts = Roots::default().partitions();
-    let current = unique(&parts, &Wanted::PartUuid(running.usr_partuuid))?.ok_or(
-        LayoutError::RunningSlotNotFound {
-            partuuid: running.usr_partuuid,
+    // A boot during an interrupted renewal may find the slot only under
+    // its previous PARTUUID, as early boot did.
+    let current = match unique(&parts, &Wanted::PartUuid(running.usr_partuuid))? {
+        Some(p) => Some(p),
+        None => match running.usr_was {
+            Some(was) => unique(&parts, &Wanted::PartUuid(was))?,
+            None => None,
         },
-    )?;
+    }
+    .ok_or(LayoutError::RunningSlotNotFound {
+        partuuid: running.usr_partuuid,
+    })?;
     Ok([Slot::A, Slot::B]
         .into_iter()
         .filter_map(|slot| {
