@@ -66,6 +66,10 @@ pub enum DeltaError {
     },
     #[error("chunk {path} has sha256 {actual}")]
     ChunkHash { path: String, actual: String },
+    #[error(
+        "none of the {chunks} chunks is on the node: one whole download beats {chunks} requests"
+    )]
+    NothingToReuse { chunks: usize },
     #[error("the assembled artifact has sha256 {actual}, its index says {expected}")]
     Assembled { expected: String, actual: String },
 }
@@ -141,6 +145,7 @@ impl LocalChunks {
     /// only means more downloading. Later sources win for a hash present
     /// in several, so list the most stable last.
     pub fn scan(storage: &dyn Storage, sources: &[LocalSource], wanted: &ChunkIndex) -> Self {
+        let wanted_index = wanted;
         let wanted: HashSet<&str> = wanted.chunks.iter().map(|c| c.sha256.as_str()).collect();
         let mut local = LocalChunks::default();
         for (i, source) in sources.iter().enumerate() {
@@ -168,7 +173,39 @@ impl LocalChunks {
                 tracing::info!(source = i, path = %source.path.display(), error = %e, "stopped indexing a source early");
             }
         }
+        local.probe_last_chunk(storage, sources, wanted_index);
         local
+    }
+
+    /// The artifact's last chunk ends at its end of file, but a slot goes
+    /// on past the image, so the chunker cuts it differently there: look
+    /// for it at the same offset instead (images of equal size).
+    fn probe_last_chunk(
+        &mut self,
+        storage: &dyn Storage,
+        sources: &[LocalSource],
+        index: &ChunkIndex,
+    ) {
+        let Some(last) = index.chunks.last() else {
+            return;
+        };
+        if self.by_hash.contains_key(&last.sha256) {
+            return;
+        }
+        let mut buf = vec![0u8; usize::try_from(last.length).unwrap_or(0)];
+        for (i, path) in self.sources.iter().enumerate() {
+            let fits = sources
+                .iter()
+                .any(|s| s.path == *path && s.len >= last.offset + u64::from(last.length));
+            if fits
+                && storage.read_at(path, last.offset, &mut buf).is_ok()
+                && sha256_hex(&buf) == last.sha256
+            {
+                self.by_hash
+                    .insert(last.sha256.clone(), (i, last.offset, last.length));
+                return;
+            }
+        }
     }
 
     /// Chunks of `index` the node holds, and their bytes.

@@ -697,6 +697,11 @@ impl<'a> Install<'a> {
             scanned = local.scanned,
             "assembling from chunks"
         );
+        if have == 0 {
+            return Err(DeltaError::NothingToReuse {
+                chunks: index.chunks.len(),
+            });
+        }
         let (digest, stats) =
             delta::assemble(storage, self.source.fetch, &index, &local, target, progress)?;
         // assemble() checked the index's hash, fetch_index() that it is
