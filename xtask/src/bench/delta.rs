@@ -229,8 +229,11 @@ fn install(
 
     let (url, served) = serve(repo.to_owned())?;
     let t = Instant::now();
+    let log = work.join("apply.log");
     run_cmd(
         Command::new(ballast)
+            .env("BALLAST_LOG", "info")
+            .stderr(std::fs::File::create(&log)?)
             .args(["update", "apply", "--json", "--esp"])
             .arg(&esp)
             .arg("--slot-a")
@@ -246,6 +249,16 @@ fn install(
             .stdout(std::process::Stdio::null()),
     )?;
     let secs = t.elapsed().as_secs_f64();
+    // What the delta path did per artifact, from the install's own log.
+    for line in std::fs::read_to_string(&log)?.lines() {
+        if line.contains("assembled from chunks")
+            || line.contains("assembling from chunks")
+            || line.contains("copied, not downloaded")
+            || line.contains("delta path failed")
+        {
+            eprintln!("  {line}");
+        }
+    }
     // The server thread may still be counting the last response.
     std::thread::sleep(Duration::from_millis(50));
     Ok((
