@@ -12,6 +12,14 @@
 //! 4. write `ballast-<ver>+3.conf` under a temporary name, fsync, rename,
 //!    fsync the directory: the commit point.
 //!
+//! Delta updates (crate::delta): when the repository signs a chunk
+//! catalog, step 2 assembles `usr.img` from chunks of the running slot and
+//! of what the inactive slot still holds plus the missing chunks, and
+//! preflight copies a kernel or initrd identical to the running one from
+//! the ESP and assembles a changed initrd from chunks. The whole artifact
+//! is still hashed against the manifest; any failure on the delta path
+//! falls back to the full download.
+//!
 //! Every refusal is decided before step 1 and changes nothing. Kernel and
 //! initrd are downloaded and checked once, in preflight, and kept (see
 //! [`STAGE_IN_MEMORY_MAX`]) until step 3 copies them to the ESP. The
@@ -26,7 +34,9 @@ use crate::digest::Sha256;
 use serde::Serialize;
 
 use crate::bootentry::{BootEntry, EntryName, ENTRIES_DIR};
+use crate::chunks::Catalog;
 use crate::cmdline::{BootParams, Slot};
+use crate::delta::{self, DeltaError, DeltaStats, LocalChunks, LocalSource};
 use crate::esp::{list_entries, running_entry, NodeLayout};
 use crate::fetch::{Fetch, FetchError, ResumingReader};
 use crate::keys::TrustedKeys;
@@ -273,6 +283,13 @@ pub struct Installed {
     pub entry: String,
     pub bytes: u64,
     pub resumes: u32,
+    /// Bytes of usr.img, kernel and initrd fetched from the repository,
+    /// whole or as chunks.
+    pub downloaded_bytes: u64,
+    /// Bytes taken from what the node already held.
+    pub reused_bytes: u64,
+    /// True when usr.img was assembled from chunks.
+    pub delta: bool,
 }
 
 /// Fetches `manifest.json` and its signatures and verifies them.
@@ -419,6 +436,13 @@ pub struct Install<'a> {
     resumes: std::cell::Cell<u32>,
     /// Kernel and initrd as preflight checked them.
     staged: Vec<(&'static str, Staged)>,
+    /// The repository's verified chunk catalog; None: full downloads only.
+    catalog: Option<Catalog>,
+    /// Bytes fetched as whole artifacts.
+    full_bytes: std::cell::Cell<u64>,
+    /// What the delta path fetched and reused.
+    delta_stats: std::cell::Cell<DeltaStats>,
+    usr_from_chunks: bool,
 }
 
 /// An artifact whose bytes preflight checked, kept for step 3.
@@ -516,6 +540,17 @@ impl<'a> Install<'a> {
             phase: InstallPhase::Preflighted,
             resumes: std::cell::Cell::new(0),
             staged: Vec::new(),
+            catalog: None,
+            full_bytes: std::cell::Cell::new(0),
+            delta_stats: std::cell::Cell::new(DeltaStats::default()),
+            usr_from_chunks: false,
+        };
+        install.catalog = match delta::fetch_catalog(source.fetch, source.trust) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::info!(error = %e, "no usable chunk catalog; downloading whole artifacts");
+                None
+            }
         };
         // Kernel and initrd are small: check their bytes before touching
         // anything, so a corrupt object is refused with nothing changed,
@@ -548,6 +583,10 @@ impl<'a> Install<'a> {
             // At most in_memory_max bytes; a capacity hint only.
             let capacity = usize::try_from(size).unwrap_or(0);
             let mut bytes = MemoryTarget(Vec::with_capacity(capacity));
+            if self.fetch_small_locally(name, &mut bytes).is_some() {
+                return Ok(Staged::Memory(bytes.0));
+            }
+            let mut bytes = MemoryTarget(Vec::with_capacity(capacity));
             self.download(name, &mut bytes, &mut |_| {})?;
             return Ok(Staged::Memory(bytes.0));
         }
@@ -555,6 +594,12 @@ impl<'a> Install<'a> {
         let dir = self.node.layout.state_dir.join(STAGING_DIR);
         storage.create_dir_all(&dir)?;
         let path = dir.join(name);
+        let mut file = storage.create(&path)?;
+        let local = self.fetch_small_locally(name, file.as_mut());
+        drop(file);
+        if local.is_some() {
+            return Ok(Staged::Spool(path));
+        }
         let mut file = storage.create(&path)?;
         let downloaded = self.download(name, file.as_mut(), &mut |_| {});
         drop(file);
@@ -567,6 +612,174 @@ impl<'a> Install<'a> {
                 Err(e)
             }
         }
+    }
+
+    /// Kernel or initrd without the full download: copied from the running
+    /// version's file on the ESP when it is identical, else (initrd) put
+    /// together from its chunks. None: download it whole (the target may
+    /// hold a partial write and must be recreated).
+    fn fetch_small_locally(&self, name: &'static str, target: &mut dyn WriteTarget) -> Option<()> {
+        let art = artifact(self.meta, name).ok()?;
+        let layout = self.node.layout;
+        let storage = self.node.storage;
+        let running = layout.running.version;
+        let local = if name == KERNEL {
+            layout.kernel_path(running)
+        } else {
+            layout.initrd_path(running)
+        };
+        let local_size = storage.size(&local).ok();
+        if local_size == Some(art.size)
+            && hash_prefix(storage, &local, art.size).ok().as_ref() == Some(&art.sha256)
+        {
+            let copied = storage
+                .open_read(&local)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| {
+                    pipeline_copy(&mut r, target, art.size, &mut |_| {})
+                        .map_err(|e| format!("{e:?}"))
+                });
+            match copied {
+                Ok(digest) if digest == art.sha256 => {
+                    tracing::info!(artifact = name, from = %local.display(), "identical to the running version's; copied, not downloaded");
+                    self.add_delta(&DeltaStats {
+                        reused_bytes: art.size,
+                        ..DeltaStats::default()
+                    });
+                    return Some(());
+                }
+                other => {
+                    tracing::info!(artifact = name, result = ?other.err(), "copy from the ESP failed; downloading");
+                    return None;
+                }
+            }
+        }
+        if name != INITRD {
+            return None;
+        }
+        let sources = local_size
+            .map(|len| LocalSource { path: local, len })
+            .into_iter()
+            .collect::<Vec<_>>();
+        match self.assemble(name, &sources, target, &mut |_| {}) {
+            Ok(()) => Some(()),
+            Err(e) => {
+                tracing::info!(artifact = name, error = %e, "delta path failed; downloading the whole artifact");
+                None
+            }
+        }
+    }
+
+    /// Assembles artifact `name` from the chunks in `sources` and missing
+    /// chunks from the repository, checked against the manifest's hash.
+    fn assemble(
+        &self,
+        name: &'static str,
+        sources: &[LocalSource],
+        target: &mut dyn WriteTarget,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), DeltaError> {
+        let art = artifact(self.meta, name).map_err(|_| DeltaError::NotInCatalog {
+            artifact: name.to_owned(),
+        })?;
+        let catalog = self.catalog.as_ref().ok_or_else(|| DeltaError::NoCatalog {
+            repo: self.source.fetch.describe(),
+        })?;
+        let index = delta::fetch_index(self.source.fetch, catalog, art)?;
+        let storage = self.node.storage;
+        let local = LocalChunks::scan(storage, sources, &index);
+        let (have, have_bytes) = local.coverage(&index);
+        tracing::info!(
+            artifact = name,
+            chunks = index.chunks.len(),
+            local_chunks = have,
+            local_bytes = have_bytes,
+            scanned = local.scanned,
+            "assembling from chunks"
+        );
+        if have == 0 {
+            return Err(DeltaError::NothingToReuse {
+                chunks: index.chunks.len(),
+            });
+        }
+        let (digest, stats) =
+            delta::assemble(storage, self.source.fetch, &index, &local, target, progress)?;
+        // assemble() checked the index's hash, fetch_index() that it is
+        // the manifest's; checked again here so the signed hash decides.
+        if digest != art.sha256 {
+            return Err(DeltaError::Assembled {
+                expected: art.sha256.clone(),
+                actual: digest,
+            });
+        }
+        self.resumes.set(self.resumes.get() + stats.resumes);
+        self.add_delta(&stats);
+        tracing::info!(
+            artifact = name,
+            reused_bytes = stats.reused_bytes,
+            downloaded_bytes = stats.downloaded_bytes,
+            downloaded_chunks = stats.downloaded_chunks,
+            "assembled from chunks"
+        );
+        Ok(())
+    }
+
+    fn add_delta(&self, stats: &DeltaStats) {
+        let mut all = self.delta_stats.get();
+        all.add(stats);
+        self.delta_stats.set(all);
+    }
+
+    /// Step 2a: usr.img into the slot, from chunks when the repository has
+    /// them, else (or when that fails) downloaded whole.
+    fn write_usr(
+        &mut self,
+        slot_path: &Path,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Box<dyn WriteTarget>, String), InstallError> {
+        let usr = artifact(self.meta, USR_IMAGE)?;
+        let phase = self.phase;
+        let total = usr.size;
+        let mut report = |done| {
+            progress(Progress {
+                phase,
+                artifact: USR_IMAGE,
+                done,
+                total,
+            })
+        };
+        let storage = self.node.storage;
+        if self.catalog.is_some() {
+            let layout = self.node.layout;
+            let running_slot = layout.slot(layout.running.slot).path.clone();
+            let sources = [
+                // What the inactive slot still holds; it is being
+                // overwritten, so its chunks are re-hashed when used.
+                LocalSource {
+                    path: slot_path.to_owned(),
+                    len: usr.size,
+                },
+                LocalSource {
+                    len: running_image_bound(layout, storage, &running_slot),
+                    path: running_slot,
+                },
+            ];
+            let mut slot = storage.open_in_place(slot_path)?;
+            let before = self.delta_stats.get();
+            match self.assemble(USR_IMAGE, &sources, slot.as_mut(), &mut report) {
+                Ok(()) => {
+                    self.usr_from_chunks = true;
+                    return Ok((slot, usr.sha256.clone()));
+                }
+                Err(e) => {
+                    self.delta_stats.set(before);
+                    tracing::warn!(error = %e, "delta path failed; downloading the whole usr.img");
+                }
+            }
+        }
+        let mut slot = storage.open_in_place(slot_path)?;
+        let written = self.download(USR_IMAGE, slot.as_mut(), &mut report)?;
+        Ok((slot, written))
     }
 
     pub fn phase(&self) -> InstallPhase {
@@ -591,17 +804,8 @@ impl<'a> Install<'a> {
         self.advance(InstallPhase::InactiveEntriesRemoved)?;
         let usr = artifact(self.meta, USR_IMAGE)?;
         let slot_path = self.node.layout.slot(self.target).path.clone();
-        let mut slot = self.node.storage.open_in_place(&slot_path)?;
-        let phase = self.phase;
         let started = std::time::Instant::now();
-        let written = self.download(USR_IMAGE, slot.as_mut(), &mut |done| {
-            progress(Progress {
-                phase,
-                artifact: USR_IMAGE,
-                done,
-                total: usr.size,
-            })
-        })?;
+        let (mut slot, written) = self.write_usr(&slot_path, progress)?;
         // fsync and the read-back hash overlap: both must succeed before
         // step 3, and the read comes from the same (page-cached) bytes.
         let streamed = started.elapsed();
@@ -650,6 +854,9 @@ impl<'a> Install<'a> {
             entry,
             bytes: usr.size,
             resumes: self.resumes.get(),
+            downloaded_bytes: self.full_bytes.get() + self.delta_stats.get().downloaded_bytes,
+            reused_bytes: self.delta_stats.get().reused_bytes,
+            delta: self.usr_from_chunks,
         })
     }
 
@@ -784,6 +991,7 @@ impl<'a> Install<'a> {
         let digest = pipeline_copy(&mut reader, target, art.size, progress)
             .map_err(|e| self.copy_error(name, e))?;
         self.resumes.set(self.resumes.get() + reader.resumes);
+        self.full_bytes.set(self.full_bytes.get() + art.size);
         if reader.has_trailing_bytes() {
             return Err(InstallError::ArtifactTooLarge {
                 version: self.meta.version,
@@ -826,6 +1034,18 @@ impl Install<'_> {
     pub fn resumes(&self) -> u32 {
         self.resumes.get()
     }
+}
+
+/// How much of the running slot to index: its verity data plus a generous
+/// bound on the hash tree (under 1/127 of the data for SHA-256 in 4 KiB
+/// blocks) and superblock, never past the device.
+fn running_image_bound(layout: &NodeLayout, storage: &dyn Storage, path: &Path) -> u64 {
+    let verity = layout.running.verity();
+    let data = verity
+        .data_blocks
+        .saturating_mul(u64::from(verity.data_block_size));
+    let bound = data.saturating_add(data / 64).saturating_add(1 << 20);
+    storage.size(path).map_or(bound, |size| size.min(bound))
 }
 
 /// SHA-256 of the first `len` bytes of a file or device.

@@ -10,8 +10,10 @@
 
 pub mod bootentry;
 pub mod bootmodel;
+pub mod chunks;
 pub mod cmdline;
 pub mod control;
+pub mod delta;
 pub mod digest;
 pub mod esp;
 pub mod fetch;

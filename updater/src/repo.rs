@@ -4,7 +4,10 @@
 //! ```text
 //! REPO/manifest.json        Manifest (see crate::manifest)
 //! REPO/manifest.json.sig    [{"key_id": .., "signature": ..}, ..]
-//! REPO/objects/<sha256>     payload artifacts, content addressed
+//! REPO/objects/<sha256>     payload artifacts and chunk indexes, content addressed
+//! REPO/chunks/<sha256>      chunks of usr.img and initrd (delta updates)
+//! REPO/delta.json           chunk index of each artifact, by hash (crate::chunks)
+//! REPO/delta.json.sig       its signatures, by the manifest's keys
 //! ```
 //! `add` copies a payload directory's artifacts in (checking them against
 //! its metadata) and lists the release; `sign` raises the sequence number,
@@ -16,12 +19,15 @@ use std::time::{Duration, SystemTime};
 
 use crate::digest::Sha256;
 
+use crate::chunks::{
+    self, Catalog, ChunkIndex, IndexRef, CATALOG_FILE, CATALOG_SIGNATURES_FILE, CHUNKS_DIR,
+};
 use crate::keys::{SecretKey, TrustedKeys};
 use crate::manifest::{
     self, Manifest, ManifestError, Release, Signature, Wave, MANIFEST_FILE, OBJECTS_DIR,
     SIGNATURES_FILE,
 };
-use crate::payload::{PayloadError, PayloadMetadata, Version};
+use crate::payload::{PayloadError, PayloadMetadata, Version, INITRD, USR_IMAGE};
 
 /// Default lifetime of a signed manifest.
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -68,6 +74,19 @@ pub enum RepoError {
     NothingToAppend { repo: PathBuf },
     #[error("no signing keys given")]
     NoKeys,
+    #[error(transparent)]
+    Chunks(#[from] crate::chunks::ChunkError),
+    #[error("{path}: {reason}")]
+    Catalog { path: PathBuf, reason: String },
+}
+
+/// Whether `add` cuts usr.img and initrd into chunks for delta updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunking {
+    /// Full objects plus chunks, chunk indexes and `delta.json`.
+    Cut,
+    /// Full objects only: nodes download whole artifacts.
+    FullOnly,
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RepoError {
@@ -124,20 +143,35 @@ pub fn load(repo: &Path) -> Result<Manifest, RepoError> {
 fn store_unsigned(repo: &Path, manifest: &Manifest) -> Result<(), RepoError> {
     manifest.validate()?;
     write_atomic(&repo.join(MANIFEST_FILE), &manifest.to_bytes())?;
-    let sig = repo.join(SIGNATURES_FILE);
-    match std::fs::remove_file(&sig) {
+    remove_if_present(&repo.join(SIGNATURES_FILE))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), RepoError> {
+    match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("removing", &sig)(e)),
+        Err(e) => Err(io_err("removing", path)(e)),
     }
 }
 
-/// Adds the release in payload directory `payload` to `repo`.
+/// Adds the release in payload directory `payload` to `repo`, cut into
+/// chunks for delta updates too.
 pub fn add(
     repo: &Path,
     payload: &Path,
     waves: Vec<Wave>,
     channels: Vec<String>,
+) -> Result<Release, RepoError> {
+    add_with(repo, payload, waves, channels, Chunking::Cut)
+}
+
+/// [`add`], choosing whether to cut chunks.
+pub fn add_with(
+    repo: &Path,
+    payload: &Path,
+    waves: Vec<Wave>,
+    channels: Vec<String>,
+    chunking: Chunking,
 ) -> Result<Release, RepoError> {
     let meta = PayloadMetadata::load(payload)?;
     let mut manifest = load(repo)?;
@@ -178,6 +212,21 @@ pub fn add(
             .and_then(|f| f.sync_all())
             .map_err(io_err("fsync of", &tmp))?;
         std::fs::rename(&tmp, &dst).map_err(io_err("renaming into", &dst))?;
+    }
+    if chunking == Chunking::Cut {
+        let mut catalog = load_catalog(repo)?;
+        for name in CHUNKED_ARTIFACTS {
+            let Some(art) = meta.artifact(name) else {
+                continue;
+            };
+            if catalog.find(&art.sha256).is_some() {
+                continue;
+            }
+            let entry = cut_artifact(repo, &payload.join(name), &art.sha256, art.size)?;
+            catalog.indexes.push(entry);
+        }
+        write_atomic(&repo.join(CATALOG_FILE), &catalog.to_bytes())?;
+        remove_if_present(&repo.join(CATALOG_SIGNATURES_FILE))?;
     }
     let release = Release {
         payload: meta,
@@ -222,6 +271,64 @@ pub fn set_channels(
     }
     store_unsigned(repo, &manifest)?;
     Ok(matched)
+}
+
+/// Artifacts cut into chunks: the kernel is either unchanged (the node
+/// copies it from its ESP) or new as a whole.
+pub const CHUNKED_ARTIFACTS: [&str; 2] = [USR_IMAGE, INITRD];
+
+/// `REPO/delta.json`, or an empty catalog.
+pub fn load_catalog(repo: &Path) -> Result<Catalog, RepoError> {
+    let path = repo.join(CATALOG_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Catalog::parse(&bytes).map_err(|e| RepoError::Catalog {
+            path,
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Catalog::default()),
+        Err(e) => Err(io_err("reading", &path)(e)),
+    }
+}
+
+/// Cuts the artifact at `src` into `REPO/chunks/`, writes its index to
+/// `REPO/objects/` and returns the catalog entry. Chunks already present
+/// (shared with other releases) are not written again. Chunks are stored
+/// uncompressed: see docs/update-repository.md.
+fn cut_artifact(repo: &Path, src: &Path, sha256: &str, size: u64) -> Result<IndexRef, RepoError> {
+    let dir = repo.join(CHUNKS_DIR);
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let file = std::fs::File::open(src).map_err(io_err("opening", src))?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let what = src.display().to_string();
+    let index = chunks::index::<RepoError>(reader, &what, size, sha256, |c, bytes| {
+        let dst = dir.join(&c.sha256);
+        if dst.exists() {
+            return Ok(());
+        }
+        // Not fsynced one by one (thousands of files): `repo verify`
+        // re-hashes every chunk, and a torn chunk only costs a node a full
+        // download, since nodes hash every chunk they fetch.
+        let tmp = dir.join(format!(".{}.tmp", c.sha256));
+        std::fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io_err("renaming into", &dst))
+    })?;
+    if index.sha256 != sha256 {
+        return Err(RepoError::PayloadMismatch {
+            path: src.to_owned(),
+            size,
+            sha256: sha256.to_owned(),
+            actual_size: index.size,
+            actual_sha256: index.sha256,
+        });
+    }
+    let bytes = index.to_bytes();
+    let index_sha = crate::digest::sha256_hex(&bytes);
+    write_atomic(&repo.join(ChunkIndex::object_path(&index_sha)), &bytes)?;
+    Ok(IndexRef {
+        artifact: sha256.to_owned(),
+        index: index_sha,
+        index_size: bytes.len() as u64,
+    })
 }
 
 /// Sets the release floor (anti-rollback).
@@ -273,10 +380,44 @@ pub fn sign(
             signature: hex::encode(key.sign(&bytes)),
         });
     }
-    let mut out = serde_json::to_vec_pretty(&sigs).unwrap_or_default();
-    out.push(b'\n');
-    write_atomic(&spath, &out)?;
+    write_signatures(&spath, &sigs)?;
+    sign_catalog(repo, keys, append)?;
     Ok(manifest)
+}
+
+fn write_signatures(path: &Path, sigs: &[Signature]) -> Result<(), RepoError> {
+    let mut out = serde_json::to_vec_pretty(sigs).unwrap_or_default();
+    out.push(b'\n');
+    write_atomic(path, &out)
+}
+
+/// Signs `delta.json`, when the repository has one, with the same keys as
+/// the manifest (see crate::chunks for why it is a separate document).
+fn sign_catalog(repo: &Path, keys: &[SecretKey], append: bool) -> Result<(), RepoError> {
+    let path = repo.join(CATALOG_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("reading", &path)(e)),
+    };
+    Catalog::parse(&bytes).map_err(|e| RepoError::Catalog {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let spath = repo.join(CATALOG_SIGNATURES_FILE);
+    let mut sigs = match std::fs::read(&spath) {
+        Ok(b) if append => manifest::parse_signatures(&b)?,
+        _ => Vec::new(),
+    };
+    for key in keys {
+        let key_id = key.key_id();
+        sigs.retain(|s| s.key_id != key_id);
+        sigs.push(Signature {
+            key_id,
+            signature: hex::encode(key.sign(&bytes)),
+        });
+    }
+    write_signatures(&spath, &sigs)
 }
 
 /// What `verify` checked.
@@ -287,6 +428,55 @@ pub struct VerifyReport {
     pub signed_by: Vec<String>,
     pub releases: Vec<String>,
     pub objects_checked: usize,
+    pub indexes_checked: usize,
+    pub chunks_checked: usize,
+}
+
+/// `delta.json`'s signatures, every index it names and every chunk those
+/// name. A repository without `delta.json` serves full payloads only.
+fn verify_catalog(repo: &Path, trust: &TrustedKeys) -> Result<(usize, usize), RepoError> {
+    let path = repo.join(CATALOG_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(io_err("reading", &path)(e)),
+    };
+    let sigs = std::fs::read(repo.join(CATALOG_SIGNATURES_FILE)).ok();
+    manifest::verify_signatures(&bytes, sigs.as_deref(), trust)?;
+    let catalog = Catalog::parse(&bytes)?;
+    let mut chunks_checked = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &catalog.indexes {
+        let ipath = repo.join(ChunkIndex::object_path(&r.index));
+        let ibytes = std::fs::read(&ipath).map_err(io_err("reading", &ipath))?;
+        if crate::digest::sha256_hex(&ibytes) != r.index {
+            return Err(RepoError::Object {
+                path: ipath,
+                size: r.index_size,
+                sha256: r.index.clone(),
+            });
+        }
+        let index = ChunkIndex::parse(&ibytes)?;
+        for c in &index.chunks {
+            if !seen.insert(c.sha256.clone()) {
+                continue;
+            }
+            let cpath = repo.join(c.path());
+            match hash_file(&cpath) {
+                Ok((size, sha)) if size == u64::from(c.length) && sha == c.sha256 => {
+                    chunks_checked += 1;
+                }
+                _ => {
+                    return Err(RepoError::Object {
+                        path: cpath,
+                        size: u64::from(c.length),
+                        sha256: c.sha256.clone(),
+                    })
+                }
+            }
+        }
+    }
+    Ok((catalog.indexes.len(), chunks_checked))
 }
 
 /// Everything a node would check, plus every object's size and hash.
@@ -315,8 +505,11 @@ pub fn verify(
             }
         }
     }
+    let (indexes_checked, chunks_checked) = verify_catalog(repo, trust)?;
     let m = verified.manifest;
     Ok(VerifyReport {
+        indexes_checked,
+        chunks_checked,
         sequence: m.sequence,
         expires: m.expires,
         signed_by: verified.signed_by,

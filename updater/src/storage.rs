@@ -56,6 +56,14 @@ pub trait Storage: Send + Sync {
     fn read(&self, path: &Path) -> Result<Vec<u8>>;
     /// Opens a file or block device for reading from the start.
     fn open_read(&self, path: &Path) -> Result<Box<dyn Read + Send>>;
+    /// Fills `buf` from `offset` of a file or block device (a reused
+    /// chunk). The default reads up to the offset; real files seek.
+    fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut reader = self.open_read(path)?;
+        io::copy(&mut (&mut reader).take(offset), &mut io::sink())
+            .and_then(|_| reader.read_exact(buf))
+            .map_err(|e| StorageError::io("reading", path, e))
+    }
     /// Size of a file, or of a block device (its end offset).
     fn size(&self, path: &Path) -> Result<u64>;
     fn exists(&self, path: &Path) -> bool;
@@ -197,6 +205,13 @@ impl Storage for RealStorage {
     fn open_read(&self, path: &Path) -> Result<Box<dyn Read + Send>> {
         let file = File::open(path).map_err(|e| StorageError::io("opening", path, e))?;
         Ok(Box::new(file))
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(path).map_err(|e| StorageError::io("opening", path, e))?;
+        file.read_exact_at(buf, offset)
+            .map_err(|e| StorageError::io("reading", path, e))
     }
 
     fn size(&self, path: &Path) -> Result<u64> {
@@ -529,6 +544,20 @@ impl Storage for MemStorage {
 
     fn open_read(&self, path: &Path) -> Result<Box<dyn Read + Send>> {
         Ok(Box::new(io::Cursor::new(self.read(path)?)))
+    }
+
+    fn read_at(&self, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let f = self.file(path, "reading")?;
+        let file = lock(&f);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let bytes = start
+            .checked_add(buf.len())
+            .and_then(|end| file.live.get(start..end))
+            .ok_or_else(|| {
+                StorageError::io("reading", path, io::ErrorKind::UnexpectedEof.into())
+            })?;
+        buf.copy_from_slice(bytes);
+        Ok(())
     }
 
     fn size(&self, path: &Path) -> Result<u64> {

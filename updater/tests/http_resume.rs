@@ -101,7 +101,8 @@ fn serve(server: Arc<Server>) -> String {
 fn dropped_connection_resumes_with_range_and_completes() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = payload("1.1.0", Arch::X86_64, "base", 2);
-    let repo = Repo::new(&[&v1, &v2]);
+    // The full path: delta updates resume per chunk (tests/delta.rs).
+    let repo = Repo::full_only(&[&v1, &v2]);
     let usr_sha = v2.meta.artifact("usr.img").unwrap().sha256.clone();
     let server = Arc::new(Server {
         root: repo.path(),

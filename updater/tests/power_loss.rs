@@ -14,7 +14,20 @@ use common::*;
 fn every_power_cut_leaves_a_bootable_signed_version_and_apply_completes_after() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = payload("1.1.0", Arch::X86_64, "base", 2);
-    let repo = Repo::new(&[&v1, &v2]);
+    cut_power_everywhere(&v1, &v2, Repo::full_only(&[&v1, &v2]), false);
+}
+
+/// The delta path: usr.img assembled from the running slot's chunks and a
+/// few downloaded ones, the unchanged initrd and kernel copied on the ESP.
+#[test]
+fn every_power_cut_on_the_delta_path_leaves_a_bootable_signed_version() {
+    let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
+    let v2 = derived(&v1, "1.1.0", 500_000, 3000, 2, false);
+    cut_power_everywhere(&v1, &v2, Repo::new(&[&v1, &v2]), true);
+}
+
+fn cut_power_everywhere(v1: &Payload, v2: &Payload, repo: Repo, delta: bool) {
+    let (v1, v2) = (v1.clone(), v2.clone());
     // The node also has an old entry on slot B, so step 1 has work to do.
     let v0 = payload("0.9.0", Arch::X86_64, "base", 9);
 
@@ -35,7 +48,8 @@ fn every_power_cut_leaves_a_bootable_signed_version_and_apply_completes_after() 
     // Count the operations of a complete install.
     let total = {
         let n = setup();
-        n.apply(&repo).unwrap();
+        let installed = n.apply(&repo).unwrap().installed.unwrap();
+        assert_eq!(installed.delta, delta, "{installed:?}");
         n.fs.ops_done()
     };
     assert!(total > 10, "install made only {total} durable operations");

@@ -30,6 +30,9 @@ pub enum RepoCommand {
         /// Channel offering the release; repeatable. None: `stable`.
         #[arg(long = "channel", value_name = "NAME")]
         channels: Vec<String>,
+        /// Store whole artifacts only, no chunks for delta updates.
+        #[arg(long)]
+        no_chunks: bool,
     },
     /// Put every release of VERSION in exactly the given channels
     /// (promotion, e.g. `--channel beta --channel stable`).
@@ -106,13 +109,19 @@ pub fn run(cmd: RepoCommand) -> anyhow::Result<()> {
             payload,
             waves,
             channels,
+            no_chunks,
         } => {
             let now = SystemTime::now();
             let waves = waves
                 .iter()
                 .map(|w| parse_wave(w, now))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let release = repo::add(&dir, &payload, waves, channels)
+            let chunking = if no_chunks {
+                repo::Chunking::FullOnly
+            } else {
+                repo::Chunking::Cut
+            };
+            let release = repo::add_with(&dir, &payload, waves, channels, chunking)
                 .with_context(|| format!("adding {} to {}", payload.display(), dir.display()))?;
             let p = &release.payload;
             println!(

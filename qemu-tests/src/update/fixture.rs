@@ -170,9 +170,20 @@ impl TestRepo {
         }
     }
 
-    /// `ballast repo add REPO --payload DIR`.
+    /// `ballast repo add REPO --payload DIR --no-chunks`: the scenarios
+    /// written before delta updates test the whole-artifact path (their
+    /// request logs count `objects/` downloads); `add_chunked` cuts chunks.
     pub fn add(&self, payload: &Path) -> Result<(), FixtureError> {
-        repo::add(self.path(), payload, Vec::new(), Vec::new())
+        self.add_with(payload, repo::Chunking::FullOnly)
+    }
+
+    /// `ballast repo add REPO --payload DIR`: with chunks for delta updates.
+    pub fn add_chunked(&self, payload: &Path) -> Result<(), FixtureError> {
+        self.add_with(payload, repo::Chunking::Cut)
+    }
+
+    fn add_with(&self, payload: &Path, chunking: repo::Chunking) -> Result<(), FixtureError> {
+        repo::add_with(self.path(), payload, Vec::new(), Vec::new(), chunking)
             .map(drop)
             .map_err(self.err(format!("adding {}", payload.display())))
     }

@@ -98,6 +98,40 @@ pub fn payload(version: &str, arch: Arch, variant: &str, seed: u8) -> Payload {
     }
 }
 
+/// `base` with `len` bytes of usr.img replaced at `at` (a changed file in
+/// the image), the kernel replaced when `new_kernel`, and the same initrd:
+/// a release delta updates can reuse most of.
+pub fn derived(
+    base: &Payload,
+    version: &str,
+    at: usize,
+    len: usize,
+    seed: u8,
+    new_kernel: bool,
+) -> Payload {
+    let mut p = base.clone();
+    p.meta.version = version.parse().unwrap();
+    p.usr[at..at + len].copy_from_slice(&bytes(seed, len));
+    if new_kernel {
+        p.kernel = bytes(seed.wrapping_add(100), p.kernel.len() + 4096);
+    }
+    p.meta.verity.root_hash = sha(&p.usr[..64]
+        .iter()
+        .chain(&[seed])
+        .copied()
+        .collect::<Vec<_>>());
+    for a in &mut p.meta.artifacts {
+        let b = match a.name.as_str() {
+            "usr.img" => &p.usr,
+            "vmlinuz" => &p.kernel,
+            _ => &p.initrd,
+        };
+        a.size = b.len() as u64;
+        a.sha256 = sha(b);
+    }
+    p
+}
+
 impl Payload {
     pub fn write_dir(&self, dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();
@@ -123,12 +157,22 @@ pub struct Repo {
 }
 
 impl Repo {
+    /// A repository cut into chunks too (what `ballast repo add` makes).
     pub fn new(payloads: &[&Payload]) -> Repo {
+        Self::with(payloads, repo::Chunking::Cut)
+    }
+
+    /// A repository of whole artifacts only: nodes download in full.
+    pub fn full_only(payloads: &[&Payload]) -> Repo {
+        Self::with(payloads, repo::Chunking::FullOnly)
+    }
+
+    pub fn with(payloads: &[&Payload], chunking: repo::Chunking) -> Repo {
         let dir = tempfile::tempdir().unwrap();
         for (i, p) in payloads.iter().enumerate() {
             let pdir = dir.path().join(format!("payload-{i}"));
             p.write_dir(&pdir);
-            repo::add(&dir.path().join("repo"), &pdir, vec![], vec![]).unwrap();
+            repo::add_with(&dir.path().join("repo"), &pdir, vec![], vec![], chunking).unwrap();
         }
         let key = SecretKey::from_seed([7; 32]);
         let r = Repo { dir, key };

@@ -3,6 +3,7 @@
 
 mod agent;
 mod boot;
+mod delta;
 mod install;
 mod update;
 
@@ -24,6 +25,8 @@ pub enum Bench {
     Agent(agent::AgentBenchArgs),
     /// One update cycle in a VM, split into install, reboot and health gate.
     Update(update::UpdateBenchArgs),
+    /// Delta update against full download: bytes served and time.
+    Delta(delta::DeltaBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -32,6 +35,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Install(a) => install::run(a),
         Bench::Agent(a) => agent::run(a),
         Bench::Update(a) => update::run(a),
+        Bench::Delta(a) => delta::run(a),
     }
 }
 
