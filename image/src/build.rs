@@ -149,6 +149,8 @@ impl BuildOptions {
 /// Used when neither `SOURCE_DATE_EPOCH` nor a git commit time is given
 /// (2024-01-01T00:00:00Z).
 pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
+/// The mtime of every initrd entry (2024-01-01, as the default epoch).
+const INITRD_MTIME: u32 = 1_704_067_200;
 
 /// Receives progress while a build runs.
 pub trait Progress {
@@ -362,7 +364,11 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     // 5. initrd
     progress.step(5, STEPS, "building initrd (cpio newc)");
     let archive = initrd::build(&agent, &mdir, &kver, &dep, &early)?;
-    let initrd_bytes = archive.to_bytes(u32::try_from(epoch).unwrap_or(u32::MAX))?;
+    // One fixed mtime for every release, not the build's epoch: nothing
+    // reads the initramfs's times, and a per-build stamp in every cpio
+    // header changed every 64 KiB chunk of it, defeating delta updates
+    // (docs/update-repository.md, "Delta updates").
+    let initrd_bytes = archive.to_bytes(INITRD_MTIME)?;
     let initrd_path = payload_dir.join(payload::INITRD);
     fs::write(&initrd_path, &initrd_bytes).map_err(ioe(&initrd_path))?;
     let kernel_path = payload_dir.join(payload::KERNEL);
