@@ -86,6 +86,10 @@ pub enum Tier {
     /// on both architectures (runtime config, k8s profile, update failure
     /// modes, FleetLock). Runnable on aarch64 by name.
     Extended,
+    /// Not in the default set: run by name or with `all`. Scenarios that
+    /// need their own image flavour or a long setup wait here until the
+    /// CI budget has room for them (README lists them).
+    OnDemand,
 }
 
 impl Tier {
@@ -94,6 +98,7 @@ impl Tier {
         match self {
             Tier::Core => true,
             Tier::Extended => arch == ballast_updater::payload::Arch::X86_64,
+            Tier::OnDemand => false,
         }
     }
 }
