@@ -44,7 +44,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     // and a real NTP server in a network namespace the test creates. They
     // are installed with services held back (see `install`), so neither
     // ever serves or sets this host's clock.
-    "dnsmasq",
+    "dnsmasq-base",
     "chrony",
     "iproute2",
 ];
@@ -277,7 +277,7 @@ pub const REQUIRED_PROGRAMS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("gcc", "gcc"),
     ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    ("dnsmasq", "dnsmasq"),
+    ("dnsmasq", "dnsmasq-base"),
     ("chronyd", "chrony"),
     ("ip", "iproute2"),
 ];
