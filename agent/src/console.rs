@@ -57,6 +57,8 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// The SNTP client corrected the clock: its first sync, and every step.
+    TimeSynced { server: String, offset_ms: i64 },
     /// PID 1 begins an orderly shutdown (`reboot`, `poweroff` or `halt`).
     Shutdown { action: String },
     /// The agent hit a bug; the node reboots.
@@ -139,6 +141,7 @@ impl Event {
         "ready",
         "network-configured",
         "network-lost",
+        "time-synced",
         "shutdown",
         "panic",
         "failpoint-armed",
@@ -169,6 +172,7 @@ impl Event {
             Event::Ready { .. } => "ready",
             Event::NetworkConfigured { .. } => "network-configured",
             Event::NetworkLost { .. } => "network-lost",
+            Event::TimeSynced { .. } => "time-synced",
             Event::Shutdown { .. } => "shutdown",
             Event::Panic { .. } => "panic",
             Event::FailpointArmed { .. } => "failpoint-armed",
@@ -288,6 +292,10 @@ mod tests {
                 interface: s("eth0"),
                 reason: s("carrier lost"),
                 address: None,
+            },
+            Event::TimeSynced {
+                server: s("10.0.2.2"),
+                offset_ms: 1234,
             },
             Event::Shutdown {
                 action: s("reboot"),

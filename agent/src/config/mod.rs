@@ -14,6 +14,7 @@
 
 pub mod kubernetes;
 pub mod kubernetes_validate;
+pub mod time;
 pub mod update;
 pub mod user_data;
 
@@ -120,6 +121,9 @@ pub struct Config {
     pub services: BTreeMap<String, crate::node::supervisor::ServiceSpec>,
     #[serde(default)]
     pub update: update::UpdateConfig,
+    /// `[time]`: NTP servers for the SNTP client.
+    #[serde(default)]
+    pub time: time::TimeConfig,
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,

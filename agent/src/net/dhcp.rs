@@ -26,6 +26,7 @@ pub mod code {
     pub const DNS: u8 = 6;
     pub const HOSTNAME: u8 = 12;
     pub const DOMAIN_NAME: u8 = 15;
+    pub const NTP_SERVERS: u8 = 42;
     pub const REQUESTED_IP: u8 = 50;
     pub const LEASE_TIME: u8 = 51;
     pub const MESSAGE_TYPE: u8 = 53;
@@ -293,6 +294,7 @@ impl Message {
             subnet_mask: self.addr_option(code::SUBNET_MASK)?,
             routers: self.addr_list(code::ROUTER)?,
             dns: self.addr_list(code::DNS)?,
+            ntp: self.addr_list(code::NTP_SERVERS)?,
             lease_time: self.seconds(code::LEASE_TIME)?,
             renewal_time: self.seconds(code::RENEWAL_TIME)?,
             rebinding_time: self.seconds(code::REBINDING_TIME)?,
@@ -310,6 +312,8 @@ pub struct LeaseOptions {
     pub subnet_mask: Option<Ipv4Addr>,
     pub routers: Vec<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    /// Option 42: NTP servers, in order of preference.
+    pub ntp: Vec<Ipv4Addr>,
     pub lease_time: Option<Duration>,
     pub renewal_time: Option<Duration>,
     pub rebinding_time: Option<Duration>,
@@ -406,6 +410,30 @@ pub(crate) mod tests {
         assert_eq!(
             m.lease_options().unwrap().dns,
             [Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)]
+        );
+    }
+
+    #[test]
+    fn ntp_servers_come_from_option_42_and_a_bad_length_is_refused() {
+        let m = Message::decode(&slirp_offer()).unwrap();
+        assert!(m.lease_options().unwrap().ntp.is_empty());
+        let mut b = slirp_offer();
+        b.truncate(240);
+        b.extend_from_slice(&[42, 8, 10, 0, 0, 1, 10, 0, 0, 2, 255]);
+        let m = Message::decode(&b).unwrap();
+        assert_eq!(
+            m.lease_options().unwrap().ntp,
+            [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]
+        );
+        let mut b = slirp_offer();
+        b.truncate(240);
+        b.extend_from_slice(&[42, 3, 10, 0, 0, 255]);
+        assert_eq!(
+            Message::decode(&b).unwrap().lease_options(),
+            Err(DhcpError::OptionLength {
+                code: code::NTP_SERVERS,
+                len: 3
+            })
         );
     }
 

@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use super::dhcp::{code, mask_prefix, DhcpError, Message, MessageType, FLAG_BROADCAST, OP_REPLY};
 
 /// Options asked for in every request.
-const PARAMETERS: [u8; 9] = [
+const PARAMETERS: [u8; 10] = [
     code::SUBNET_MASK,
     code::ROUTER,
     code::DNS,
+    code::NTP_SERVERS,
     code::HOSTNAME,
     code::DOMAIN_NAME,
     code::LEASE_TIME,
@@ -44,6 +45,8 @@ pub struct Lease {
     pub prefix: u8,
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    /// NTP servers (option 42).
+    pub ntp: Vec<Ipv4Addr>,
     pub domain: Option<String>,
     pub hostname: Option<String>,
     pub server: Ipv4Addr,
@@ -586,6 +589,7 @@ impl Client {
             prefix,
             router,
             dns: o.dns,
+            ntp: o.ntp,
             domain: o.domain,
             hostname: o.hostname,
             // check_lease refused a lease without one.
