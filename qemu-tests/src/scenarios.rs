@@ -138,6 +138,12 @@ pub const ALL: &[Scenario] = &[
         // run on each); the lead may re-tier it.
         tier: Tier::Core,
     },
+    Scenario {
+        name: "time-lab",
+        about: "network lab (netns, bridge, TAP, dnsmasq, chronyd -x): RTC in 2015, DHCP names the NTP server, time-synced steps the clock, ready",
+        run: crate::timelab::time_lab,
+        tier: Tier::Extended,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
