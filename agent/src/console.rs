@@ -48,6 +48,13 @@ pub enum Event {
         /// DHCP only: the lease time in seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lease_s: Option<u64>,
+        /// DHCP only: the interface MTU applied from option 26.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
+        /// DHCP only: routes applied from option 121 besides the default
+        /// one (`10.78.0.0/16 via 10.77.0.1`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<String>,
     },
     /// An interface lost its carrier, or its DHCP lease ended.
     NetworkLost {
@@ -287,6 +294,8 @@ mod tests {
                 source: AddressSource::Dhcp,
                 gateway: None,
                 lease_s: Some(86400),
+                mtu: Some(1400),
+                routes: vec![s("10.78.0.0/16 via 10.0.2.2")],
             },
             Event::NetworkLost {
                 interface: s("eth0"),
@@ -403,6 +412,8 @@ mod tests {
                     source: AddressSource::Static,
                     gateway: None,
                     lease_s: None,
+                    mtu: None,
+                    routes: Vec::new(),
                 },
                 r#"{"address":"10.0.2.16/24","event":"network-configured","gateway":null,"interface":"eth0","ms":7,"source":"static"}"#,
             ),

@@ -2,7 +2,10 @@
 //! with the guest's RTC started in 2015. DHCP from dnsmasq gives the
 //! address and names the lab's chronyd as NTP server (option 42); the
 //! node's SNTP client steps the clock by more than ten years
-//! (`time-synced`) and the node reaches `ready`.
+//! (`time-synced`) and the node reaches `ready`. The same lease carries
+//! option 121 (a route to [`netlab::ROUTED_NET`] and the default route,
+//! so option 3 is ignored) and option 26 (MTU [`netlab::MTU`]): the
+//! `network-configured` event shows both applied.
 
 use std::time::Duration;
 
@@ -76,6 +79,26 @@ pub fn time_lab(ctx: &Context) -> Result<(), ScenarioError> {
             ))
             .into());
     }
+    let want_route = format!("{} via {}", netlab::ROUTED_NET, netlab::SERVER);
+    let mtu = configured
+        .fields
+        .get("mtu")
+        .and_then(serde_json::Value::as_u64);
+    let routes: Vec<&str> = configured
+        .fields
+        .get("routes")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if mtu != Some(u64::from(netlab::MTU)) || routes != [want_route.as_str()] {
+        return Err(vm
+            .fail(format!(
+                "network-configured should show MTU {} (option 26) and the route {want_route} (option 121): {}",
+                netlab::MTU,
+                configured.json()
+            ))
+            .into());
+    }
     let server = netlab::SERVER.to_string();
     let offset_ms = synced
         .fields
@@ -100,8 +123,9 @@ pub fn time_lab(ctx: &Context) -> Result<(), ScenarioError> {
             .into());
     }
     vm.progress(&format!(
-        "lease {address} via {}, clock stepped {:.1} years from {server}",
+        "lease {address} via {} (MTU {}, route {want_route}), clock stepped {:.1} years from {server}",
         netlab::SERVER,
+        netlab::MTU,
         offset_ms as f64 / (365.25 * 86_400_000.0)
     ));
     vm.kill();

@@ -520,6 +520,8 @@ impl Interface {
                         source: AddressSource::Static,
                         gateway: self.config.gateway.map(|g| g.to_string()),
                         lease_s: None,
+                        mtu: None,
+                        routes: Vec::new(),
                     });
                     let _ = self.updates.send(Update::Configured).await;
                 }
@@ -618,9 +620,35 @@ impl Interface {
             tracing::error!(interface = %name, address = %lease.address, error = %e, "DHCP address not added");
             return;
         }
+        let mtu = match lease.mtu {
+            Some(mtu) => match self
+                .handle
+                .link()
+                .set(self.index)
+                .mtu(u32::from(mtu))
+                .execute()
+                .await
+            {
+                Ok(()) => Some(mtu),
+                Err(e) => {
+                    tracing::error!(interface = %name, mtu, error = %e, "DHCP MTU not set");
+                    None
+                }
+            },
+            None => None,
+        };
         if let Some(router) = lease.router {
             if let Err(e) = self.default_route(router, lease.address).await {
                 tracing::error!(interface = %name, %router, error = %e, "DHCP default route not added");
+            }
+        }
+        let mut routes = Vec::new();
+        for route in &lease.routes {
+            match self.static_route(route, lease.address).await {
+                Ok(()) => routes.push(route.to_string()),
+                Err(e) => {
+                    tracing::error!(interface = %name, %route, error = %e, "DHCP classless route not added")
+                }
             }
         }
         let mut servers: Vec<IpAddr> = lease.dns.iter().copied().map(IpAddr::V4).collect();
@@ -664,11 +692,39 @@ impl Interface {
                 source: AddressSource::Dhcp,
                 gateway: lease.router.map(|g| g.to_string()),
                 lease_s: Some(lease.lease_time.as_secs()),
+                mtu,
+                routes,
             });
         } else {
             tracing::debug!(interface = %name, address = %lease.address, "DHCP lease renewed");
         }
         self.applied = Some(lease);
+    }
+
+    /// One option-121 route: through its router, or on-link when the
+    /// router is 0.0.0.0; sourced from the lease address.
+    async fn static_route(
+        &self,
+        route: &dhcp::StaticRoute,
+        source: Ipv4Addr,
+    ) -> Result<(), rtnetlink::Error> {
+        let req = self
+            .handle
+            .route()
+            .add()
+            .v4()
+            .destination_prefix(route.destination, route.prefix)
+            .output_interface(self.index)
+            .pref_source(source)
+            .protocol(RouteProtocol::Dhcp)
+            .replace();
+        if route.router.is_unspecified() {
+            req.scope(netlink_packet_route::route::RouteScope::Link)
+                .execute()
+                .await
+        } else {
+            req.gateway(route.router).execute().await
+        }
     }
 
     /// Default route through `router`, sourced from the lease address so it
