@@ -1072,6 +1072,43 @@ mod tests {
     }
 
     #[test]
+    fn a_lab_vm_runs_in_its_namespace_on_the_tap_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(Boot::Direct {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: "console=ttyS0".into(),
+            })
+            .work_dir(dir.path())
+            .tap(TapNet {
+                netns: "ballast-lab-1-0".into(),
+                ifname: "tap0".into(),
+                mac: "52:54:00:77:00:10".into(),
+            })
+            .rtc_base("2015-06-01T00:00:00");
+        let (c, line) = args(&b);
+        assert_eq!(c.program, "ip");
+        assert!(
+            line.starts_with("ip netns exec ballast-lab-1-0 qemu-system-x86_64 "),
+            "{line}"
+        );
+        assert!(
+            line.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"),
+            "{line}"
+        );
+        assert!(
+            line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:77:00:10,romfile="),
+            "{line}"
+        );
+        assert!(!line.contains("user,id=net0"), "{line}");
+        assert!(
+            line.contains("-rtc base=2015-06-01T00:00:00,clock=host"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn uefi_boot_uses_a_private_vars_copy() {
         let fw = Firmware::for_arch(Arch::X86_64);
         if !fw.code.exists() {
