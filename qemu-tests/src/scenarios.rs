@@ -4,8 +4,8 @@
 //! agent-initiated reboot through the HTTPS API, as the operator's admin,
 //! comes back ready with a new boot id), `verity` (one flipped byte in
 //! USR-A's data is refused by dm-verity and never booted), `runtime`
-//! ([`crate::runtime`]), `k8s` ([`crate::k8s`]) and `remote`
-//! ([`crate::remote`]). Each is a plain function over a
+//! ([`crate::runtime`]), `k8s` ([`crate::k8s`]), `remote`
+//! ([`crate::remote`]) and `time-lab` ([`crate::timelab`]). Each is a plain function over a
 //! [`Context`]; the runner and reporting live in xtask.
 
 use std::path::PathBuf;
