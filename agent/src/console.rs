@@ -58,6 +58,13 @@ pub enum Event {
         /// DHCP only: the lease time in seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lease_s: Option<u64>,
+        /// DHCP only: the interface MTU applied from option 26.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
+        /// DHCP only: routes applied from option 121 besides the default
+        /// one (`10.78.0.0/16 via 10.77.0.1`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<String>,
     },
     /// An interface lost its carrier, or its DHCP lease ended.
     NetworkLost {
@@ -67,6 +74,8 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// The SNTP client corrected the clock: its first sync, and every step.
+    TimeSynced { server: String, offset_ms: i64 },
     /// PID 1 begins an orderly shutdown (`reboot`, `poweroff` or `halt`).
     Shutdown { action: String },
     /// The agent hit a bug; the node reboots.
@@ -150,6 +159,7 @@ impl Event {
         "ready",
         "network-configured",
         "network-lost",
+        "time-synced",
         "shutdown",
         "panic",
         "failpoint-armed",
@@ -181,6 +191,7 @@ impl Event {
             Event::Ready { .. } => "ready",
             Event::NetworkConfigured { .. } => "network-configured",
             Event::NetworkLost { .. } => "network-lost",
+            Event::TimeSynced { .. } => "time-synced",
             Event::Shutdown { .. } => "shutdown",
             Event::Panic { .. } => "panic",
             Event::FailpointArmed { .. } => "failpoint-armed",
@@ -300,11 +311,17 @@ mod tests {
                 source: AddressSource::Dhcp,
                 gateway: None,
                 lease_s: Some(86400),
+                mtu: Some(1400),
+                routes: vec![s("10.78.0.0/16 via 10.0.2.2")],
             },
             Event::NetworkLost {
                 interface: s("eth0"),
                 reason: s("carrier lost"),
                 address: None,
+            },
+            Event::TimeSynced {
+                server: s("10.0.2.2"),
+                offset_ms: 1234,
             },
             Event::Shutdown {
                 action: s("reboot"),
@@ -413,6 +430,8 @@ mod tests {
                     source: AddressSource::Static,
                     gateway: None,
                     lease_s: None,
+                    mtu: None,
+                    routes: Vec::new(),
                 },
                 r#"{"address":"10.0.2.16/24","event":"network-configured","gateway":null,"interface":"eth0","ms":7,"source":"static"}"#,
             ),

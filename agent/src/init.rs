@@ -124,17 +124,22 @@ async fn main_loop() -> Action {
         .hostname
         .clone()
         .or_else(|| identity.pinned_hostname().map(str::to_owned));
-    match crate::net::start(&config.network, pinned_hostname).await {
+    let time_sync = match crate::net::start(&config.network, pinned_hostname).await {
         // Services usually want the network: wait a little for the first
         // address (static ones are there at once, a DHCP lease usually
         // within a second), then go on; DHCP keeps trying behind.
         Ok(mut network) => {
+            let time_sync = crate::net::timesync::spawn(&config.time, network.ntp_servers());
             if !network.wait_online(NETWORK_WAIT).await {
                 tracing::warn!(wait = ?NETWORK_WAIT, "no address yet; starting services anyway");
             }
+            time_sync
         }
-        Err(e) => tracing::error!(error = %crate::error_chain(&e), "network not started"),
-    }
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "network not started");
+            crate::net::timesync::spawn(&config.time, tokio::sync::watch::channel(Vec::new()).1)
+        }
+    };
 
     // [kernel] (with a Kubernetes node's defaults): after the network (a
     // user's per-interface sysctl wins over the network's own), before
@@ -203,7 +208,10 @@ async fn main_loop() -> Action {
     let checker = reaper.as_ref().and_then(|reaper| {
         HealthChecker::new(
             &config.health,
-            BuiltinSources::default(),
+            BuiltinSources {
+                time_sync: Some(time_sync.clone()),
+                ..BuiltinSources::default()
+            },
             supervisor.as_ref().map(Supervisor::handle),
             reaper.clone(),
         )

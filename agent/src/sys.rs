@@ -1,8 +1,8 @@
 //! Safe wrappers for the few raw kernel interfaces nix does not cover:
-//! device-mapper ioctls, block-device size and partition ioctls, and the
-//! ext4 online resize ioctl, and the pre-exec hook that confines a service
-//! (user, capabilities, no_new_privs, limits). This is the only module with
-//! `unsafe` code.
+//! device-mapper ioctls, block-device size and partition ioctls, the
+//! ext4 online resize ioctl, the clock (set, slew with adjtimex, the RTC),
+//! and the pre-exec hook that confines a service (user, capabilities,
+//! no_new_privs, limits). This is the only module with `unsafe` code.
 
 use std::fs::File;
 use std::io;
@@ -263,9 +263,112 @@ pub fn ext4_resize(dir: &File, blocks: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the system clock (CLOCK_REALTIME) to `to`.
+pub fn set_realtime(to: std::time::SystemTime) -> io::Result<()> {
+    let since = to
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "time before 1970"))?;
+    nix::time::clock_settime(
+        nix::time::ClockId::CLOCK_REALTIME,
+        nix::sys::time::TimeSpec::from_duration(since),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Starts slewing the system clock by `offset_us` microseconds (positive:
+/// forward): adjtimex's single-shot mode, as adjtime(3), which the kernel
+/// spreads at 500 ppm. Replaces any slew still in progress.
+pub fn slew_realtime(offset_us: i64) -> io::Result<()> {
+    let offset = nix::libc::c_long::try_from(offset_us)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "slew offset out of range"))?;
+    // SAFETY: timex is plain data; all-zero is a valid value.
+    let mut tx: nix::libc::timex = unsafe { std::mem::zeroed() };
+    tx.modes = nix::libc::ADJ_OFFSET_SINGLESHOT;
+    tx.offset = offset;
+    // SAFETY: adjtimex reads and writes the one valid, exclusively borrowed timex.
+    let rc = unsafe { nix::libc::adjtimex(&mut tx) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `struct rtc_time` from `<linux/rtc.h>` (the fields of `struct tm`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RtcTime {
+    pub tm_sec: i32,
+    pub tm_min: i32,
+    pub tm_hour: i32,
+    pub tm_mday: i32,
+    /// 0..=11.
+    pub tm_mon: i32,
+    /// Years since 1900.
+    pub tm_year: i32,
+    pub tm_wday: i32,
+    pub tm_yday: i32,
+    pub tm_isdst: i32,
+}
+
+impl RtcTime {
+    /// The UTC calendar time `unix_secs` seconds after 1970 (the RTC keeps
+    /// UTC); `None` past the year 2^31.
+    pub fn from_unix(unix_secs: u64) -> Option<RtcTime> {
+        let days = i64::try_from(unix_secs / 86_400).ok()?;
+        let secs = i32::try_from(unix_secs % 86_400).ok()?;
+        // Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Some(RtcTime {
+            tm_sec: secs % 60,
+            tm_min: secs / 60 % 60,
+            tm_hour: secs / 3600,
+            tm_mday: i32::try_from(day).ok()?,
+            tm_mon: i32::try_from(month - 1).ok()?,
+            tm_year: i32::try_from(year - 1900).ok()?,
+            ..RtcTime::default()
+        })
+    }
+}
+
+nix::ioctl_write_ptr!(rtc_set_time, b'p', 0x0a, RtcTime);
+
+/// Writes `time` (UTC) to the real-time clock open as `rtc` (RTC_SET_TIME).
+pub fn rtc_write(rtc: &File, time: &RtcTime) -> io::Result<()> {
+    // SAFETY: the ioctl reads one rtc_time through the valid pointer.
+    unsafe { rtc_set_time(rtc.as_raw_fd(), time) }.map_err(io::Error::from)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtc_time_is_the_utc_calendar_date() {
+        assert_eq!(std::mem::size_of::<RtcTime>(), 36);
+        // 2015-06-01T00:00:00Z
+        let t = RtcTime::from_unix(1_433_116_800).unwrap();
+        assert_eq!(
+            (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec),
+            (115, 5, 1, 0, 0, 0)
+        );
+        // 2024-02-29T23:59:58Z (a leap day)
+        let t = RtcTime::from_unix(1_709_251_198).unwrap();
+        assert_eq!(
+            (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec),
+            (124, 1, 29, 23, 59, 58)
+        );
+        let t = RtcTime::from_unix(0).unwrap();
+        assert_eq!((t.tm_year, t.tm_mon, t.tm_mday), (70, 0, 1));
+    }
 
     #[test]
     fn dm_structs_match_the_kernel_abi() {

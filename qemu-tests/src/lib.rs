@@ -6,8 +6,9 @@
 //! HTTPS API ([`tls`]), the operator with the host's `ballast` client and
 //! CA ([`operator`]), and the scenarios `cargo xtask vm-test` runs
 //! ([`scenarios`], the automatic-update ones in [`update`], the
-//! k8s-profile one in [`k8s`], and the remote-operations one in
-//! [`remote`]).
+//! k8s-profile one in [`k8s`], the remote-operations one in [`remote`],
+//! and the time-sync one in [`timelab`] inside the network lab
+//! [`netlab`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -21,10 +22,12 @@ pub mod hostile;
 pub mod http;
 pub mod image;
 pub mod k8s;
+pub mod netlab;
 pub mod operator;
 pub mod remote;
 pub mod runtime;
 pub mod scenarios;
+pub mod timelab;
 pub mod tls;
 pub mod update;
 pub mod vm;

@@ -4,8 +4,8 @@
 //! agent-initiated reboot through the HTTPS API, as the operator's admin,
 //! comes back ready with a new boot id), `verity` (one flipped byte in
 //! USR-A's data is refused by dm-verity and never booted), `runtime`
-//! ([`crate::runtime`]), `k8s` ([`crate::k8s`]) and `remote`
-//! ([`crate::remote`]). Each is a plain function over a
+//! ([`crate::runtime`]), `k8s` ([`crate::k8s`]), `remote`
+//! ([`crate::remote`]) and `time-lab` ([`crate::timelab`]). Each is a plain function over a
 //! [`Context`]; the runner and reporting live in xtask.
 
 use std::path::PathBuf;
@@ -147,6 +147,12 @@ pub const ALL: &[Scenario] = &[
         name: "hostile-disks",
         about: "fw_cfg-provisioned node with five hostile partition tables attached reaches ready; a CIDATA volume attached later is ignored, reported by user-data-ignored and /status",
         run: crate::hostile::hostile_disks,
+        tier: Tier::Extended,
+    },
+    Scenario {
+        name: "time-lab",
+        about: "network lab (netns, bridge, TAP, dnsmasq, chronyd -x): RTC in 2015, DHCP names the NTP server, time-synced steps the clock, ready",
+        run: crate::timelab::time_lab,
         tier: Tier::Extended,
     },
 ];

@@ -157,6 +157,16 @@ pub struct GuestFwd {
     pub host_port: u16,
 }
 
+/// A TAP device in a network namespace (see [`crate::netlab`]): QEMU runs
+/// inside the namespace (`ip netns exec`) and its NIC is the TAP device,
+/// instead of user networking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapNet {
+    pub netns: String,
+    pub ifname: String,
+    pub mac: String,
+}
+
 /// Firmware files of one architecture.
 #[derive(Debug, Clone)]
 pub struct Firmware {
@@ -242,6 +252,8 @@ pub struct VmBuilder {
     quiet: bool,
     resume: bool,
     cache: &'static str,
+    tap: Option<TapNet>,
+    rtc_base: Option<String>,
 }
 
 impl VmBuilder {
@@ -268,7 +280,22 @@ impl VmBuilder {
             quiet: false,
             resume: false,
             cache: "unsafe",
+            tap: None,
+            rtc_base: None,
         }
+    }
+
+    /// Attach the NIC to a TAP device in a network namespace instead of
+    /// QEMU's user network (no API forward or guestfwd there).
+    pub fn tap(mut self, tap: TapNet) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    /// Start the guest's RTC at `base` (`2015-06-01T00:00:00`, UTC).
+    pub fn rtc_base(mut self, base: &str) -> Self {
+        self.rtc_base = Some(base.to_owned());
+        self
     }
 
     pub fn accel(mut self, accel: Accel) -> Self {
@@ -543,22 +570,34 @@ impl VmBuilder {
         } else {
             None
         };
-        let mut netdev = String::from("user,id=net0,restrict=on");
-        if let Some(port) = api_port {
-            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:{API_GUEST_PORT}"));
+        if let Some(tap) = &self.tap {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", tap.ifname),
+                "-device",
+                &format!("virtio-net-pci,netdev=net0,mac={},romfile=", tap.mac),
+            ]);
+        } else {
+            let mut netdev = String::from("user,id=net0,restrict=on");
+            if let Some(port) = api_port {
+                netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:{API_GUEST_PORT}"));
+            }
+            for g in &self.guestfwd {
+                netdev.push_str(&format!(
+                    ",guestfwd=tcp:{}-cmd:socat - TCP:127.0.0.1:{}",
+                    g.guest_addr, g.host_port
+                ));
+            }
+            push(&[
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-pci,netdev=net0,romfile=",
+            ]);
         }
-        for g in &self.guestfwd {
-            netdev.push_str(&format!(
-                ",guestfwd=tcp:{}-cmd:socat - TCP:127.0.0.1:{}",
-                g.guest_addr, g.host_port
-            ));
+        if let Some(base) = &self.rtc_base {
+            push(&["-rtc", &format!("base={base},clock=host")]);
         }
-        push(&[
-            "-netdev",
-            &netdev,
-            "-device",
-            "virtio-net-pci,netdev=net0,romfile=",
-        ]);
 
         if let Some(data) = &self.user_data {
             let path = work_dir.join("user-data.toml");
@@ -572,6 +611,19 @@ impl VmBuilder {
             push(&["-device", "i6300esb", "-action", "watchdog=reset"]);
         }
 
+        // In a lab, QEMU runs inside its namespace; `ip netns exec` execs
+        // it, so the child's pid is QEMU's.
+        let (program, a) = match &self.tap {
+            Some(tap) => {
+                let mut wrapped: Vec<String> = ["netns", "exec", tap.netns.as_str(), program]
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                wrapped.extend(a);
+                ("ip", wrapped)
+            }
+            None => (program, a),
+        };
         Ok(QemuCommand {
             program: program.to_owned(),
             args: a,
@@ -1016,6 +1068,43 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join("user-data.toml")).unwrap(),
             b"[api]\n"
+        );
+    }
+
+    #[test]
+    fn a_lab_vm_runs_in_its_namespace_on_the_tap_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(Boot::Direct {
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+                cmdline: "console=ttyS0".into(),
+            })
+            .work_dir(dir.path())
+            .tap(TapNet {
+                netns: "ballast-lab-1-0".into(),
+                ifname: "tap0".into(),
+                mac: "52:54:00:77:00:10".into(),
+            })
+            .rtc_base("2015-06-01T00:00:00");
+        let (c, line) = args(&b);
+        assert_eq!(c.program, "ip");
+        assert!(
+            line.starts_with("ip netns exec ballast-lab-1-0 qemu-system-x86_64 "),
+            "{line}"
+        );
+        assert!(
+            line.contains("-netdev tap,id=net0,ifname=tap0,script=no,downscript=no"),
+            "{line}"
+        );
+        assert!(
+            line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:77:00:10,romfile="),
+            "{line}"
+        );
+        assert!(!line.contains("user,id=net0"), "{line}");
+        assert!(
+            line.contains("-rtc base=2015-06-01T00:00:00,clock=host"),
+            "{line}"
         );
     }
 

@@ -18,6 +18,7 @@ pub mod kubernetes_registries;
 pub mod kubernetes_validate;
 pub mod proxy;
 pub mod trust;
+pub mod time;
 pub mod update;
 pub mod user_data;
 
@@ -126,6 +127,9 @@ pub struct Config {
     pub services: BTreeMap<String, crate::node::supervisor::ServiceSpec>,
     #[serde(default)]
     pub update: update::UpdateConfig,
+    /// `[time]`: NTP servers for the SNTP client.
+    #[serde(default)]
+    pub time: time::TimeConfig,
     /// `[kubernetes]`; its presence turns the integration on.
     #[serde(default)]
     pub kubernetes: Option<crate::config::kubernetes::KubernetesConfig>,

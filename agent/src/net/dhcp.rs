@@ -26,6 +26,8 @@ pub mod code {
     pub const DNS: u8 = 6;
     pub const HOSTNAME: u8 = 12;
     pub const DOMAIN_NAME: u8 = 15;
+    pub const INTERFACE_MTU: u8 = 26;
+    pub const NTP_SERVERS: u8 = 42;
     pub const REQUESTED_IP: u8 = 50;
     pub const LEASE_TIME: u8 = 51;
     pub const MESSAGE_TYPE: u8 = 53;
@@ -36,6 +38,7 @@ pub mod code {
     pub const RENEWAL_TIME: u8 = 58;
     pub const REBINDING_TIME: u8 = 59;
     pub const CLIENT_ID: u8 = 61;
+    pub const CLASSLESS_ROUTES: u8 = 121;
     pub const END: u8 = 255;
 }
 
@@ -286,6 +289,62 @@ impl Message {
         (!s.is_empty()).then(|| s.to_owned())
     }
 
+    /// Option 26; values under 68 (RFC 791's minimum) are refused.
+    fn mtu(&self) -> Result<Option<u16>, DhcpError> {
+        match self.option(code::INTERFACE_MTU) {
+            None => Ok(None),
+            Some(&[a, b]) => {
+                let mtu = u16::from_be_bytes([a, b]);
+                if mtu < 68 {
+                    Err(DhcpError::OptionLength {
+                        code: code::INTERFACE_MTU,
+                        len: usize::from(mtu),
+                    })
+                } else {
+                    Ok(Some(mtu))
+                }
+            }
+            Some(d) => Err(DhcpError::OptionLength {
+                code: code::INTERFACE_MTU,
+                len: d.len(),
+            }),
+        }
+    }
+
+    /// Option 121 (RFC 3442): each route is a prefix width, the
+    /// significant octets of the destination, and the router (0.0.0.0:
+    /// on-link). `None` when absent; a malformed option is an error.
+    fn classless_routes(&self) -> Result<Option<Vec<StaticRoute>>, DhcpError> {
+        let Some(mut d) = self.option(code::CLASSLESS_ROUTES) else {
+            return Ok(None);
+        };
+        let bad = DhcpError::OptionLength {
+            code: code::CLASSLESS_ROUTES,
+            len: d.len(),
+        };
+        let mut routes = Vec::new();
+        while let Some((&width, rest)) = d.split_first() {
+            if width > 32 {
+                return Err(bad);
+            }
+            let significant = usize::from(width).div_ceil(8);
+            if rest.len() < significant + 4 {
+                return Err(bad);
+            }
+            let mut dest = [0u8; 4];
+            dest[..significant].copy_from_slice(&rest[..significant]);
+            let r = &rest[significant..significant + 4];
+            let mask = u32::MAX.checked_shl(32 - u32::from(width)).unwrap_or(0);
+            routes.push(StaticRoute {
+                destination: Ipv4Addr::from(u32::from_be_bytes(dest) & mask),
+                prefix: width,
+                router: Ipv4Addr::new(r[0], r[1], r[2], r[3]),
+            });
+            d = &rest[significant + 4..];
+        }
+        Ok(Some(routes))
+    }
+
     /// The options a client acts on, checked for well-formed lengths.
     pub fn lease_options(&self) -> Result<LeaseOptions, DhcpError> {
         Ok(LeaseOptions {
@@ -293,6 +352,9 @@ impl Message {
             subnet_mask: self.addr_option(code::SUBNET_MASK)?,
             routers: self.addr_list(code::ROUTER)?,
             dns: self.addr_list(code::DNS)?,
+            ntp: self.addr_list(code::NTP_SERVERS)?,
+            classless_routes: self.classless_routes()?,
+            mtu: self.mtu()?,
             lease_time: self.seconds(code::LEASE_TIME)?,
             renewal_time: self.seconds(code::RENEWAL_TIME)?,
             rebinding_time: self.seconds(code::REBINDING_TIME)?,
@@ -310,12 +372,36 @@ pub struct LeaseOptions {
     pub subnet_mask: Option<Ipv4Addr>,
     pub routers: Vec<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    /// Option 42: NTP servers, in order of preference.
+    pub ntp: Vec<Ipv4Addr>,
+    /// Option 121; when present, option 3 is ignored (RFC 3442).
+    pub classless_routes: Option<Vec<StaticRoute>>,
+    /// Option 26.
+    pub mtu: Option<u16>,
     pub lease_time: Option<Duration>,
     pub renewal_time: Option<Duration>,
     pub rebinding_time: Option<Duration>,
     pub hostname: Option<String>,
     pub domain: Option<String>,
     pub message: Option<String>,
+}
+
+/// One route from option 121. `router` 0.0.0.0 means on-link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticRoute {
+    pub destination: Ipv4Addr,
+    pub prefix: u8,
+    pub router: Ipv4Addr,
+}
+
+impl std::fmt::Display for StaticRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} via {}",
+            self.destination, self.prefix, self.router
+        )
+    }
 }
 
 /// Prefix length of a netmask; `None` when its ones are not contiguous.
@@ -406,6 +492,82 @@ pub(crate) mod tests {
         assert_eq!(
             m.lease_options().unwrap().dns,
             [Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(8, 8, 8, 8)]
+        );
+    }
+
+    #[test]
+    fn classless_routes_and_mtu_decode_and_bad_ones_are_refused() {
+        let mut b = slirp_offer();
+        b.truncate(240);
+        // 10.78.0.0/16 via 10.77.0.1, 0.0.0.0/0 via 10.77.0.1,
+        // 192.168.5.0/24 on-link, 10.1.2.3/32 via 10.77.0.2; MTU 1400.
+        b.extend_from_slice(&[
+            121, 29, 16, 10, 78, 10, 77, 0, 1, 0, 10, 77, 0, 1, 24, 192, 168, 5, 0, 0, 0, 0, 32,
+            10, 1, 2, 3, 10, 77, 0, 2, 26, 2, 0x05, 0x78, 255,
+        ]);
+        let o = Message::decode(&b).unwrap().lease_options().unwrap();
+        let routes: Vec<String> = o
+            .classless_routes
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "10.78.0.0/16 via 10.77.0.1",
+                "0.0.0.0/0 via 10.77.0.1",
+                "192.168.5.0/24 via 0.0.0.0",
+                "10.1.2.3/32 via 10.77.0.2"
+            ]
+        );
+        assert_eq!(o.mtu, Some(1400));
+        assert_eq!(
+            Message::decode(&slirp_offer())
+                .unwrap()
+                .lease_options()
+                .unwrap()
+                .classless_routes,
+            None
+        );
+        for bad in [
+            &[121u8, 2, 33, 10][..],
+            &[121, 4, 16, 10, 78, 10],
+            &[26, 2, 0, 20],
+            &[26, 1, 5],
+        ] {
+            let mut b = slirp_offer();
+            b.truncate(240);
+            b.extend_from_slice(bad);
+            b.push(255);
+            assert!(
+                Message::decode(&b).unwrap().lease_options().is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ntp_servers_come_from_option_42_and_a_bad_length_is_refused() {
+        let m = Message::decode(&slirp_offer()).unwrap();
+        assert!(m.lease_options().unwrap().ntp.is_empty());
+        let mut b = slirp_offer();
+        b.truncate(240);
+        b.extend_from_slice(&[42, 8, 10, 0, 0, 1, 10, 0, 0, 2, 255]);
+        let m = Message::decode(&b).unwrap();
+        assert_eq!(
+            m.lease_options().unwrap().ntp,
+            [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]
+        );
+        let mut b = slirp_offer();
+        b.truncate(240);
+        b.extend_from_slice(&[42, 3, 10, 0, 0, 255]);
+        assert_eq!(
+            Message::decode(&b).unwrap().lease_options(),
+            Err(DhcpError::OptionLength {
+                code: code::NTP_SERVERS,
+                len: 3
+            })
         );
     }
 

@@ -13,13 +13,19 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use super::dhcp::{code, mask_prefix, DhcpError, Message, MessageType, FLAG_BROADCAST, OP_REPLY};
+use super::dhcp::{
+    code, mask_prefix, DhcpError, Message, MessageType, StaticRoute, FLAG_BROADCAST, OP_REPLY,
+};
 
 /// Options asked for in every request.
-const PARAMETERS: [u8; 9] = [
+/// Option 121 comes before option 3, as RFC 3442 asks.
+const PARAMETERS: [u8; 12] = [
     code::SUBNET_MASK,
+    code::CLASSLESS_ROUTES,
     code::ROUTER,
+    code::INTERFACE_MTU,
     code::DNS,
+    code::NTP_SERVERS,
     code::HOSTNAME,
     code::DOMAIN_NAME,
     code::LEASE_TIME,
@@ -44,6 +50,12 @@ pub struct Lease {
     pub prefix: u8,
     pub router: Option<Ipv4Addr>,
     pub dns: Vec<Ipv4Addr>,
+    /// NTP servers (option 42).
+    pub ntp: Vec<Ipv4Addr>,
+    /// Routes other than the default one from option 121.
+    pub routes: Vec<StaticRoute>,
+    /// Option 26.
+    pub mtu: Option<u16>,
     pub domain: Option<String>,
     pub hostname: Option<String>,
     pub server: Ipv4Addr,
@@ -579,13 +591,28 @@ impl Client {
                 .ok_or_else(|| refused(format!("subnet mask {mask} is not contiguous")))?,
             None => classful_prefix(msg.yiaddr),
         };
-        let router =
-            check_lease(msg.yiaddr, server, prefix, o.routers.first().copied()).map_err(refused)?;
+        // RFC 3442: with option 121, option 3 is ignored; its 0/0 route
+        // (if any) is the default route.
+        let (offered_router, routes) = match o.classless_routes {
+            Some(all) => {
+                let default = all
+                    .iter()
+                    .find(|r| r.prefix == 0 && !r.router.is_unspecified())
+                    .map(|r| r.router);
+                let rest = all.into_iter().filter(|r| r.prefix != 0).collect();
+                (default, rest)
+            }
+            None => (o.routers.first().copied(), Vec::new()),
+        };
+        let router = check_lease(msg.yiaddr, server, prefix, offered_router).map_err(refused)?;
         Ok(Lease {
             address: msg.yiaddr,
             prefix,
             router,
             dns: o.dns,
+            ntp: o.ntp,
+            routes,
+            mtu: o.mtu,
             domain: o.domain,
             hostname: o.hostname,
             // check_lease refused a lease without one.
@@ -702,6 +729,38 @@ mod tests {
             [Action::Apply(l)] => l.clone(),
             other => panic!("expected apply, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn classless_routes_replace_option_3() {
+        let mut client = Client::new(MAC, None, 7);
+        let t0 = Instant::now();
+        let a = client.start(t0);
+        let (discover, _) = sent(&a);
+        let mut offer = reply(discover, MessageType::Offer, 3600);
+        // Option 3 says 10.0.2.2; option 121 says 10.0.2.9 and a subnet.
+        offer.set(
+            code::CLASSLESS_ROUTES,
+            vec![0, 10, 0, 2, 9, 16, 10, 78, 10, 0, 2, 9],
+        );
+        offer.set(code::INTERFACE_MTU, 1400u16.to_be_bytes().to_vec());
+        let a = client.on_message(t0, &offer).unwrap();
+        let (request, _) = sent(&a);
+        let mut ack = reply(request, MessageType::Ack, 3600);
+        ack.options = offer.options.clone();
+        ack.set(code::MESSAGE_TYPE, vec![MessageType::Ack as u8]);
+        let a = client.on_message(t0, &ack).unwrap();
+        let lease = a
+            .iter()
+            .find_map(|x| match x {
+                Action::Apply(l) => Some(l.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(lease.router, Some(Ipv4Addr::new(10, 0, 2, 9)));
+        assert_eq!(lease.routes.len(), 1);
+        assert_eq!(lease.routes[0].to_string(), "10.78.0.0/16 via 10.0.2.9");
+        assert_eq!(lease.mtu, Some(1400));
     }
 
     #[test]

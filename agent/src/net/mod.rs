@@ -14,6 +14,8 @@ pub mod ipv6;
 pub mod lease;
 pub mod link;
 pub mod resolv;
+pub mod sntp;
+pub mod timesync;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -77,6 +79,11 @@ enum Update {
         entry: Entry,
     },
     Hostname(String),
+    /// NTP servers from an interface's DHCP lease (empty: none, or gone).
+    Ntp {
+        interface: String,
+        servers: Vec<Ipv4Addr>,
+    },
     Configured,
 }
 
@@ -84,6 +91,7 @@ enum Update {
 #[derive(Debug, Clone)]
 pub struct NetworkHandle {
     online: watch::Receiver<bool>,
+    ntp: watch::Receiver<Vec<Ipv4Addr>>,
 }
 
 impl NetworkHandle {
@@ -93,6 +101,12 @@ impl NetworkHandle {
         tokio::time::timeout(timeout, self.online.wait_for(|up| *up))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// NTP servers from every current DHCP lease (option 42), in
+    /// interface-name order, without duplicates.
+    pub fn ntp_servers(&self) -> watch::Receiver<Vec<Ipv4Addr>> {
+        self.ntp.clone()
     }
 }
 
@@ -165,6 +179,7 @@ pub async fn start(
     }
 
     let (online_tx, online) = watch::channel(false);
+    let (ntp_tx, ntp) = watch::channel(Vec::new());
     let (updates_tx, updates) = mpsc::channel(32);
     let mut manager = Manager {
         interfaces: config.interfaces.clone(),
@@ -177,6 +192,8 @@ pub async fn start(
         resolv: Resolv::default(),
         coalesce: resolv::Coalesce::default(),
         online: online_tx,
+        ntp_by_interface: BTreeMap::new(),
+        ntp: ntp_tx,
     };
     for l in links {
         if let Some(change) = manager.tracker.update(l) {
@@ -188,7 +205,7 @@ pub async fn start(
     }
     ipv6::spawn_rdnss_listener(manager.updates_tx.clone());
     tokio::spawn(manager.run(messages, updates));
-    Ok(NetworkHandle { online })
+    Ok(NetworkHandle { online, ntp })
 }
 
 struct Manager {
@@ -205,6 +222,8 @@ struct Manager {
     /// resolv.conf is rewritten at most once a second.
     coalesce: resolv::Coalesce,
     online: watch::Sender<bool>,
+    ntp_by_interface: BTreeMap<String, Vec<Ipv4Addr>>,
+    ntp: watch::Sender<Vec<Ipv4Addr>>,
 }
 
 type LinkMessage = (
@@ -325,6 +344,24 @@ impl Manager {
                     }
                     Err(e) => tracing::warn!(error = %e, "hostname from DHCP not set"),
                 }
+            }
+            Update::Ntp { interface, servers } => {
+                if servers.is_empty() {
+                    self.ntp_by_interface.remove(&interface);
+                } else {
+                    self.ntp_by_interface.insert(interface, servers);
+                }
+                let mut all: Vec<Ipv4Addr> = Vec::new();
+                for s in self.ntp_by_interface.values().flatten() {
+                    if !all.contains(s) {
+                        all.push(*s);
+                    }
+                }
+                self.ntp.send_if_modified(|current| {
+                    let changed = *current != all;
+                    *current = all;
+                    changed
+                });
             }
             Update::Configured => {
                 self.online.send_replace(true);
@@ -483,6 +520,8 @@ impl Interface {
                         source: AddressSource::Static,
                         gateway: self.config.gateway.map(|g| g.to_string()),
                         lease_s: None,
+                        mtu: None,
+                        routes: Vec::new(),
                     });
                     let _ = self.updates.send(Update::Configured).await;
                 }
@@ -581,9 +620,35 @@ impl Interface {
             tracing::error!(interface = %name, address = %lease.address, error = %e, "DHCP address not added");
             return;
         }
+        let mtu = match lease.mtu {
+            Some(mtu) => match self
+                .handle
+                .link()
+                .set(self.index)
+                .mtu(u32::from(mtu))
+                .execute()
+                .await
+            {
+                Ok(()) => Some(mtu),
+                Err(e) => {
+                    tracing::error!(interface = %name, mtu, error = %e, "DHCP MTU not set");
+                    None
+                }
+            },
+            None => None,
+        };
         if let Some(router) = lease.router {
             if let Err(e) = self.default_route(router, lease.address).await {
                 tracing::error!(interface = %name, %router, error = %e, "DHCP default route not added");
+            }
+        }
+        let mut routes = Vec::new();
+        for route in &lease.routes {
+            match self.static_route(route, lease.address).await {
+                Ok(()) => routes.push(route.to_string()),
+                Err(e) => {
+                    tracing::error!(interface = %name, %route, error = %e, "DHCP classless route not added")
+                }
             }
         }
         let mut servers: Vec<IpAddr> = lease.dns.iter().copied().map(IpAddr::V4).collect();
@@ -606,6 +671,13 @@ impl Interface {
         if let Some(h) = &lease.hostname {
             let _ = self.updates.send(Update::Hostname(h.clone())).await;
         }
+        let _ = self
+            .updates
+            .send(Update::Ntp {
+                interface: name.clone(),
+                servers: lease.ntp.clone(),
+            })
+            .await;
         let _ = self.updates.send(Update::Configured).await;
         let fresh = self
             .applied
@@ -620,11 +692,39 @@ impl Interface {
                 source: AddressSource::Dhcp,
                 gateway: lease.router.map(|g| g.to_string()),
                 lease_s: Some(lease.lease_time.as_secs()),
+                mtu,
+                routes,
             });
         } else {
             tracing::debug!(interface = %name, address = %lease.address, "DHCP lease renewed");
         }
         self.applied = Some(lease);
+    }
+
+    /// One option-121 route: through its router, or on-link when the
+    /// router is 0.0.0.0; sourced from the lease address.
+    async fn static_route(
+        &self,
+        route: &dhcp::StaticRoute,
+        source: Ipv4Addr,
+    ) -> Result<(), rtnetlink::Error> {
+        let req = self
+            .handle
+            .route()
+            .add()
+            .v4()
+            .destination_prefix(route.destination, route.prefix)
+            .output_interface(self.index)
+            .pref_source(source)
+            .protocol(RouteProtocol::Dhcp)
+            .replace();
+        if route.router.is_unspecified() {
+            req.scope(netlink_packet_route::route::RouteScope::Link)
+                .execute()
+                .await
+        } else {
+            req.gateway(route.router).execute().await
+        }
     }
 
     /// Default route through `router`, sourced from the lease address so it
@@ -692,6 +792,13 @@ impl Interface {
             reason: "DHCP lease ended".into(),
             address: Some(lease.address.to_string()),
         });
+        let _ = self
+            .updates
+            .send(Update::Ntp {
+                interface: name.clone(),
+                servers: Vec::new(),
+            })
+            .await;
         let _ = self
             .updates
             .send(Update::Dns {

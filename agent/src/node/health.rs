@@ -1,6 +1,6 @@
 //! Node health checks: owns the `[health]` configuration, the built-in
 //! checks (STATE mounted read-write, network up, services running, clock
-//! sane), the user checks (a command's exit code or an HTTP GET answering
+//! sane and, when NTP servers are known, synchronised), the user checks (a command's exit code or an HTTP GET answering
 //! 2xx, each with a timeout) and the [`HealthReport`] that `/readyz`,
 //! `/status`, `/metrics` and the update gate read.
 //!
@@ -151,6 +151,20 @@ pub struct BuiltinSources {
     pub state_mount: PathBuf,
     /// The clock is not sane before this.
     pub build_time: SystemTime,
+    /// The SNTP client's state; `None` when it does not run.
+    pub time_sync: Option<watch::Receiver<TimeSync>>,
+}
+
+/// Where the SNTP client stands, for the clock check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TimeSync {
+    /// No server configured or offered by DHCP: nothing to wait for.
+    #[default]
+    NoServers,
+    /// Servers are known, none has given a usable answer yet.
+    Unsynchronised { servers: usize, last_error: String },
+    /// The clock was set or slewed from `server`.
+    Synchronised { server: String, offset_ms: i64 },
 }
 
 impl Default for BuiltinSources {
@@ -159,6 +173,7 @@ impl Default for BuiltinSources {
             mountinfo: "/proc/self/mountinfo".into(),
             state_mount: "/var".into(),
             build_time: build_time_floor(),
+            time_sync: None,
         }
     }
 }
@@ -226,7 +241,11 @@ impl HealthChecker {
                 services_running(self.supervisor.as_ref().map(|s| s.statuses()).as_deref())
             }),
             timed("clock", || {
-                clock_sane(SystemTime::now(), self.sources.build_time)
+                clock_check(
+                    SystemTime::now(),
+                    self.sources.build_time,
+                    self.sources.time_sync.as_ref().map(|r| r.borrow().clone()),
+                )
             }),
         ];
         let user = self.checks.iter().map(|check| self.run_user_check(check));
@@ -590,6 +609,29 @@ pub fn clock_sane(now: SystemTime, build_time: SystemTime) -> Result<String, Str
     }
 }
 
+/// The clock check: sane (not before the build) and, when NTP servers
+/// are known, synchronised with one of them. A node without any server
+/// (none configured, none from DHCP) passes on sanity alone.
+pub fn clock_check(
+    now: SystemTime,
+    build_time: SystemTime,
+    sync: Option<TimeSync>,
+) -> Result<String, String> {
+    let sane = clock_sane(now, build_time)?;
+    match sync.unwrap_or_default() {
+        TimeSync::NoServers => Ok(format!("{sane}; no NTP server known")),
+        TimeSync::Synchronised { server, offset_ms } => Ok(format!(
+            "{sane}; synchronised with {server} (last offset {offset_ms} ms)"
+        )),
+        TimeSync::Unsynchronised {
+            servers,
+            last_error,
+        } => Err(format!(
+            "{sane}; not synchronised: none of {servers} NTP server(s) answered usably ({last_error})"
+        )),
+    }
+}
+
 /// Runs a check command; Ok when it exits 0 within `timeout`.
 async fn run_command(
     reaper: &Reaper,
@@ -828,6 +870,24 @@ mod tests {
         assert!(clock_sane(build + Duration::from_secs(1), build).is_ok());
         let err = clock_sane(SystemTime::UNIX_EPOCH, build).unwrap_err();
         assert!(err.starts_with("1970-01-01T00:00:00Z is before"), "{err}");
+        let later = build + Duration::from_secs(1);
+        assert!(clock_check(later, build, None)
+            .unwrap()
+            .ends_with("no NTP server known"));
+        let synced = TimeSync::Synchronised {
+            server: "10.0.0.1".into(),
+            offset_ms: -3,
+        };
+        assert!(clock_check(later, build, Some(synced.clone()))
+            .unwrap()
+            .ends_with("synchronised with 10.0.0.1 (last offset -3 ms)"));
+        assert!(clock_check(SystemTime::UNIX_EPOCH, build, Some(synced)).is_err());
+        let waiting = TimeSync::Unsynchronised {
+            servers: 2,
+            last_error: "no answer".into(),
+        };
+        let err = clock_check(later, build, Some(waiting)).unwrap_err();
+        assert!(err.contains("not synchronised"), "{err}");
         assert!(build_time_floor() <= SystemTime::now());
     }
 
