@@ -174,9 +174,11 @@ impl BootEntry {
                 });
             }
         }
+        // Configuration words (`ballast.hostname=...`) are the node's, not
+        // the boot chain's: they stay with the other arguments.
         let extra_args = options
             .split_ascii_whitespace()
-            .filter(|w| !w.starts_with("ballast."))
+            .filter(|w| !w.starts_with("ballast.") || crate::cmdline::is_config_word(w))
             .collect::<Vec<_>>()
             .join(" ");
         Ok(BootEntry { params, extra_args })
@@ -236,5 +238,12 @@ mod tests {
         let text = entry.render();
         assert!(text.contains("linux /ballast/1.0.0/vmlinuz\n"));
         assert_eq!(BootEntry::parse(&text).unwrap(), entry);
+        // Configuration words stay with the other arguments.
+        let mut configured = entry.clone();
+        configured
+            .extra_args
+            .push_str(" ballast.hostname=n1 ballast.debug");
+        let text = configured.render();
+        assert_eq!(BootEntry::parse(&text).unwrap(), configured);
     }
 }

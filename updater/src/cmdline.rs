@@ -211,6 +211,39 @@ impl fmt::Display for BootParams {
 
 /// The value of the last `key=value` word for `key` (the kernel's rule: later
 /// words win).
+/// The `ballast.*` keys the boot chain owns ([`BootParams`]); every other
+/// `ballast.<key>=` word configures the node (the agent's command-line
+/// configuration layer).
+pub const BOOT_CHAIN_KEYS: [&str; 8] = [
+    "version",
+    "slot",
+    "usr",
+    "usr.was",
+    "usrfs",
+    "verity",
+    "verity.salt",
+    "verity.blocks",
+];
+
+/// Whether `word` is a `ballast.<key>=<value>` configuration word, not one
+/// of the boot chain's.
+pub fn is_config_word(word: &str) -> bool {
+    word.strip_prefix("ballast.")
+        .map(|rest| rest.split_once('=').map_or(rest, |(key, _)| key))
+        .is_some_and(|key| !key.is_empty() && !BOOT_CHAIN_KEYS.contains(&key))
+}
+
+/// The configuration words of a command line, in order: an update carries
+/// them into the new entry, so configuration given on the command line
+/// survives it.
+pub fn config_words(cmdline: &str) -> Vec<String> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter(|w| is_config_word(w))
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn lookup<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_ascii_whitespace()
@@ -227,6 +260,21 @@ fn is_lower_hex(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_words_are_the_ones_the_boot_chain_does_not_own() {
+        let line = "console=ttyS0 ballast.version=1.0.0 ballast.usr=PARTUUID=x \
+                    ballast.usr.was=PARTUUID=y ballast.hostname=n1 ballast.update.channel=beta \
+                    ballast.debug ballast. quiet";
+        assert_eq!(
+            config_words(line),
+            [
+                "ballast.hostname=n1",
+                "ballast.update.channel=beta",
+                "ballast.debug"
+            ]
+        );
+    }
 
     fn sample() -> BootParams {
         BootParams {

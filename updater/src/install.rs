@@ -183,6 +183,9 @@ pub struct Node<'a> {
     /// The release channel the node follows.
     pub channel: String,
     pub now: SystemTime,
+    /// `ballast.<key>=` configuration words of the running command line
+    /// ([`crate::cmdline::config_words`]), carried into the new entry.
+    pub config_words: Vec<String>,
 }
 
 impl std::fmt::Debug for Node<'_> {
@@ -929,9 +932,14 @@ impl<'a> Install<'a> {
         let storage = self.node.storage;
         let layout = self.node.layout;
         let slot = layout.slot(self.target);
+        let mut extra_args = BootEntry::default_extra_args(self.meta.arch);
+        for word in &self.node.config_words {
+            extra_args.push(' ');
+            extra_args.push_str(word);
+        }
         let entry = BootEntry {
             params: BootParams::for_payload(self.meta, self.target, slot.partuuid),
-            extra_args: BootEntry::default_extra_args(self.meta.arch),
+            extra_args,
         };
         let name = EntryName::on_trial(self.meta.version, INITIAL_TRIES).to_string();
         let dir = layout.esp.join(ENTRIES_DIR);

@@ -233,6 +233,7 @@ fn with_source<T>(
         variant: variant(source)?,
         channel: channel(source),
         now: SystemTime::now(),
+        config_words: crate::update::running_config_words(),
     };
     let src = Source {
         fetch: fetch.as_ref(),

@@ -17,8 +17,8 @@ pub mod kubernetes;
 pub mod kubernetes_registries;
 pub mod kubernetes_validate;
 pub mod proxy;
-pub mod trust;
 pub mod time;
+pub mod trust;
 pub mod update;
 pub mod user_data;
 
@@ -39,17 +39,9 @@ pub const VENDOR_DIR: &str = "/usr/lib/ballast/config.d";
 pub const RUNTIME_DIRS: [&str; 2] = ["/run/ballast/config.d", "/etc/ballast/config.d"];
 /// The kernel command line, a configuration layer of its own.
 pub const CMDLINE: &str = "/proc/cmdline";
-/// `ballast.*` keys the boot chain owns (updater/src/cmdline.rs); the
-/// configuration layer leaves them alone.
-const BOOT_CHAIN_KEYS: [&str; 7] = [
-    "version",
-    "slot",
-    "usr",
-    "usrfs",
-    "verity",
-    "verity.salt",
-    "verity.blocks",
-];
+/// `ballast.*` keys the boot chain owns; the configuration layer leaves
+/// them alone.
+use ballast_updater::cmdline::BOOT_CHAIN_KEYS;
 /// Keys whose values never leave the node in `config show`, logs or the
 /// kernel command line: a key whose name contains one of these, in any case
 /// (`bootstrap_token`, `api_key`, `privateKey`, `credentials`).

@@ -369,6 +369,7 @@ fn with_source<T>(
         variant: layout::variant()?,
         channel: config.channel.clone(),
         now: SystemTime::now(),
+        config_words: running_config_words(),
     };
     let source = Source {
         fetch: fetch.as_ref(),
@@ -451,6 +452,13 @@ fn apply(
             entry: i.entry,
         }))
     })
+}
+
+/// The running command line's `ballast.<key>=` configuration words: the
+/// next entry carries them, so configuration given there survives updates.
+pub fn running_config_words() -> Vec<String> {
+    let cmdline = std::fs::read_to_string(crate::config::CMDLINE).unwrap_or_default();
+    ballast_updater::cmdline::config_words(&cmdline)
 }
 
 #[cfg(test)]

@@ -285,6 +285,7 @@ impl TestNode {
             variant: self.variant.clone(),
             channel: self.channel.clone(),
             now: self.now,
+            config_words: Vec::new(),
         }
     }
 
