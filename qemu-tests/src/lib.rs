@@ -6,8 +6,8 @@
 //! HTTPS API ([`tls`]), the operator with the host's `ballast` client and
 //! CA ([`operator`]), and the scenarios `cargo xtask vm-test` runs
 //! ([`scenarios`], the automatic-update ones in [`update`], the
-//! k8s-profile one in [`k8s`], and the remote-operations one in
-//! [`remote`]).
+//! k8s-profile one in [`k8s`], the remote-operations one in [`remote`],
+//! and the metal-flavour ones, NVMe and SATA boot disks, in [`metal`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -20,6 +20,7 @@ pub mod floor;
 pub mod http;
 pub mod image;
 pub mod k8s;
+pub mod metal;
 pub mod operator;
 pub mod remote;
 pub mod runtime;
@@ -29,4 +30,4 @@ pub mod update;
 pub mod vm;
 
 pub use events::Event;
-pub use vm::{Accel, Boot, Console, GuestFwd, Vm, VmBuilder, VmError};
+pub use vm::{Accel, Boot, Console, GuestFwd, Storage, Vm, VmBuilder, VmError};

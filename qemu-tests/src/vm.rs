@@ -236,12 +236,24 @@ pub struct VmBuilder {
     guestfwd: Vec<GuestFwd>,
     user_data: Option<Vec<u8>>,
     extra_drives: Vec<PathBuf>,
+    storage: Storage,
+    nic: &'static str,
     watchdog: bool,
     log_dir: PathBuf,
     keep_log: bool,
     quiet: bool,
     resume: bool,
     cache: &'static str,
+}
+
+/// The boot disk's controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    VirtioBlk,
+    /// An NVMe controller with the disk as its namespace.
+    Nvme,
+    /// A SATA disk on an AHCI controller of its own.
+    Ahci,
 }
 
 impl VmBuilder {
@@ -262,6 +274,8 @@ impl VmBuilder {
             guestfwd: Vec::new(),
             user_data: None,
             extra_drives: Vec::new(),
+            storage: Storage::VirtioBlk,
+            nic: "virtio-net-pci",
             watchdog: false,
             log_dir: PathBuf::from("target/vm-logs"),
             keep_log: false,
@@ -335,6 +349,18 @@ impl VmBuilder {
 
     pub fn guestfwd(mut self, rule: GuestFwd) -> Self {
         self.guestfwd.push(rule);
+        self
+    }
+
+    /// How the boot disk is attached (default virtio-blk).
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The NIC's QEMU device model (default `virtio-net-pci`), e.g. `e1000e`.
+    pub fn nic(mut self, model: &'static str) -> Self {
+        self.nic = model;
         self
     }
 
@@ -516,14 +542,28 @@ impl VmBuilder {
                     self.cache,
                     overlay.display()
                 ),
-                "-device",
-                // bootindex only matters to firmware; with -kernel, QEMU
-                // itself takes index 0.
-                match self.boot {
-                    Boot::Uefi => "virtio-blk-pci,drive=disk0,bootindex=0",
-                    Boot::Direct { .. } => "virtio-blk-pci,drive=disk0",
-                },
             ]);
+            // bootindex only matters to firmware; with -kernel, QEMU
+            // itself takes index 0.
+            let bootindex = match self.boot {
+                Boot::Uefi => ",bootindex=0",
+                Boot::Direct { .. } => "",
+            };
+            match self.storage {
+                Storage::VirtioBlk => {
+                    push(&["-device", &format!("virtio-blk-pci,drive=disk0{bootindex}")])
+                }
+                Storage::Nvme => push(&[
+                    "-device",
+                    &format!("nvme,drive=disk0,serial=ballast-nvme0{bootindex}"),
+                ]),
+                Storage::Ahci => push(&[
+                    "-device",
+                    "ahci,id=sata0",
+                    "-device",
+                    &format!("ide-hd,drive=disk0,bus=sata0.0{bootindex}"),
+                ]),
+            }
         }
 
         for (i, image) in self.extra_drives.iter().enumerate() {
@@ -557,7 +597,7 @@ impl VmBuilder {
             "-netdev",
             &netdev,
             "-device",
-            "virtio-net-pci,netdev=net0,romfile=",
+            &format!("{},netdev=net0,romfile=", self.nic),
         ]);
 
         if let Some(data) = &self.user_data {
