@@ -23,7 +23,13 @@ pub fn image_dir_beside(base: &Path, version: &str) -> PathBuf {
         .join(version)
 }
 
+/// The metal image: the one under test when it is a metal one
+/// (`vm-test --image build/<arch>/metal/<version>`), else the one beside it.
 fn metal_image(ctx: &Context) -> Result<BuiltImage, ScenarioError> {
+    let parent = ctx.image.dir.parent().and_then(Path::file_name);
+    if parent.is_some_and(|p| p == PLATFORM) {
+        return Ok(ctx.image.clone());
+    }
     let dir = image_dir_beside(&ctx.image.dir, &ctx.image.meta.version.to_string());
     let image = BuiltImage::load(&dir).map_err(|e| {
         ScenarioError::Setup(format!(

@@ -1060,6 +1060,46 @@ mod tests {
     }
 
     #[test]
+    fn nvme_and_ahci_disks_and_other_nics() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let direct = || Boot::Direct {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "console=ttyS0".into(),
+        };
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(direct())
+            .work_dir(dir.path())
+            .disk(&image)
+            .storage(Storage::Nvme)
+            .nic("e1000e");
+        let (_c, line) = args(&b);
+        assert!(
+            line.contains("-device nvme,drive=disk0,serial=ballast-nvme0 "),
+            "{line}"
+        );
+        assert!(
+            line.contains("-device e1000e,netdev=net0,romfile="),
+            "{line}"
+        );
+        assert!(!line.contains("virtio-blk"), "{line}");
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(direct())
+            .work_dir(dir.path())
+            .disk(&image)
+            .storage(Storage::Ahci)
+            .nic("igb");
+        let (_c, line) = args(&b);
+        assert!(
+            line.contains("-device ahci,id=sata0 -device ide-hd,drive=disk0,bus=sata0.0 "),
+            "{line}"
+        );
+        assert!(line.contains("-device igb,netdev=net0"), "{line}");
+    }
+
+    #[test]
     fn uefi_boot_uses_a_private_vars_copy() {
         let fw = Firmware::for_arch(Arch::X86_64);
         if !fw.code.exists() {
