@@ -29,9 +29,16 @@ pub enum Platform {
     Cloud,
 }
 
-/// Drivers every platform carries: QEMU's paravirtual devices and its
-/// firmware configuration device (user-data in the test lab).
-const VIRTIO_STORAGE: &[&str] = &["virtio_pci", "virtio_blk", "virtio_scsi", "qemu_fw_cfg"];
+/// Drivers every platform carries: QEMU's paravirtual disks (virtio-scsi
+/// disks need sd_mod) and its firmware configuration device (user-data in
+/// the test lab).
+const VIRTIO_STORAGE: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "qemu_fw_cfg",
+];
 
 impl Platform {
     pub fn as_str(self) -> &'static str {
@@ -55,10 +62,11 @@ impl Platform {
     pub fn storage_drivers(self) -> Vec<&'static str> {
         let extra: &[&str] = match self {
             Platform::Qemu => &[],
-            // sd_mod for SATA, SAS, virtio-scsi and USB disks; xhci and
-            // usb-storage (and uas) to boot from a USB stick.
-            Platform::Metal => &["nvme", "ahci", "sd_mod", "xhci_pci", "usb_storage", "uas"],
-            Platform::Cloud => &["nvme", "sd_mod"],
+            // ahci's and usb-storage's disks are SCSI disks (sd_mod is in
+            // every platform's list); xhci and usb-storage (and uas) to boot
+            // from a USB stick.
+            Platform::Metal => &["nvme", "ahci", "xhci_pci", "usb_storage", "uas"],
+            Platform::Cloud => &["nvme"],
         };
         VIRTIO_STORAGE.iter().chain(extra).copied().collect()
     }
