@@ -97,6 +97,13 @@ async fn main_loop() -> Action {
             tracing::warn!(module = m, error = %crate::error_chain(&e), "module not loaded");
         }
     }
+    // NICs, watchdogs and disks by what the machine has, now and hot-plugged.
+    match crate::boot::hotplug::coldplug_and_listen(&dir) {
+        Ok(outcome) => {
+            tracing::info!(devices = outcome.devices, loaded = ?outcome.loaded, "drivers loaded by hardware")
+        }
+        Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
+    }
 
     let (config, config_table, config_error) = load_config();
     // The node's one identity, fixed before the network and the services

@@ -21,6 +21,7 @@ use crate::fsimage::{self, FsError};
 use crate::gpt::{self, GptError, Layout, PartitionSpec};
 use crate::initrd::{self, InitrdError};
 use crate::kmod::{self, Compression, KmodError, ModulesDep, Selection};
+use crate::platform::{self, Platform};
 use crate::profile::{self, Profile, ProfileError};
 
 const MIB: u64 = 1 << 20;
@@ -100,6 +101,8 @@ pub struct BuildOptions {
     /// `/usr/lib/ballast/failpoints` (see the agent's failpoints.rs).
     pub failpoints: Option<String>,
     pub kernel: KernelFlavor,
+    /// Where the image runs: which drivers it ships.
+    pub platform: Platform,
     pub agent: AgentSource,
     /// Update-repository public keys copied to `/usr/lib/ballast/trust/`.
     pub trust: Vec<PathBuf>,
@@ -132,6 +135,7 @@ impl BuildOptions {
             kubelet: None,
             failpoints: None,
             kernel: KernelFlavor::Cloud,
+            platform: Platform::Qemu,
             agent,
             trust: Vec::new(),
             pins: BTreeMap::new(),
@@ -333,17 +337,40 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
             .entry(format!("{:?}", Compression::of(p)))
             .or_default() += 1;
     }
-    let early = dep.select(
+    // Listed modules are loaded by name; drivers are only shipped, with
+    // their aliases, and loaded by what the machine has.
+    let storage = opts.platform.storage_drivers();
+    let early_listed = dep.select(
         &kver,
         &builtin,
         initrd::EARLY_MODULES,
         initrd::EARLY_OPTIONAL_MODULES,
     )?;
-    let runtime = dep.select(
+    let early_optional: Vec<&str> = initrd::EARLY_OPTIONAL_MODULES
+        .iter()
+        .chain(&storage)
+        .copied()
+        .collect();
+    let early = dep.select(&kver, &builtin, initrd::EARLY_MODULES, &early_optional)?;
+    let runtime_listed = dep.select(
         &kver,
         &builtin,
         opts.profile.required_modules(),
         opts.profile.optional_modules(),
+    )?;
+    let runtime_optional: Vec<&str> = opts
+        .profile
+        .optional_modules()
+        .iter()
+        .chain(&storage)
+        .chain(opts.platform.runtime_drivers())
+        .copied()
+        .collect();
+    let runtime = dep.select(
+        &kver,
+        &builtin,
+        opts.profile.required_modules(),
+        &runtime_optional,
     )?;
     progress.detail(&format!("kernel {kver}; module files: {compression:?}"));
     progress.detail(&format!("initrd modules: {}", early.order.join(" ")));
@@ -363,7 +390,7 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
 
     // 5. initrd
     progress.step(5, STEPS, "building initrd (cpio newc)");
-    let archive = initrd::build(&agent, &mdir, &kver, &dep, &early)?;
+    let archive = initrd::build(&agent, &mdir, &kver, &dep, &early, &early_listed)?;
     // One fixed mtime for every release, not the build's epoch: nothing
     // reads the initramfs's times, and a per-build stamp in every cpio
     // header changed every 64 KiB chunk of it, defeating delta updates
@@ -377,7 +404,15 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     // 6. usr image
     progress.step(6, STEPS, "building usr image (erofs + dm-verity)");
     let tree = work.join("usr-tree");
-    stage_usr(opts, &tree, &agent, &mdir, &kver, &dep, &runtime)?;
+    stage_usr(
+        opts,
+        &tree,
+        &agent,
+        &mdir,
+        &kver,
+        &dep,
+        (&runtime, &runtime_listed),
+    )?;
     let contents = profile::Stager::new(&apt, arch, &work.join("packages"), &tree).stage(
         opts.profile,
         opts.kubelet.as_deref(),
@@ -529,8 +564,8 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "Ballast {version} {arch} ({} profile, kernel {kver})",
-        opts.profile
+        "Ballast {version} {arch} ({} profile, {} platform, kernel {kver})",
+        opts.profile, opts.platform
     );
     let _ = writeln!(report, "{:<8} {:>12} {:>12}", "part", "size", "used");
     let used = |label: &str| match label {
@@ -572,6 +607,24 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
     );
     let _ = writeln!(report, "initrd modules: {}", early.order.join(" "));
     let _ = writeln!(report, "usr modules: {}", runtime.order.join(" "));
+    let mut absent: Vec<&str> = early
+        .absent
+        .iter()
+        .chain(&runtime.absent)
+        .map(String::as_str)
+        .collect();
+    absent.sort_unstable();
+    absent.dedup();
+    let _ = writeln!(
+        report,
+        "drivers ({} platform) not in this kernel: {}",
+        opts.platform,
+        if absent.is_empty() {
+            "none".to_owned()
+        } else {
+            absent.join(" ")
+        }
+    );
     report.push_str(&contents.report(opts.profile));
     let _ = writeln!(report, "packages: {}", packages.join(" "));
     let report_path = out.join("size-report.txt");
@@ -656,7 +709,7 @@ fn stage_usr(
     mdir: &Path,
     kver: &str,
     dep: &ModulesDep,
-    runtime: &Selection,
+    (runtime, runtime_listed): (&Selection, &Selection),
 ) -> Result<(), BuildError> {
     let version = opts.version;
     fs::create_dir_all(tree).map_err(ioe(tree))?;
@@ -712,11 +765,17 @@ fn stage_usr(
         &mtree.join("modules.dep"),
         dep.render_subset(&runtime.order).as_bytes(),
     )?;
+    let alias_path = mdir.join("modules.alias");
+    let alias = fs::read_to_string(&alias_path).map_err(ioe(&alias_path))?;
+    fsimage::write_file(
+        &mtree.join("modules.alias"),
+        platform::alias_subset(&alias, &runtime.order).as_bytes(),
+    )?;
     let builtin = mdir.join("modules.builtin");
     fs::copy(&builtin, mtree.join("modules.builtin")).map_err(ioe(&builtin))?;
     fsimage::write_file(
         &tree.join(RUNTIME_MODULE_LIST),
-        initrd::module_list(runtime).as_bytes(),
+        initrd::module_list(runtime_listed).as_bytes(),
     )?;
     Ok(())
 }

@@ -1,24 +1,25 @@
 //! The initramfs: `/init` (the ballast binary), `/dev/console`, the early
 //! mount points, the early-boot kernel modules with a filtered
-//! `modules.dep` and `modules.builtin`, and `/etc/ballast/initrd-modules`
-//! (module names in load order, one a line).
+//! `modules.dep`, `modules.alias` and `modules.builtin`, and
+//! `/etc/ballast/initrd-modules` (the modules that no device names, in load
+//! order, one a line; drivers are loaded by modalias).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::cpio::{Archive, CpioError, Node};
 use crate::kmod::{ModulesDep, Selection};
+use crate::platform::alias_subset;
 
-/// Modules early boot needs (closure added; built-in ones skipped). The load
-/// order follows this list wherever dependencies allow.
+/// Modules early boot needs that no device's modalias names (closure added;
+/// built-in ones skipped); drivers come from the platform and are loaded by
+/// modalias. The load order follows this list wherever dependencies allow.
 pub const EARLY_MODULES: &[&str] = &[
     // libcrc32c (erofs, ext4) has `softdep pre: crc32c`, which modules.dep
     // does not carry: load it before anything else. The generic kernel builds
     // it as a module, the cloud kernel in. The C version, not crc32c_intel,
     // which fails with ENODEV on CPUs without SSE4.2.
     "crc32c_generic",
-    "virtio_pci",
-    "virtio_blk",
     "dm_verity",
     "erofs",
     "squashfs",
@@ -27,7 +28,6 @@ pub const EARLY_MODULES: &[&str] = &[
     "nls_cp437",
     "nls_ascii",
     "nls_utf8",
-    "qemu_fw_cfg",
 ];
 
 /// Shipped when the kernel has them. Empty: the CPU-specific SHA-256
@@ -58,8 +58,8 @@ fn read(path: &Path) -> Result<Vec<u8>, InitrdError> {
     })
 }
 
-/// Module files, filtered `modules.dep`, `modules.builtin` and the load-order
-/// list into `archive` under `lib/modules/<kver>/`.
+/// Module files, filtered `modules.dep` and `modules.alias`,
+/// `modules.builtin` into `archive` under `lib/modules/<kver>/`.
 pub fn add_modules(
     archive: &mut Archive,
     modules_dir: &Path,
@@ -79,6 +79,12 @@ pub fn add_modules(
         0o644,
         dep.render_subset(&sel.order).into_bytes(),
     )?;
+    let alias = read(&modules_dir.join("modules.alias"))?;
+    archive.file(
+        &format!("{base}/modules.alias"),
+        0o644,
+        alias_subset(&String::from_utf8_lossy(&alias), &sel.order).into_bytes(),
+    )?;
     let builtin = read(&modules_dir.join("modules.builtin"))?;
     archive.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
     Ok(())
@@ -89,13 +95,16 @@ pub fn module_list(sel: &Selection) -> String {
     sel.order.iter().map(|m| format!("{m}\n")).collect()
 }
 
-/// The whole initrd as an archive (call [`Archive::to_bytes`] for bytes).
+/// The whole initrd as an archive (call [`Archive::to_bytes`] for bytes):
+/// `shipped` are the module files (fixed list and drivers), `listed` the
+/// fixed list early boot loads by name.
 pub fn build(
     agent: &Path,
     modules_dir: &Path,
     kver: &str,
     dep: &ModulesDep,
-    sel: &Selection,
+    shipped: &Selection,
+    listed: &Selection,
 ) -> Result<Archive, InitrdError> {
     let mut a = Archive::new();
     a.file("init", 0o755, read(agent)?)?;
@@ -110,8 +119,8 @@ pub fn build(
             minor: 1,
         },
     )?;
-    add_modules(&mut a, modules_dir, kver, dep, sel)?;
-    a.file(MODULE_LIST, 0o644, module_list(sel).into_bytes())?;
+    add_modules(&mut a, modules_dir, kver, dep, shipped)?;
+    a.file(MODULE_LIST, 0o644, module_list(listed).into_bytes())?;
     Ok(a)
 }
 
@@ -129,6 +138,11 @@ mod tests {
         fs::write(mdir.join("kernel/fs/fat/fat.ko"), b"fat").unwrap();
         fs::write(mdir.join("kernel/fs/fat/vfat.ko"), b"vfat").unwrap();
         fs::write(mdir.join("modules.builtin"), b"kernel/fs/ext4/ext4.ko\n").unwrap();
+        fs::write(
+            mdir.join("modules.alias"),
+            b"alias fs-vfat vfat\nalias pci:v00001AF4d*sv*sd*bc*sc*i* other\n",
+        )
+        .unwrap();
         let agent = dir.path().join("ballast");
         fs::write(&agent, b"\x7fELF").unwrap();
         let dep = ModulesDep::parse(
@@ -137,7 +151,8 @@ mod tests {
         .unwrap();
         let builtin: BTreeSet<String> = ["ext4".to_owned()].into();
         let sel = dep.select(kver, &builtin, &["vfat", "ext4"], &[]).unwrap();
-        let a = build(&agent, &mdir, kver, &dep, &sel).unwrap();
+        let listed = dep.select(kver, &builtin, &["fat"], &[]).unwrap();
+        let a = build(&agent, &mdir, kver, &dep, &sel, &listed).unwrap();
         assert_eq!(
             a.get("init"),
             Some(&Node::File {
@@ -159,7 +174,12 @@ mod tests {
         let Some(Node::File { data, .. }) = a.get(MODULE_LIST) else {
             panic!("no module list")
         };
-        assert_eq!(data, b"fat\nvfat\n");
+        assert_eq!(data, b"fat\n");
+        let Some(Node::File { data, .. }) = a.get(&format!("lib/modules/{kver}/modules.alias"))
+        else {
+            panic!("no modules.alias")
+        };
+        assert_eq!(data, b"alias fs-vfat vfat\n");
         let Some(Node::File { data, .. }) = a.get(&format!("lib/modules/{kver}/modules.dep"))
         else {
             panic!("no modules.dep")
@@ -177,7 +197,7 @@ mod tests {
         // reproducible
         assert_eq!(
             a.to_bytes(1).unwrap(),
-            build(&agent, &mdir, kver, &dep, &sel)
+            build(&agent, &mdir, kver, &dep, &sel, &listed)
                 .unwrap()
                 .to_bytes(1)
                 .unwrap()

@@ -4,7 +4,9 @@
 //!
 //! [`build::build`] runs the whole pipeline; the other modules are its
 //! parts: [`apt`] (packages by name, hashes checked), [`kmod`] (module
-//! closure and order), [`cpio`] + [`initrd`], [`fsimage`] (erofs, dm-verity,
+//! closure and order), [`platform`] (kernel and drivers per flavour),
+//! [`formats`] (qcow2, VHD, VMDK through qemu-img),
+//! [`cpio`] + [`initrd`], [`fsimage`] (erofs, dm-verity,
 //! FAT, ext4 through their tools), [`gpt`] (partition tables), [`profile`]
 //! (what each image profile ships: packages, libraries, modules), and
 //! [`cmd`] (running those tools with useful errors).
@@ -15,11 +17,14 @@ pub mod apt;
 pub mod build;
 pub mod cmd;
 pub mod cpio;
+pub mod formats;
 pub mod fsimage;
 pub mod gpt;
 pub mod initrd;
 pub mod kmod;
+pub mod platform;
 pub mod profile;
 
 pub use build::{build, AgentSource, BuildOptions, BuildOutput, Progress, StderrProgress};
+pub use platform::Platform;
 pub use profile::Profile;

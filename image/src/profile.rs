@@ -151,12 +151,11 @@ impl Profile {
 
     /// Runtime modules shipped when the kernel has them.
     pub fn optional_modules(self) -> &'static [&'static str] {
-        const BASE: &[&str] = &["virtio_net", "i6300esb"];
+        // Drivers (NICs, watchdogs) are not here: the platform ships them
+        // and the agent loads them by modalias.
         match self {
-            Profile::Base => BASE,
+            Profile::Base => &[],
             Profile::K8s => &[
-                "virtio_net",
-                "i6300esb",
                 // legacy iptables and kube-proxy's IPVS mode
                 "ip_tables",
                 "iptable_filter",
@@ -917,7 +916,7 @@ mod tests {
         for m in ["overlay", "br_netfilter", "bridge", "veth", "nf_conntrack"] {
             assert!(Profile::K8s.required_modules().contains(&m), "{m}");
         }
-        assert_eq!(Profile::Base.optional_modules(), ["virtio_net", "i6300esb"]);
+        assert!(Profile::Base.optional_modules().is_empty());
     }
 
     #[test]

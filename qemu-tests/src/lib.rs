@@ -8,7 +8,7 @@
 //! ([`scenarios`], the automatic-update ones in [`update`], the
 //! k8s-profile one in [`k8s`], the remote-operations one in [`remote`],
 //! and the time-sync one in [`timelab`] inside the network lab
-//! [`netlab`]).
+//! [`netlab`]; the metal-flavour ones, NVMe and SATA boot disks, in [`metal`]).
 //!
 //! Nothing here runs under a plain `cargo test` except the pure parts'
 //! unit tests: booting VMs takes minutes under TCG.
@@ -22,6 +22,7 @@ pub mod hostile;
 pub mod http;
 pub mod image;
 pub mod k8s;
+pub mod metal;
 pub mod netlab;
 pub mod operator;
 pub mod remote;
@@ -33,4 +34,4 @@ pub mod update;
 pub mod vm;
 
 pub use events::Event;
-pub use vm::{Accel, Boot, Console, GuestFwd, Vm, VmBuilder, VmError};
+pub use vm::{Accel, Boot, Console, GuestFwd, Storage, Vm, VmBuilder, VmError};

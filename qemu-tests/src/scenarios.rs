@@ -155,6 +155,18 @@ pub const ALL: &[Scenario] = &[
         run: crate::timelab::time_lab,
         tier: Tier::Extended,
     },
+    Scenario {
+        name: "metal",
+        about: "metal-flavour image from NVMe with an e1000e NIC: drivers by modalias, ready, DHCP lease",
+        run: crate::metal::metal,
+        tier: Tier::Extended,
+    },
+    Scenario {
+        name: "metal-sata",
+        about: "metal-flavour image from a SATA disk on AHCI with an igb NIC: ready, DHCP lease",
+        run: crate::metal::metal_sata,
+        tier: Tier::Extended,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
@@ -259,7 +271,7 @@ fn check_disk_identity_renewed(vm: &mut Vm, boots_so_far: usize) -> Result<(), S
 /// gets QEMU's user-network lease, 10.0.2.15/24. With `restrict=on` (as
 /// every test VM runs) libslirp sends no router or DNS option, so the
 /// event's gateway is null.
-fn check_dhcp_lease(vm: &mut Vm) -> Result<(), ScenarioError> {
+pub fn check_dhcp_lease(vm: &mut Vm) -> Result<(), ScenarioError> {
     let seen = vm
         .events_seen()
         .iter()

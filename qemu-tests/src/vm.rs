@@ -246,6 +246,8 @@ pub struct VmBuilder {
     guestfwd: Vec<GuestFwd>,
     user_data: Option<Vec<u8>>,
     extra_drives: Vec<PathBuf>,
+    storage: Storage,
+    nic: &'static str,
     watchdog: bool,
     log_dir: PathBuf,
     keep_log: bool,
@@ -254,6 +256,16 @@ pub struct VmBuilder {
     cache: &'static str,
     tap: Option<TapNet>,
     rtc_base: Option<String>,
+}
+
+/// The boot disk's controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    VirtioBlk,
+    /// An NVMe controller with the disk as its namespace.
+    Nvme,
+    /// A SATA disk on an AHCI controller of its own.
+    Ahci,
 }
 
 impl VmBuilder {
@@ -274,6 +286,8 @@ impl VmBuilder {
             guestfwd: Vec::new(),
             user_data: None,
             extra_drives: Vec::new(),
+            storage: Storage::VirtioBlk,
+            nic: "virtio-net-pci",
             watchdog: false,
             log_dir: PathBuf::from("target/vm-logs"),
             keep_log: false,
@@ -362,6 +376,18 @@ impl VmBuilder {
 
     pub fn guestfwd(mut self, rule: GuestFwd) -> Self {
         self.guestfwd.push(rule);
+        self
+    }
+
+    /// How the boot disk is attached (default virtio-blk).
+    pub fn storage(mut self, storage: Storage) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The NIC's QEMU device model (default `virtio-net-pci`), e.g. `e1000e`.
+    pub fn nic(mut self, model: &'static str) -> Self {
+        self.nic = model;
         self
     }
 
@@ -543,14 +569,28 @@ impl VmBuilder {
                     self.cache,
                     overlay.display()
                 ),
-                "-device",
-                // bootindex only matters to firmware; with -kernel, QEMU
-                // itself takes index 0.
-                match self.boot {
-                    Boot::Uefi => "virtio-blk-pci,drive=disk0,bootindex=0",
-                    Boot::Direct { .. } => "virtio-blk-pci,drive=disk0",
-                },
             ]);
+            // bootindex only matters to firmware; with -kernel, QEMU
+            // itself takes index 0.
+            let bootindex = match self.boot {
+                Boot::Uefi => ",bootindex=0",
+                Boot::Direct { .. } => "",
+            };
+            match self.storage {
+                Storage::VirtioBlk => {
+                    push(&["-device", &format!("virtio-blk-pci,drive=disk0{bootindex}")])
+                }
+                Storage::Nvme => push(&[
+                    "-device",
+                    &format!("nvme,drive=disk0,serial=ballast-nvme0{bootindex}"),
+                ]),
+                Storage::Ahci => push(&[
+                    "-device",
+                    "ahci,id=sata0",
+                    "-device",
+                    &format!("ide-hd,drive=disk0,bus=sata0.0{bootindex}"),
+                ]),
+            }
         }
 
         for (i, image) in self.extra_drives.iter().enumerate() {
@@ -575,7 +615,7 @@ impl VmBuilder {
                 "-netdev",
                 &format!("tap,id=net0,ifname={},script=no,downscript=no", tap.ifname),
                 "-device",
-                &format!("virtio-net-pci,netdev=net0,mac={},romfile=", tap.mac),
+                &format!("{},netdev=net0,mac={},romfile=", self.nic, tap.mac),
             ]);
         } else {
             let mut netdev = String::from("user,id=net0,restrict=on");
@@ -592,7 +632,7 @@ impl VmBuilder {
                 "-netdev",
                 &netdev,
                 "-device",
-                "virtio-net-pci,netdev=net0,romfile=",
+                &format!("{},netdev=net0,romfile=", self.nic),
             ]);
         }
         if let Some(base) = &self.rtc_base {
@@ -1109,11 +1149,53 @@ mod tests {
     }
 
     #[test]
+    fn nvme_and_ahci_disks_and_other_nics() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let direct = || Boot::Direct {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "console=ttyS0".into(),
+        };
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(direct())
+            .work_dir(dir.path())
+            .disk(&image)
+            .storage(Storage::Nvme)
+            .nic("e1000e");
+        let (_c, line) = args(&b);
+        assert!(
+            line.contains("-device nvme,drive=disk0,serial=ballast-nvme0 "),
+            "{line}"
+        );
+        assert!(
+            line.contains("-device e1000e,netdev=net0,romfile="),
+            "{line}"
+        );
+        assert!(!line.contains("virtio-blk"), "{line}");
+        let b = VmBuilder::new("t", Arch::X86_64)
+            .boot(direct())
+            .work_dir(dir.path())
+            .disk(&image)
+            .storage(Storage::Ahci)
+            .nic("igb");
+        let (_c, line) = args(&b);
+        assert!(
+            line.contains("-device ahci,id=sata0 -device ide-hd,drive=disk0,bus=sata0.0 "),
+            "{line}"
+        );
+        assert!(line.contains("-device igb,netdev=net0"), "{line}");
+    }
+
+    #[test]
     fn uefi_boot_uses_a_private_vars_copy() {
         let fw = Firmware::for_arch(Arch::X86_64);
-        if !fw.code.exists() {
-            return; // firmware not installed on this machine
-        }
+        assert!(
+            fw.code.exists(),
+            "{} is missing: run `cargo xtask deps`",
+            fw.code.display()
+        );
         let dir = tempfile::tempdir().unwrap();
         let b = VmBuilder::new("t", Arch::X86_64).work_dir(dir.path());
         let (_c, line) = args(&b);

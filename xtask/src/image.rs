@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ballast_image::apt::{parse_pins, KernelFlavor};
 use ballast_image::build::{output_digests, DEFAULT_SOURCE_DATE_EPOCH};
-use ballast_image::{AgentSource, BuildOptions, Profile, StderrProgress};
+use ballast_image::formats::DiskFormat;
+use ballast_image::{AgentSource, BuildOptions, Platform, Profile, StderrProgress};
 use ballast_updater::payload::{Arch, Version};
 
 #[derive(Debug, clap::Args)]
@@ -25,9 +26,19 @@ pub struct ImageArgs {
     /// Update-repository public key (*.pub) to trust; repeatable.
     #[arg(long)]
     pub trust: Vec<PathBuf>,
-    /// Kernel flavour: cloud (VMs) or generic (bare metal, hardware watchdogs).
-    #[arg(long, default_value = "cloud")]
-    pub kernel: KernelFlavor,
+    /// Where the image runs: qemu (virtio only, cloud kernel), metal
+    /// (generic kernel; NVMe, SATA, USB, server NICs, hardware watchdogs) or
+    /// cloud (cloud kernel; NVMe, ENA, gVNIC, virtio). Drivers are loaded
+    /// by what the machine has.
+    #[arg(long, default_value = "qemu")]
+    pub platform: Platform,
+    /// Kernel flavour, cloud or generic (default: the platform's).
+    #[arg(long)]
+    pub kernel: Option<KernelFlavor>,
+    /// Disk formats to write besides disk.raw: qcow2, vhd (fixed, for
+    /// Azure), vmdk (stream-optimised); repeatable.
+    #[arg(long = "format")]
+    pub formats: Vec<DiskFormat>,
     /// Image profile: base (the agent only) or k8s (containerd, runc, CNI
     /// plugins, iptables, conntrack, CA certificates and their libraries
     /// and kernel modules); recorded as the payload's variant.
@@ -93,7 +104,8 @@ fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
     };
     let cache = root.join(".cache/debian").join(args.arch.as_str());
     let mut opts = BuildOptions::new(args.arch, version, out, cache, agent);
-    opts.kernel = args.kernel;
+    opts.platform = args.platform;
+    opts.kernel = args.kernel.unwrap_or(args.platform.kernel());
     opts.profile = args.profile;
     opts.kubelet = args.kubelet.clone();
     if !args.failpoints.is_empty() {
@@ -121,19 +133,37 @@ pub fn default_out(root: &Path, arch: Arch, profile: Profile, version: &str) -> 
     }
 }
 
+/// [`default_out`] for the qemu platform; other platforms get a directory
+/// of their own (`build/<arch>/<platform>[/<profile>]/<version>`).
+fn platform_out(root: &Path, args: &ImageArgs) -> PathBuf {
+    let out = default_out(root, args.arch, args.profile, &args.version);
+    if args.platform == Platform::Qemu {
+        return out;
+    }
+    let dir = root
+        .join("build")
+        .join(args.arch.as_str())
+        .join(args.platform.as_str());
+    match args.profile {
+        Profile::Base => dir.join(&args.version),
+        other => dir.join(other.as_str()).join(&args.version),
+    }
+}
+
 /// Builds the image; returns the output directory.
 pub fn run(args: ImageArgs) -> Result<PathBuf> {
     let root = crate::workspace_root();
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| default_out(&root, args.arch, args.profile, &args.version));
+        .unwrap_or_else(|| platform_out(&root, &args));
     let opts = options(&args, out.clone())?;
     eprintln!(
-        "building Ballast {} for {} ({} profile) into {} (SOURCE_DATE_EPOCH={})",
+        "building Ballast {} for {} ({} profile, {} platform) into {} (SOURCE_DATE_EPOCH={})",
         opts.version,
         opts.arch,
         opts.profile,
+        opts.platform,
         out.display(),
         opts.source_date_epoch
     );
@@ -145,6 +175,18 @@ pub fn run(args: ImageArgs) -> Result<PathBuf> {
         built.disk.display(),
         built.payload_dir.display()
     );
+    for format in &args.formats {
+        let converted = ballast_image::formats::convert(&built.disk, *format)
+            .with_context(|| format!("writing the disk as {}", format.extension()))?;
+        let size = std::fs::metadata(&converted)
+            .with_context(|| format!("reading {}", converted.display()))?
+            .len();
+        eprintln!(
+            "disk ({}): {} ({size} bytes)",
+            format.extension(),
+            converted.display()
+        );
+    }
 
     if args.check_reproducible {
         let second = out.with_file_name(format!(

@@ -80,6 +80,21 @@ pub fn ensure_profile(arch: Arch, version: &str, profile: Profile) -> Result<Pat
     ensure_built(&dir, arch, version, profile, &[])
 }
 
+/// The metal-flavour image of the `metal` scenarios
+/// (`build/<arch>/metal/<version>`).
+pub fn ensure_metal(arch: Arch) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let base = crate::image::default_out(&root, arch, Profile::Base, TEST_VERSION);
+    let dir = qemu_tests::metal::image_dir_beside(&base, TEST_VERSION);
+    ensure_built(
+        &dir,
+        arch,
+        TEST_VERSION,
+        Profile::Base,
+        &["--platform", qemu_tests::metal::PLATFORM],
+    )
+}
+
 /// The hung release of the `update-watchdog` scenario
 /// (`build/<arch>/watchdog/1.1.0`): the generic kernel, whose i6300esb
 /// driver the trial arms, and the fail point that hangs the trial.
@@ -266,6 +281,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     if args.image.is_none() && selected.iter().any(|s| s.name == "k8s") {
         ensure_profile(args.arch, TEST_VERSION, Profile::K8s)?;
     }
+    if args.image.is_none() && selected.iter().any(|s| s.name.starts_with("metal")) {
+        ensure_metal(args.arch)?;
+    }
     let dir = match &args.image {
         Some(dir) => dir.clone(),
         None => ensure_image(args.arch)?,
@@ -345,7 +363,7 @@ mod tests {
         assert_eq!(a.out, Some(PathBuf::from("out")));
         assert!(matches!(
             a.kernel,
-            ballast_image::apt::KernelFlavor::Generic
+            Some(ballast_image::apt::KernelFlavor::Generic)
         ));
         assert_eq!(a.failpoints, ["trial-gate=pause"]);
     }

@@ -1,5 +1,6 @@
 //! The initramfs stage: `ballast` as `/init`. Loads the kernel modules early
-//! boot needs, opens the slot named on the kernel command line through
+//! boot needs (a fixed list for what has no device, the drivers by
+//! modalias), opens the slot named on the kernel command line through
 //! dm-verity, checks every block of it, mounts it and STATE, and
 //! `switch_root`s into the slot where `ballast` runs again as PID 1.
 //!
@@ -106,8 +107,22 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    let count = crate::boot::modules::load(&crate::boot::modules::running_kernel_dir(), &wanted)?;
+    let kernel_dir = crate::boot::modules::running_kernel_dir();
+    let count = crate::boot::modules::load(&kernel_dir, &wanted)?;
     tracing::info!(count, "kernel modules loaded");
+    // The disk's and its bus's drivers, by what the machine has; devices
+    // that turn up later (a slow USB disk) are handled by the listener
+    // while we wait for the partitions below.
+    match crate::boot::hotplug::coldplug_and_listen(&kernel_dir) {
+        Ok(outcome) => tracing::info!(
+            devices = outcome.devices,
+            rounds = outcome.rounds,
+            loaded = ?outcome.loaded,
+            "drivers loaded by hardware"
+        ),
+        // An initrd from before coldplug lists every module it needs.
+        Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
+    }
 
     let roots = Roots::default();
     let usr = find_usr(&roots, &params)?;

@@ -128,7 +128,8 @@ pub fn load(dir: &Path, wanted: &[&str]) -> Result<usize, ModuleError> {
     Ok(order.len())
 }
 
-fn load_file(path: &Path) -> Result<(), ModuleError> {
+/// Loads one module file; one already loaded is fine.
+pub fn load_file(path: &Path) -> Result<(), ModuleError> {
     let file = File::open(path).map_err(|source| ModuleError::Read {
         path: path.to_owned(),
         source,
