@@ -1,10 +1,11 @@
 //! Early boot: the initramfs `/init` stage and what it (and PID 1 later)
 //! needs of the machine: block devices and GPT, the boot facts handed from
 //! the initramfs to PID 1, kernel modules, mounts, STATE growth and the
-//! CIDATA user-data volume.
+//! CIDATA and config-2 user-data volumes.
 
 pub mod bootinfo;
 pub mod cidata;
+pub mod configdrive;
 pub mod disks;
 pub mod gpt;
 pub mod initramfs;

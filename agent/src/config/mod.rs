@@ -36,7 +36,10 @@ pub const RUNTIME_DIRS: [&str; 2] = ["/run/ballast/config.d", "/etc/ballast/conf
 pub const CMDLINE: &str = "/proc/cmdline";
 /// `ballast.*` keys the boot chain owns (updater/src/cmdline.rs); the
 /// configuration layer leaves them alone.
-const BOOT_CHAIN_KEYS: [&str; 7] = [
+const BOOT_CHAIN_KEYS: [&str; 8] = [
+    // The platform the node boots on (`ec2` asks instance metadata):
+    // read by net::imds, not configuration.
+    "platform",
     "version",
     "slot",
     "usr",
@@ -631,9 +634,10 @@ fn redact_value(v: &toml::Value) -> toml::Value {
     }
 }
 
-/// Finds this boot's user-data by the trust policy in [`user_data`]:
-/// fw_cfg, a `CIDATA` volume only at first provisioning, else the copy on
-/// STATE. Ignored sources are reported there.
+/// Finds this boot's user-data from the local sources by the trust policy
+/// in [`user_data`]: fw_cfg, a `CIDATA` or `config-2` volume only at first
+/// provisioning, else the copy on STATE. Ignored sources are reported
+/// there. (PID 1 on EC2 adds instance metadata: `user_data::resolve`.)
 pub fn find_user_data() -> Option<Layer> {
     user_data::find()
 }
@@ -964,6 +968,8 @@ inner = { token = "k7" }
                  ballast.verity=ab ballast.verity.salt=cd ballast.verity.blocks=9",
                 None,
             ),
+            // The platform word is read by net::imds, not configuration.
+            ("ballast.platform=ec2", None),
             ("ballast.hostname=node-7", Some("hostname = \"node-7\"\n")),
             (
                 "ballast.api.listen=0.0.0.0:9465",

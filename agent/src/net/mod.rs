@@ -10,9 +10,11 @@
 //! named, the first physical Ethernet link, with DHCP and RA.
 
 pub mod dhcp;
+pub mod imds;
 pub mod ipv6;
 pub mod lease;
 pub mod link;
+pub mod metadata;
 pub mod resolv;
 
 use std::collections::BTreeMap;
@@ -77,6 +79,8 @@ enum Update {
         entry: Entry,
     },
     Hostname(String),
+    /// The node's name from instance metadata: DHCP no longer renames it.
+    NodeName(String),
     Configured,
 }
 
@@ -84,6 +88,7 @@ enum Update {
 #[derive(Debug, Clone)]
 pub struct NetworkHandle {
     online: watch::Receiver<bool>,
+    updates: mpsc::Sender<Update>,
 }
 
 impl NetworkHandle {
@@ -93,6 +98,13 @@ impl NetworkHandle {
         tokio::time::timeout(timeout, self.online.wait_for(|up| *up))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Tells the manager the node's name came from instance metadata (set
+    /// by PID 1 after the first lease), so a DHCP host name no longer
+    /// replaces it.
+    pub async fn keep_hostname(&self, name: String) {
+        let _ = self.updates.send(Update::NodeName(name)).await;
     }
 }
 
@@ -187,8 +199,12 @@ pub async fn start(
         tracing::info!("no physical Ethernet link yet; waiting for one");
     }
     ipv6::spawn_rdnss_listener(manager.updates_tx.clone());
+    let handle = NetworkHandle {
+        online,
+        updates: manager.updates_tx.clone(),
+    };
     tokio::spawn(manager.run(messages, updates));
-    Ok(NetworkHandle { online })
+    Ok(handle)
 }
 
 struct Manager {
@@ -326,6 +342,7 @@ impl Manager {
                     Err(e) => tracing::warn!(error = %e, "hostname from DHCP not set"),
                 }
             }
+            Update::NodeName(name) => self.hostname = Some(name),
             Update::Configured => {
                 self.online.send_replace(true);
             }
