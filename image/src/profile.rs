@@ -151,12 +151,14 @@ impl Profile {
 
     /// Runtime modules shipped when the kernel has them.
     pub fn optional_modules(self) -> &'static [&'static str] {
-        const BASE: &[&str] = &["virtio_net", "i6300esb"];
+        // isofs: OpenStack config drives may be iso9660 (agent boot::configdrive).
+        const BASE: &[&str] = &["virtio_net", "i6300esb", "isofs"];
         match self {
             Profile::Base => BASE,
             Profile::K8s => &[
                 "virtio_net",
                 "i6300esb",
+                "isofs",
                 // legacy iptables and kube-proxy's IPVS mode
                 "ip_tables",
                 "iptable_filter",
@@ -917,7 +919,10 @@ mod tests {
         for m in ["overlay", "br_netfilter", "bridge", "veth", "nf_conntrack"] {
             assert!(Profile::K8s.required_modules().contains(&m), "{m}");
         }
-        assert_eq!(Profile::Base.optional_modules(), ["virtio_net", "i6300esb"]);
+        assert_eq!(
+            Profile::Base.optional_modules(),
+            ["virtio_net", "i6300esb", "isofs"]
+        );
     }
 
     #[test]
