@@ -116,7 +116,8 @@ async fn main_loop() -> Action {
     // replace it), so that Kubernetes node names never collide and never
     // read "(none)".
     let mut node_hostname = set_node_hostname(&config, metadata_name.clone(), None);
-    match crate::net::start(&config.network, config.hostname.clone().or(metadata_name)).await {
+    let started = crate::net::start(&config.network, config.hostname.clone().or(metadata_name));
+    let (network, online) = match started.await {
         // Services usually want the network: wait a little for the first
         // address (static ones are there at once, a DHCP lease usually
         // within a second), then go on; DHCP keeps trying behind.
@@ -125,27 +126,32 @@ async fn main_loop() -> Action {
             if !online {
                 tracing::warn!(wait = ?NETWORK_WAIT, "no address yet; starting services anyway");
             }
-            if ask_imds {
-                let answer = match online {
-                    true => crate::net::metadata::ask_imds().await,
-                    false => None,
-                };
-                let provisioned = crate::config::user_data::resolve(gathered, answer);
-                let network_before = config.network.clone();
-                (config, config_table, config_error) = load_config(provisioned.layer, true);
-                if config.network != network_before {
-                    tracing::warn!("instance metadata user-data changes [network]: it applies from the next boot");
-                }
-                let name =
-                    crate::net::metadata::node_hostname(provisioned.metadata_hostname.as_deref());
-                let chosen = config.hostname.is_some() || name.is_some();
-                node_hostname = set_node_hostname(&config, name, Some(&node_hostname));
-                if chosen {
-                    network.keep_hostname(node_hostname.clone()).await;
-                }
-            }
+            (Some(network), online)
         }
-        Err(e) => tracing::error!(error = %crate::error_chain(&e), "network not started"),
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "network not started");
+            (None, false)
+        }
+    };
+    if ask_imds {
+        let answer = match online {
+            true => crate::net::metadata::ask_imds().await,
+            false => None,
+        };
+        let provisioned = crate::config::user_data::resolve(gathered, answer);
+        let network_before = config.network.clone();
+        (config, config_table, config_error) = load_config(provisioned.layer, true);
+        if config.network != network_before {
+            tracing::warn!(
+                "instance metadata user-data changes [network]: it applies from the next boot"
+            );
+        }
+        let name = crate::net::metadata::node_hostname(provisioned.metadata_hostname.as_deref());
+        let chosen = config.hostname.is_some() || name.is_some();
+        node_hostname = set_node_hostname(&config, name, Some(&node_hostname));
+        if let (true, Some(network)) = (chosen, &network) {
+            network.keep_hostname(node_hostname.clone()).await;
+        }
     }
 
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
