@@ -105,48 +105,78 @@ async fn main_loop() -> Action {
         Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
     }
 
-    let (config, config_table, config_error) = load_config();
-    // The node's one identity, fixed before the network and the services
-    // start: the kubelet's name, the Node, Lease and drain target of the
-    // agent and the FleetLock id. Without a configured name every node
+    // User-data (docs/configuration.md, "User-data"). On EC2 it comes
+    // from instance metadata, which needs the network: the network comes
+    // up with the saved copy (what every later boot starts from), then,
+    // after the first lease, the sources are decided once with the
+    // metadata service's answer and the configuration is loaded again,
+    // before anything but the network and the host name uses it.
+    let gathered = crate::config::user_data::gather();
+    let ask_imds = crate::net::metadata::imds_wanted(&gathered);
+    let local = (!ask_imds).then(|| crate::config::user_data::resolve(gathered.clone(), None));
+    let first_layer = match &local {
+        Some(p) => p.layer.clone(),
+        None => gathered.provisional(),
+    };
+    let (mut config, mut config_table, mut config_error) = load_config(first_layer, !ask_imds);
+    let metadata_name = crate::net::metadata::node_hostname(
+        local.as_ref().and_then(|p| p.metadata_hostname.as_deref()),
+    );
+    // The node's one identity, fixed before the services start: the
+    // kubelet's name, the Node, Lease and drain target of the agent and
+    // the FleetLock id. Without a configured (or metadata) name every node
     // gets a stable, unique one from its machine id, so Kubernetes node
     // names never collide and never read "(none)".
-    let identity = crate::kubernetes::identity::node_name(
-        config.kubernetes.as_ref(),
-        config.hostname.as_deref(),
-        None,
-        &machine_id(),
-    );
-    tracing::info!(node = %identity.name, source = identity.source.key(), "node name");
-    let node_hostname = config
-        .hostname
-        .clone()
-        .unwrap_or_else(|| identity.name.clone());
-    if let Err(e) = nix::unistd::sethostname(&node_hostname) {
-        tracing::warn!(error = %e, "hostname not set");
-    }
-    let _ = std::fs::write("/etc/hostname", format!("{node_hostname}\n"));
-    // A DHCP host name may rename a plain node, never a Kubernetes one.
+    let mut identity = node_identity(&config, metadata_name.as_deref());
+    let mut node_hostname = set_node_hostname(&config, &identity, None);
+    // A DHCP host name may rename a plain node, never a configured,
+    // metadata-given or Kubernetes one.
     let pinned_hostname = config
         .hostname
         .clone()
+        .or(metadata_name)
         .or_else(|| identity.pinned_hostname().map(str::to_owned));
-    let time_sync = match crate::net::start(&config.network, pinned_hostname).await {
+    let started = crate::net::start(&config.network, pinned_hostname);
+    let (network, online, time_sync) = match started.await {
         // Services usually want the network: wait a little for the first
         // address (static ones are there at once, a DHCP lease usually
         // within a second), then go on; DHCP keeps trying behind.
         Ok(mut network) => {
             let time_sync = crate::net::timesync::spawn(&config.time, network.ntp_servers());
-            if !network.wait_online(NETWORK_WAIT).await {
+            let online = network.wait_online(NETWORK_WAIT).await;
+            if !online {
                 tracing::warn!(wait = ?NETWORK_WAIT, "no address yet; starting services anyway");
             }
-            time_sync
+            (Some(network), online, time_sync)
         }
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "network not started");
-            crate::net::timesync::spawn(&config.time, tokio::sync::watch::channel(Vec::new()).1)
+            let none = tokio::sync::watch::channel(Vec::new()).1;
+            (None, false, crate::net::timesync::spawn(&config.time, none))
         }
     };
+    if ask_imds {
+        let answer = match online {
+            true => crate::net::metadata::ask_imds().await,
+            false => None,
+        };
+        let provisioned = crate::config::user_data::resolve(gathered, answer);
+        let network_before = config.network.clone();
+        (config, config_table, config_error) = load_config(provisioned.layer, true);
+        if config.network != network_before {
+            tracing::warn!(
+                "instance metadata user-data changes [network]: it applies from the next boot"
+            );
+        }
+        let name = crate::net::metadata::node_hostname(provisioned.metadata_hostname.as_deref());
+        let chosen = config.hostname.is_some() || name.is_some() || config.kubernetes.is_some();
+        identity = node_identity(&config, name.as_deref());
+        node_hostname = set_node_hostname(&config, &identity, Some(&node_hostname));
+        if let (true, Some(network)) = (chosen, &network) {
+            network.keep_hostname(node_hostname.clone()).await;
+        }
+    }
+    tracing::info!(node = %identity.name, source = identity.source.key(), "node name");
 
     // [kernel] (with a Kubernetes node's defaults): after the network (a
     // user's per-interface sysctl wins over the network's own), before
@@ -749,23 +779,69 @@ fn mount_esp(info: &BootInfo) {
     }
 }
 
-/// The node's configuration and, if it was bad, why the last good one (or
-/// the defaults) is in force instead.
-fn load_config() -> (Config, toml::Table, Option<String>) {
+/// Sets the node's host name: the configured one, else the metadata one,
+/// else one from the machine id. Returns it; writes nothing when it equals
+/// `current`.
+/// The node's one name ([`crate::kubernetes::identity`]) from the
+/// configuration and a metadata name.
+fn node_identity(
+    config: &Config,
+    metadata: Option<&str>,
+) -> crate::kubernetes::identity::NodeIdentity {
+    crate::kubernetes::identity::node_name(
+        config.kubernetes.as_ref(),
+        config.hostname.as_deref(),
+        metadata,
+        &machine_id(),
+    )
+}
+
+/// Sets the kernel's host name (and /etc/hostname) to the configured one,
+/// else the node's identity; nothing when it is `current` already.
+fn set_node_hostname(
+    config: &Config,
+    identity: &crate::kubernetes::identity::NodeIdentity,
+    current: Option<&str>,
+) -> String {
+    let name = config
+        .hostname
+        .clone()
+        .unwrap_or_else(|| identity.name.clone());
+    if current == Some(name.as_str()) {
+        return name;
+    }
+    if let Err(e) = nix::unistd::sethostname(&name) {
+        tracing::warn!(error = %e, "hostname not set");
+    }
+    let _ = std::fs::write("/etc/hostname", format!("{name}\n"));
+    name
+}
+
+/// The node's configuration from these user-data and the other layers and,
+/// if it was bad, why the last good one (or the defaults) is in force
+/// instead. `report`: print a `config-error` and keep the last good
+/// configuration (false for the provisional load before instance metadata
+/// is asked, which is loaded again).
+fn load_config(
+    user_data: Option<crate::config::Layer>,
+    report: bool,
+) -> (Config, toml::Table, Option<String>) {
     use crate::config::{merge, node_layers, LAST_GOOD};
-    let loaded = node_layers(crate::config::find_user_data()).and_then(|layers| merge(&layers));
+    let loaded = node_layers(user_data).and_then(|layers| merge(&layers));
     match loaded {
         Ok((config, table)) => {
-            if let Ok(text) = toml::to_string(&table) {
+            if let (true, Ok(text)) = (report, toml::to_string(&table)) {
                 crate::config::save_last_good(Path::new(LAST_GOOD), &text);
             }
             (config, table, None)
         }
         Err(e) => {
             let reason = crate::error_chain(&e);
-            console::emit(&Event::ConfigError {
-                reason: reason.clone(),
-            });
+            if report {
+                console::emit(&Event::ConfigError {
+                    reason: reason.clone(),
+                });
+            }
             let last_good = std::fs::read_to_string(LAST_GOOD).ok().and_then(|text| {
                 let config = Config::parse(&text, std::path::Path::new(LAST_GOOD)).ok()?;
                 Some((config, toml::from_str::<toml::Table>(&text).ok()?))

@@ -152,10 +152,13 @@ impl Profile {
     /// Runtime modules shipped when the kernel has them.
     pub fn optional_modules(self) -> &'static [&'static str] {
         // Drivers (NICs, watchdogs) are not here: the platform ships them
-        // and the agent loads them by modalias.
+        // and the agent loads them by modalias. isofs (a filesystem, which
+        // no device names): OpenStack config drives may be iso9660 (agent
+        // boot::configdrive).
         match self {
-            Profile::Base => &[],
+            Profile::Base => &["isofs"],
             Profile::K8s => &[
+                "isofs",
                 // legacy iptables and kube-proxy's IPVS mode
                 "ip_tables",
                 "iptable_filter",
@@ -916,7 +919,7 @@ mod tests {
         for m in ["overlay", "br_netfilter", "bridge", "veth", "nf_conntrack"] {
             assert!(Profile::K8s.required_modules().contains(&m), "{m}");
         }
-        assert!(Profile::Base.optional_modules().is_empty());
+        assert_eq!(Profile::Base.optional_modules(), ["isofs"]);
     }
 
     #[test]

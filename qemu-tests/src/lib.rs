@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cloud;
 pub mod disk;
 pub mod events;
 pub mod floor;

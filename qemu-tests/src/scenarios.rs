@@ -167,6 +167,18 @@ pub const ALL: &[Scenario] = &[
         run: crate::metal::metal_sata,
         tier: Tier::Extended,
     },
+    Scenario {
+        name: "cloud-imds",
+        about: "EC2-like VM (SMBIOS Amazon EC2, 169.254.0.0/16): IMDSv2 token PUT first, user-data applied, host name from local-hostname",
+        run: crate::cloud::cloud_imds,
+        tier: Tier::Extended,
+    },
+    Scenario {
+        name: "cloud-config-drive",
+        about: "a vfat config-2 volume: openstack/latest/user_data applied, host name from meta_data.json",
+        run: crate::cloud::cloud_config_drive,
+        tier: Tier::Extended,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {

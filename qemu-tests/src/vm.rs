@@ -244,6 +244,10 @@ pub struct VmBuilder {
     work_dir: Option<PathBuf>,
     forward_api: bool,
     guestfwd: Vec<GuestFwd>,
+    /// `net=` and `host=` of the user network (QEMU's 10.0.2.0/24 when None).
+    user_net: Option<(String, String)>,
+    /// SMBIOS type 1 (system) fields, e.g. `manufacturer=Amazon EC2`.
+    smbios_system: Option<String>,
     user_data: Option<Vec<u8>>,
     extra_drives: Vec<PathBuf>,
     storage: Storage,
@@ -284,6 +288,8 @@ impl VmBuilder {
             work_dir: None,
             forward_api: false,
             guestfwd: Vec::new(),
+            user_net: None,
+            smbios_system: None,
             user_data: None,
             extra_drives: Vec::new(),
             storage: Storage::VirtioBlk,
@@ -395,6 +401,21 @@ impl VmBuilder {
     /// `CIDATA` volume.
     pub fn extra_drive(mut self, image: &Path) -> Self {
         self.extra_drives.push(image.to_owned());
+        self
+    }
+
+    /// The user network's prefix and the host's address in it (QEMU's
+    /// `net=` and `host=`), e.g. `169.254.0.0/16` and `169.254.0.2` for a
+    /// cloud's link-local metadata address.
+    pub fn user_net(mut self, net: &str, host: &str) -> Self {
+        self.user_net = Some((net.to_owned(), host.to_owned()));
+        self
+    }
+
+    /// SMBIOS system (type 1) fields the guest reads from
+    /// `/sys/class/dmi/id`, e.g. `manufacturer=Amazon EC2`.
+    pub fn smbios_system(mut self, fields: &str) -> Self {
+        self.smbios_system = Some(fields.to_owned());
         self
     }
 
@@ -619,6 +640,9 @@ impl VmBuilder {
             ]);
         } else {
             let mut netdev = String::from("user,id=net0,restrict=on");
+            if let Some((net, host)) = &self.user_net {
+                netdev.push_str(&format!(",net={net},host={host}"));
+            }
             if let Some(port) = api_port {
                 netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{port}-:{API_GUEST_PORT}"));
             }
@@ -646,6 +670,9 @@ impl VmBuilder {
                 "-fw_cfg",
                 &format!("name={USER_DATA_FW_CFG},file={}", path.display()),
             ]);
+        }
+        if let Some(fields) = &self.smbios_system {
+            push(&["-smbios", &format!("type=1,{fields}")]);
         }
         if self.watchdog {
             push(&["-device", "i6300esb", "-action", "watchdog=reset"]);

@@ -34,7 +34,7 @@ pub fn fat_label(boot_sector: &[u8; 512]) -> Option<String> {
 }
 
 /// Block devices (disks and partitions) in `/sys/class/block`.
-fn block_devices(sys_block: &Path, dev: &Path) -> Vec<PathBuf> {
+pub(crate) fn block_devices(sys_block: &Path, dev: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(sys_block) else {
         return Vec::new();
     };

@@ -42,6 +42,9 @@ pub const CMDLINE: &str = "/proc/cmdline";
 /// `ballast.*` keys the boot chain owns; the configuration layer leaves
 /// them alone.
 use ballast_updater::cmdline::BOOT_CHAIN_KEYS;
+/// `ballast.platform` (`ec2` asks instance metadata) is a boot word read
+/// by net::imds, not configuration.
+const PLATFORM_WORD: &str = "platform";
 /// Keys whose values never leave the node in `config show`, logs or the
 /// kernel command line: a key whose name contains one of these, in any case
 /// (`bootstrap_token`, `api_key`, `privateKey`, `credentials`).
@@ -512,7 +515,7 @@ pub fn cmdline_layer(cmdline: &str) -> Result<Option<Layer>, ConfigError> {
             Some((k, v)) => (k, Some(v)),
             None => (rest, None),
         };
-        if BOOT_CHAIN_KEYS.contains(&key) {
+        if BOOT_CHAIN_KEYS.contains(&key) || key == PLATFORM_WORD {
             continue;
         }
         if key.split('.').any(is_secret_key) {
@@ -665,9 +668,10 @@ fn redact_value(v: &toml::Value) -> toml::Value {
     }
 }
 
-/// Finds this boot's user-data by the trust policy in [`user_data`]:
-/// fw_cfg, a `CIDATA` volume only at first provisioning, else the copy on
-/// STATE. Ignored sources are reported there.
+/// Finds this boot's user-data from the local sources by the trust policy
+/// in [`user_data`]: fw_cfg, a `CIDATA` or `config-2` volume only at first
+/// provisioning, else the copy on STATE. Ignored sources are reported
+/// there. (PID 1 on EC2 adds instance metadata: `user_data::resolve`.)
 pub fn find_user_data() -> Option<Layer> {
     user_data::find()
 }
@@ -1046,6 +1050,8 @@ inner = { token = "k7" }
                  ballast.verity=ab ballast.verity.salt=cd ballast.verity.blocks=9",
                 None,
             ),
+            // The platform word is read by net::imds, not configuration.
+            ("ballast.platform=ec2", None),
             ("ballast.hostname=node-7", Some("hostname = \"node-7\"\n")),
             (
                 "ballast.api.listen=0.0.0.0:9465",

@@ -10,9 +10,11 @@
 //! named, the first physical Ethernet link, with DHCP and RA.
 
 pub mod dhcp;
+pub mod imds;
 pub mod ipv6;
 pub mod lease;
 pub mod link;
+pub mod metadata;
 pub mod resolv;
 pub mod sntp;
 pub mod timesync;
@@ -84,6 +86,8 @@ enum Update {
         interface: String,
         servers: Vec<Ipv4Addr>,
     },
+    /// The node's name from instance metadata: DHCP no longer renames it.
+    NodeName(String),
     Configured,
 }
 
@@ -92,6 +96,7 @@ enum Update {
 pub struct NetworkHandle {
     online: watch::Receiver<bool>,
     ntp: watch::Receiver<Vec<Ipv4Addr>>,
+    updates: mpsc::Sender<Update>,
 }
 
 impl NetworkHandle {
@@ -107,6 +112,11 @@ impl NetworkHandle {
     /// interface-name order, without duplicates.
     pub fn ntp_servers(&self) -> watch::Receiver<Vec<Ipv4Addr>> {
         self.ntp.clone()
+    /// Tells the manager the node's name came from instance metadata (set
+    /// by PID 1 after the first lease), so a DHCP host name no longer
+    /// replaces it.
+    pub async fn keep_hostname(&self, name: String) {
+        let _ = self.updates.send(Update::NodeName(name)).await;
     }
 }
 
@@ -204,8 +214,13 @@ pub async fn start(
         tracing::info!("no physical Ethernet link yet; waiting for one");
     }
     ipv6::spawn_rdnss_listener(manager.updates_tx.clone());
+    let handle = NetworkHandle {
+        online,
+        ntp,
+        updates: manager.updates_tx.clone(),
+    };
     tokio::spawn(manager.run(messages, updates));
-    Ok(NetworkHandle { online, ntp })
+    Ok(handle)
 }
 
 struct Manager {
@@ -363,6 +378,7 @@ impl Manager {
                     changed
                 });
             }
+            Update::NodeName(name) => self.hostname = Some(name),
             Update::Configured => {
                 self.online.send_replace(true);
             }
