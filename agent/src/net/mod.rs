@@ -112,6 +112,8 @@ impl NetworkHandle {
     /// interface-name order, without duplicates.
     pub fn ntp_servers(&self) -> watch::Receiver<Vec<Ipv4Addr>> {
         self.ntp.clone()
+    }
+
     /// Tells the manager the node's name came from instance metadata (set
     /// by PID 1 after the first lease), so a DHCP host name no longer
     /// replaces it.
