@@ -5,8 +5,11 @@
 //! comes back ready with a new boot id), `verity` (one flipped byte in
 //! USR-A's data is refused by dm-verity and never booted), `runtime`
 //! ([`crate::runtime`]), `k8s` ([`crate::k8s`]), `remote`
-//! ([`crate::remote`]) and `time-lab` ([`crate::timelab`]). Each is a plain function over a
-//! [`Context`]; the runner and reporting live in xtask.
+//! ([`crate::remote`]), `hostile-disks` ([`crate::hostile`]), `time-lab`
+//! ([`crate::timelab`]), `metal` and `metal-sata` ([`crate::metal`]), and
+//! `cloud-imds` and `cloud-config-drive` ([`crate::cloud`]). Each is a
+//! plain function over a [`Context`]; the runner and reporting live in
+//! xtask.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -165,7 +168,9 @@ pub const ALL: &[Scenario] = &[
         name: "metal-sata",
         about: "metal-flavour image from a SATA disk on AHCI with an igb NIC: ready, DHCP lease",
         run: crate::metal::metal_sata,
-        tier: Tier::Extended,
+        // `metal` proves drivers by modalias on the same image; the budget
+        // has no room for a second boot of it.
+        tier: Tier::OnDemand,
     },
     Scenario {
         name: "cloud-imds",
