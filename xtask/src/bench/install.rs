@@ -11,13 +11,13 @@
 //! thread per connection, `std::io::copy` from the file to the socket
 //! (sendfile on Linux), Range support, so it is not the bottleneck.
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
+
+use super::loopback::{run_cmd, serve};
 
 const SECTION: &str = "## Install throughput";
 
@@ -39,78 +39,6 @@ pub struct InstallBenchArgs {
     /// Keep the work directory (payload, repository, node) afterwards.
     #[arg(long)]
     pub keep: bool,
-}
-
-fn handle(root: &Path, stream: TcpStream) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-        let mut start = 0u64;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 {
-                return Ok(());
-            }
-            if h.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
-            }
-        }
-        let rel = path.trim_start_matches('/');
-        if rel.split('/').any(|s| s == "..") {
-            out.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")?;
-            continue;
-        }
-        let Ok(mut file) = std::fs::File::open(root.join(rel)) else {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")?;
-            continue;
-        };
-        let len = file.metadata()?.len();
-        let start = start.min(len);
-        file.seek(SeekFrom::Start(start))?;
-        let status = if start > 0 {
-            "206 Partial Content"
-        } else {
-            "200 OK"
-        };
-        write!(
-            out,
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
-            len - start,
-            len.saturating_sub(1)
-        )?;
-        std::io::copy(&mut file, &mut out)?;
-    }
-}
-
-/// Serves `root` on 127.0.0.1 until the process exits.
-fn serve(root: PathBuf) -> Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let root = root.clone();
-            std::thread::spawn(move || {
-                let _ = handle(&root, stream);
-            });
-        }
-    });
-    Ok(format!("http://{addr}/"))
-}
-
-fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }
 
 fn timed(cmd: &mut Command) -> Result<Duration> {
@@ -216,7 +144,7 @@ pub fn run_bench(args: InstallBenchArgs) -> Result<()> {
     )?;
     let meta = ballast_updater::payload::PayloadMetadata::load(&work.join("p2"))?;
     let usr_sha = &meta.artifact("usr.img").context("usr.img")?.sha256;
-    let url = serve(repo.clone())?;
+    let (url, _) = serve(repo.clone())?;
     let object_url = format!("{url}objects/{usr_sha}");
 
     // A node on plain files, running 1.0.0 from slot A.

@@ -5,6 +5,7 @@ mod agent;
 mod boot;
 mod delta;
 mod install;
+mod loopback;
 mod update;
 
 use anyhow::{Context as _, Result};

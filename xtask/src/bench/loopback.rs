@@ -1,0 +1,100 @@
+//! A static file server on loopback for the benches (`bench install`,
+//! `bench delta`): GET with `Range: bytes=N-` resume, `..` refused, and
+//! counters of the requests and body bytes it sent (what a CDN would
+//! serve). Plain blocking I/O, a thread per connection: nothing here is
+//! what is measured.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+
+/// Response body bytes and requests the server sent.
+#[derive(Debug, Default)]
+pub struct Served {
+    pub bytes: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let mut start = 0u64;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+            }
+        }
+        served.requests.fetch_add(1, Ordering::Relaxed);
+        let rel = path.trim_start_matches('/');
+        if rel.split('/').any(|s| s == "..") {
+            out.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")?;
+            continue;
+        }
+        let Ok(mut file) = std::fs::File::open(root.join(rel)) else {
+            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")?;
+            continue;
+        };
+        let len = file.metadata()?.len();
+        let start = start.min(len);
+        file.seek(SeekFrom::Start(start))?;
+        let status = if start > 0 {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
+            len - start,
+            len.saturating_sub(1)
+        )?;
+        let sent = std::io::copy(&mut file, &mut out)?;
+        served.bytes.fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
+/// Serves `root` on 127.0.0.1 until the process exits; returns its URL
+/// and the counters.
+pub fn serve(root: PathBuf) -> Result<(String, Arc<Served>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let served = Arc::new(Served::default());
+    let counter = Arc::clone(&served);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let _ = handle(&root, &counter, stream);
+            });
+        }
+    });
+    Ok((format!("http://{addr}/"), served))
+}
+
+/// Runs `cmd`, failing on a non-zero exit.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
