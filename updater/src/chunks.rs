@@ -314,10 +314,11 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn data(seed: u32, len: usize) -> Vec<u8> {
+    /// Pseudo-random bytes (xorshift), the same for the same seed.
+    pub(crate) fn data(seed: u32, len: usize) -> Vec<u8> {
         let mut x = seed.wrapping_mul(2_654_435_761) | 1;
         (0..len)
             .map(|_| {

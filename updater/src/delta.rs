@@ -314,20 +314,9 @@ pub fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunks::tests::data;
     use crate::fetch::DirFetch;
     use crate::storage::MemStorage;
-
-    fn data(seed: u32, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x.to_le_bytes()[0]
-            })
-            .collect()
-    }
 
     /// A repository holding only the chunks of `bytes`, and its index.
     fn chunk_repo(bytes: &[u8]) -> (tempfile::TempDir, ChunkIndex) {
