@@ -290,11 +290,35 @@ pub fn parse_cidr(s: &str) -> Option<Cidr> {
     (prefix <= max).then_some(Cidr { addr, prefix })
 }
 
+/// A parser or serde message with every double-quoted part (a value, as in
+/// `invalid type: string "…", expected u64`) replaced: values may be
+/// secrets, keys are named with backticks.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut quoted = true;
+    for part in parts {
+        if quoted {
+            out.push_str("\"<value>\"");
+        } else {
+            out.push_str(part);
+        }
+        quoted = !quoted;
+    }
+    out
+}
+
 impl ConfigError {
     /// A TOML error of `text` as path, line, column and message, without
     /// the source line the parser's Display would quote.
     pub fn parse(path: &Path, text: &str, err: &toml::de::Error) -> Self {
-        let mut message = err.message().trim_end().to_owned();
+        let raw = err.message().trim_end();
+        // Quoted values stay out unless the line is one plain value of a
+        // key that is not a secret (`start = "24:00"` may be shown).
+        let mut message = without_quoted_values(raw);
         let (line, column) = match err.span() {
             Some(span) => {
                 let start = floor_char_boundary(text, span.start);
@@ -310,7 +334,14 @@ impl ConfigError {
                 // Inside a multi-line string a line is value, not key.
                 let in_string = before.matches("\"\"\"").count() % 2 == 1
                     || before.matches("\'\'\'").count() % 2 == 1;
-                if let Some(key) = line_key(source_line).filter(|_| !in_string) {
+                let key = line_key(source_line).filter(|_| !in_string);
+                let plain_value = source_line
+                    .split_once('=')
+                    .is_some_and(|(_, v)| !v.contains(['{', '[']));
+                if key.is_some_and(|k| plain_value && !k.split('.').any(is_secret_key)) {
+                    message = raw.to_owned();
+                }
+                if let Some(key) = key {
                     if !message.contains(key) {
                         message = format!("key `{key}`: {message}");
                     }
@@ -925,6 +956,12 @@ dns = ["10.0.2.3"]
             (
                 "[services.db]\ncommand = [\"db\"]\nenv = { DB_PASSWORD = \"abcdef.0123456789abcdef\", PORT = 80 }\n",
                 &["line 3"],
+            ),
+            // A type error inside an inline table names the line, not the
+            // value serde quotes.
+            (
+                "[services.db]\ncommand = [\"db\"]\nlimits = { memory_max = \"abcdef.0123456789abcdef\" }\n",
+                &["line 3", "<value>"],
             ),
             // An error inside a multi-line string shows no part of it.
             (
