@@ -137,6 +137,9 @@ pub enum Event {
         to: String,
         reason: String,
     },
+    /// The running version is below the release floor kept on the node
+    /// (a fall-back the boot loader made to stay up).
+    BelowFloor { version: String, floor: String },
 }
 
 /// Where a `network-configured` address came from.
@@ -178,6 +181,7 @@ impl Event {
         "committed",
         "trial-failed",
         "rolled-back",
+        "below-floor",
     ];
 
     /// The `event` value of this event (one of [`Event::NAMES`]).
@@ -210,6 +214,7 @@ impl Event {
             Event::Committed { .. } => "committed",
             Event::TrialFailed { .. } => "trial-failed",
             Event::RolledBack { .. } => "rolled-back",
+            Event::BelowFloor { .. } => "below-floor",
         }
     }
 }
@@ -388,6 +393,10 @@ mod tests {
                 from: s("1.1.0"),
                 to: s("1.0.0"),
                 reason: s("r"),
+            },
+            Event::BelowFloor {
+                version: s("1.0.0"),
+                floor: s("1.1.0"),
             },
         ]
     }

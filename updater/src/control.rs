@@ -24,6 +24,8 @@ pub enum ControlError {
     RunningEntryMissing { version: Version, slot: Slot },
     #[error("nothing to roll back to: no bootable entry for slot {slot} (entries: {entries:?})")]
     NoRollbackTarget { slot: Slot, entries: Vec<String> },
+    #[error("refusing to roll back to {target}: it is below the release floor {floor} the repository set")]
+    BelowFloor { target: Version, floor: Version },
 }
 
 /// What `mark-good` did.
@@ -146,6 +148,15 @@ pub fn rollback(
             slot: other_slot,
             entries: entries.iter().map(|e| e.file_name.clone()).collect(),
         })?;
+    let state = StateDir::new(storage, &layout.state_dir);
+    if let Some(floor) = state.floor()? {
+        if other.name.version < floor {
+            return Err(ControlError::BelowFloor {
+                target: other.name.version,
+                floor,
+            });
+        }
+    }
     let mut renamed = Vec::new();
     let dir = layout.entries_dir();
     // First make the target eligible, then demote the running entry: a
@@ -170,7 +181,6 @@ pub fn rollback(
         storage.sync_dir(&dir)?;
         renamed.push((current.file_name.clone(), new));
     }
-    let state = StateDir::new(storage, &layout.state_dir);
     if running.version > other.name.version {
         state.reject(running.version)?;
     }

@@ -398,9 +398,19 @@ pub fn check(
     options: &ApplyOptions,
 ) -> Result<CheckReport, InstallError> {
     let (verified, report, _) = decide(node, source, options)?;
-    StateDir::new(node.storage, &node.layout.state_dir)
-        .raise_sequence(verified.manifest.sequence)?;
+    remember(node, &verified.manifest)?;
     Ok(report)
+}
+
+/// Keeps what a verified manifest tells the node for good: its sequence
+/// (replay protection) and its release floor (honoured by rollbacks).
+fn remember(node: &Node<'_>, manifest: &crate::manifest::Manifest) -> Result<(), InstallError> {
+    let state = StateDir::new(node.storage, &node.layout.state_dir);
+    state.raise_sequence(manifest.sequence)?;
+    if let Some(floor) = manifest.floor {
+        state.raise_floor(floor)?;
+    }
+    Ok(())
 }
 
 /// `ballast update apply`: check, then install the chosen release.
@@ -412,16 +422,14 @@ pub fn apply(
 ) -> Result<ApplyReport, InstallError> {
     let (verified, check, release) = decide(node, source, options)?;
     let Some(release) = release else {
-        StateDir::new(node.storage, &node.layout.state_dir)
-            .raise_sequence(verified.manifest.sequence)?;
+        remember(node, &verified.manifest)?;
         return Ok(ApplyReport {
             check,
             installed: None,
         });
     };
     let mut install = Install::preflight(node, source, &release)?;
-    StateDir::new(node.storage, &node.layout.state_dir)
-        .raise_sequence(verified.manifest.sequence)?;
+    remember(node, &verified.manifest)?;
     let installed = install.run(progress)?;
     Ok(ApplyReport {
         check,

@@ -17,6 +17,8 @@ const SEQUENCE_FILE: &str = "highest-sequence";
 const LAST_EVENT_FILE: &str = "last-event.json";
 const REJECTED_FILE: &str = "rejected.json";
 const BUCKET_FILE: &str = "rollout-bucket";
+/// The highest release floor any verified manifest has carried.
+const FLOOR_FILE: &str = "release-floor";
 /// One empty file per version whose fall-back the agent has reported.
 const ROLLBACK_REPORTED_PREFIX: &str = "rollback-reported-";
 
@@ -147,6 +149,33 @@ impl<'a> StateDir<'a> {
         Ok(())
     }
 
+    /// The highest release floor seen in a verified manifest: kept on the
+    /// node so rollbacks honour it after the repository is gone.
+    pub fn floor(&self) -> Result<Option<Version>, StateError> {
+        let Some(bytes) = self.read_opt(FLOOR_FILE)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| self.corrupt(FLOOR_FILE, e))
+    }
+
+    /// Records `floor` if it is higher than the one kept.
+    pub fn raise_floor(&self, floor: Version) -> Result<(), StateError> {
+        if self.floor()?.is_some_and(|f| f >= floor) {
+            return Ok(());
+        }
+        self.storage.create_dir_all(self.dir)?;
+        write_atomic(
+            self.storage,
+            &self.dir.join(FLOOR_FILE),
+            format!("{floor}\n").as_bytes(),
+        )?;
+        Ok(())
+    }
+
     pub fn last_event(&self) -> Result<Option<Event>, StateError> {
         let Some(bytes) = self.read_opt(LAST_EVENT_FILE)? else {
             return Ok(None);
@@ -240,6 +269,17 @@ mod tests {
         assert_eq!(st.bucket().unwrap(), b);
         st.reject("1.0.0".parse().unwrap()).unwrap();
         assert_eq!(st.rejected().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_floor_only_rises_and_survives() {
+        let fs = MemStorage::new();
+        let st = StateDir::new(&fs, Path::new("/state"));
+        assert_eq!(st.floor().unwrap(), None);
+        st.raise_floor("1.2.0".parse().unwrap()).unwrap();
+        st.raise_floor("1.1.0".parse().unwrap()).unwrap();
+        fs.reboot_after_crash();
+        assert_eq!(st.floor().unwrap(), Some("1.2.0".parse().unwrap()));
     }
 
     #[test]

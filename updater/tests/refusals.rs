@@ -626,6 +626,35 @@ fn fallback_after_failed_trial_is_detected_by_mark_good() {
 }
 
 #[test]
+fn the_floor_is_kept_and_a_rollback_below_it_is_refused() {
+    use ballast_updater::bootmodel::BootModel;
+    use ballast_updater::cmdline::{BootParams, Slot};
+    use ballast_updater::control;
+    let (a, b) = (v1(), v2());
+    let repo = Repo::new(&[&a, &b]);
+    edit_manifest(&repo, |m| m["floor"] = b.version().to_string().into());
+    let node = TestNode::new(&a);
+    node.apply(&repo).unwrap();
+    let model = BootModel {
+        storage: &node.fs,
+        esp: &node.layout.esp,
+    };
+    model.boot_once().unwrap().unwrap();
+    let mut layout = node.layout.clone();
+    layout.running = BootParams::for_payload(&b.meta, Slot::B, uuid_b());
+    control::mark_good(&node.fs, &layout, node.now).unwrap();
+    // The repository is gone; the node still knows the floor.
+    let before = node.fs.snapshot();
+    let err = control::rollback(&node.fs, &layout, "operator asked", node.now).unwrap_err();
+    assert!(
+        matches!(&err, control::ControlError::BelowFloor { target, floor }
+            if *target == a.version() && *floor == b.version()),
+        "{err}"
+    );
+    assert_eq!(node.fs.snapshot(), before);
+}
+
+#[test]
 fn rollback_without_target_changes_nothing() {
     let a = v1();
     let node = TestNode::new(&a);

@@ -335,6 +335,18 @@ fn boot_facts(layout: &NodeLayout) -> Result<BootFacts, UpdateError> {
             }
         }
     }
+    // The boot loader may fall back below the floor to keep the node up;
+    // that is reported, and the lifecycle installs a release above it.
+    let floor = StateDir::new(&RealStorage, &layout.state_dir).floor();
+    if let Ok(Some(floor)) = floor {
+        if layout.running.version < floor {
+            tracing::warn!(version = %layout.running.version, %floor, "running below the release floor");
+            crate::console::emit(&crate::console::Event::BelowFloor {
+                version: layout.running.version.to_string(),
+                floor: floor.to_string(),
+            });
+        }
+    }
     Ok(BootFacts {
         running: layout.running.version,
         slot: layout.running.slot,
