@@ -354,6 +354,7 @@ mod tests {
     /// `promtool check metrics` (Debian's `prometheus` package) is the
     /// reference parser and linter; the test says so when it is missing.
     #[test]
+    #[ignore = "needs promtool (Debian package prometheus, too large for `cargo xtask deps`); run with --ignored where it is installed"]
     fn promtool_accepts_the_exposition_when_installed() {
         use std::io::Write as _;
         let Ok(mut child) = std::process::Command::new("promtool")
@@ -363,8 +364,7 @@ mod tests {
             .stderr(std::process::Stdio::piped())
             .spawn()
         else {
-            eprintln!("promtool not installed; skipping its check");
-            return;
+            panic!("promtool is not installed (Debian package prometheus)");
         };
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(render(&input()).as_bytes()).unwrap();
