@@ -73,12 +73,14 @@ pub struct Cluster {
 impl Cluster {
     /// From `[kubernetes]`; `node` is the node's one identity
     /// ([`super::identity::node_name`]), the same name the kubelet
-    /// registers; `extra_ca` (PEM, `[trust] ca`) is trusted beside the
-    /// public roots when no cluster CA is set (a cluster CA alone decides).
+    /// registers; `outbound` is `[proxy]` (the API server is reached
+    /// through it unless `no_proxy` names it) and `[trust] ca` (trusted
+    /// beside the public roots when no cluster CA is set; a cluster CA
+    /// alone decides).
     pub fn from_config(
         config: &KubernetesConfig,
         node: &str,
-        extra_ca: &str,
+        outbound: &ballast_updater::http::Outbound,
     ) -> Result<Self, CoordinatorError> {
         let server = config
             .api_server
@@ -122,9 +124,7 @@ impl Cluster {
         })?;
         let node = node.to_owned();
         let mut client_config = ClientConfig::new(server, ca_pem, auth);
-        if !extra_ca.is_empty() {
-            client_config.extra_roots = Some(extra_ca.as_bytes().to_vec());
-        }
+        client_config.outbound = outbound.clone();
         let client = KubeClient::new(client_config).map_err(CoordinatorError::Client)?;
         let r = &config.reboot;
         let semaphore = RebootSemaphore::new(
@@ -368,6 +368,7 @@ pub fn node_report(
 mod tests {
     use super::*;
     use crate::kubernetes::testserver::TestServer;
+    use ballast_updater::http::Outbound;
 
     fn config(server: &str, token: &std::path::Path) -> KubernetesConfig {
         let mut c: KubernetesConfig = toml::from_str(&format!(
@@ -425,11 +426,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
         c.agent = None;
-        let e = Cluster::from_config(&c, "node-1", "").unwrap_err();
+        let e = Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap_err();
         assert!(e.to_string().contains("kubernetes.agent"), "{e}");
         c.api_server = None;
         assert!(matches!(
-            Cluster::from_config(&c, "node-1", ""),
+            Cluster::from_config(&c, "node-1", &Outbound::default()),
             Err(CoordinatorError::NoApiServer)
         ));
     }
@@ -463,14 +464,16 @@ mod tests {
             kubeconfig: Some(kubeconfig.clone()),
         });
         crate::config::kubernetes_validate::validate(&c).unwrap();
-        let cluster = Cluster::from_config(&c, "node-1", "").unwrap();
+        let cluster = Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap();
         let node = cluster.client.get_node("node-1").await.unwrap();
         assert_eq!(node.metadata.name.as_deref(), Some("node-1"));
         assert_eq!(server.requests_matching("GET", "/api/v1/nodes/node-1"), 1);
 
         // A broken kubeconfig is an error naming the file and the field.
         std::fs::write(&kubeconfig, "current-context: nowhere\n").unwrap();
-        let err = crate::error_chain(&Cluster::from_config(&c, "node-1", "").unwrap_err());
+        let err = crate::error_chain(
+            &Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap_err(),
+        );
         assert!(
             err.contains("agent.conf") && err.contains("current-context"),
             "{err}"
@@ -484,7 +487,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t0ken").unwrap();
-        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1", "").unwrap();
+        let cluster = Cluster::from_config(
+            &config(&server.url(), &token),
+            "node-1",
+            &Outbound::default(),
+        )
+        .unwrap();
         assert_eq!(cluster.node(), "node-1");
         cluster.before_reboot().await.unwrap();
         let unschedulable = |s: &TestServer| {

@@ -134,6 +134,11 @@ impl TestServer {
         }
     }
 
+    /// Where the server listens (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
     }
