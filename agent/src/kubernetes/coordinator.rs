@@ -502,7 +502,7 @@ mod tests {
                 .unwrap_or(false)
         };
         let holder = |s: &TestServer| {
-            s.lease("kube-system", "ballast-reboot-default-0")
+            s.lease("ballast-system", "ballast-reboot-default-0")
                 .and_then(|l| l.spec)
                 .and_then(|spec| spec.holder_identity)
         };

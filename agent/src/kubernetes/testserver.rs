@@ -57,6 +57,8 @@ struct State {
     conflict_puts: u32,
     /// Evictions answer 403, as without the RBAC for pods/eviction.
     forbid_evictions: bool,
+    /// A namespace that does not exist: creates in it answer 404.
+    absent_namespace: Option<String>,
 }
 
 #[derive(Debug)]
@@ -282,6 +284,11 @@ impl TestServer {
     }
 
     /// Evictions are refused with 403 Forbidden (missing RBAC).
+    /// Creates in `namespace` answer 404, as when it does not exist.
+    pub fn without_namespace(&self, namespace: &str) {
+        self.lock().absent_namespace = Some(namespace.to_owned());
+    }
+
     pub fn forbid_evictions(&self) {
         self.lock().forbid_evictions = true;
     }
@@ -408,6 +415,13 @@ impl State {
                 self.get(&lease_path(ns, name))
             }
             ("POST", ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
+                if self.absent_namespace.as_deref() == Some(*ns) {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("namespaces \"{ns}\" not found"),
+                    );
+                }
                 self.create_lease(ns, body)
             }
             ("PUT", ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
