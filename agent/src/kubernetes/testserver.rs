@@ -773,8 +773,10 @@ async fn handle(
             &path,
             &query,
             &ctype,
-            auth.as_deref(),
-            client_cert,
+            Caller {
+                auth: auth.as_deref(),
+                client_cert,
+            },
             &bytes,
         )
     };
@@ -787,16 +789,23 @@ async fn handle(
     Ok(resp)
 }
 
+/// Who asks: the `Authorization` header and whether the TLS client sent a
+/// certificate of the test CA.
+struct Caller<'a> {
+    auth: Option<&'a str>,
+    client_cert: bool,
+}
+
 fn answer(
     st: &mut State,
     method: &str,
     path: &str,
     query: &str,
     ctype: &str,
-    auth: Option<&str>,
-    client_cert: bool,
+    caller: Caller<'_>,
     bytes: &[u8],
 ) -> Answer {
+    let Caller { auth, client_cert } = caller;
     let as_node = match (&st.node_identity, client_cert, auth) {
         (Some(node), true, None) => Some(node.clone()),
         _ => None,
