@@ -247,6 +247,9 @@ async fn main_loop() -> Action {
             &config.health,
             BuiltinSources {
                 time_sync: Some(time_sync.clone()),
+                at_boot: (config.kubernetes.iter())
+                    .map(crate::kubernetes::services::kubelet_check)
+                    .collect(),
                 ..BuiltinSources::default()
             },
             supervisor.as_ref().map(Supervisor::handle),
