@@ -641,4 +641,48 @@ mod tests {
         let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
         assert!(conditions.iter().any(|c| c.type_ == "BallastHealthy"));
     }
+
+    /// Every body the agent sends in a reboot cycle (Lease create and
+    /// updates, the cordon and uncordon patches, the eviction, the Node
+    /// report) follows the Kubernetes OpenAPI schema (schema_check.rs).
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_body_sent_follows_the_openapi_schema() {
+        use crate::kubernetes::schema_check;
+        use crate::kubernetes::testserver::PodSpec;
+        let server = TestServer::start().await;
+        server.add_node("node-1");
+        server.add_pod("default", "web-1", "node-1", PodSpec::default());
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").unwrap();
+        let cluster = Cluster::from_config(
+            &config(&server.url(), &token),
+            "node-1",
+            &Outbound::default(),
+        )
+        .unwrap();
+        let report = node_report(None, "1.0.0", "a", "idle", SystemTime::now());
+        cluster.report(&report).await.unwrap();
+        cluster.before_reboot().await.unwrap();
+        cluster.after_healthy_boot().await.unwrap();
+        let bodies = server.bodies();
+        let kinds: std::collections::BTreeSet<String> = bodies
+            .iter()
+            .map(|(m, p, _)| {
+                let (name, _) = schema_check::schema_for(m, p)
+                    .unwrap_or_else(|| panic!("no schema for {m} {p}"));
+                format!("{m} {name}")
+            })
+            .collect();
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            ["PATCH Node", "POST Eviction", "POST Lease", "PUT Lease"],
+            "{bodies:?}"
+        );
+        for (method, path, body) in &bodies {
+            let (name, patch) = schema_check::schema_for(method, path).unwrap();
+            schema_check::check(name, body, patch)
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{body}"));
+        }
+    }
 }

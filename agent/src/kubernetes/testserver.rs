@@ -63,6 +63,8 @@ struct State {
     node_identity: Option<String>,
     /// Requests made as that node, as (method, path).
     node_requests: Vec<(String, String)>,
+    /// Every JSON body sent, as (method, path, body).
+    bodies: Vec<(String, String, Value)>,
 }
 
 #[derive(Debug)]
@@ -108,6 +110,11 @@ impl TestServer {
             Self::start_inner(Some(token.to_string()), Some(tls::acceptor_optional_cert())).await;
         server.lock().node_identity = Some(node.to_owned());
         server
+    }
+
+    /// Every JSON body the clients sent, as (method, path, body).
+    pub fn bodies(&self) -> Vec<(String, String, Value)> {
+        self.lock().bodies.clone()
     }
 
     /// The requests made with the node's certificate, as (method, path).
@@ -848,6 +855,10 @@ fn answer(
             }
         }
     };
+    if !body.is_null() {
+        st.bodies
+            .push((method.to_owned(), path.to_owned(), body.clone()));
+    }
     let mut strategic = false;
     match method {
         "PATCH" => match ctype {
