@@ -92,10 +92,12 @@ pub fn run() -> ! {
 }
 
 fn boot() -> Result<Infallible, EarlyBootError> {
+    let mut clock = console::PhaseClock::start("initramfs");
     mounts::mount_api_filesystems()
         .map_err(|(target, source)| EarlyBootError::Mount { target, source })?;
     crate::reopen_console();
     console::emit(&Event::EarlyBoot);
+    clock.mark("mounts");
 
     let cmdline = read_to_string("/proc/cmdline")?;
     let params = BootParams::parse(&cmdline)?;
@@ -110,6 +112,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     let kernel_dir = crate::boot::modules::running_kernel_dir();
     let count = crate::boot::modules::load(&kernel_dir, &wanted)?;
     tracing::info!(count, "kernel modules loaded");
+    clock.mark("modules");
     // The disk's and its bus's drivers, by what the machine has; devices
     // that turn up later (a slow USB disk) are handled by the listener
     // while we wait for the partitions below.
@@ -123,11 +126,15 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         // An initrd from before coldplug lists every module it needs.
         Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
     }
+    clock.mark("coldplug");
 
     let roots = Roots::default();
     let usr = find_usr(&roots, &params)?;
+    clock.mark("find-usr");
     let verity_dev = open_verity(&usr, &params)?;
+    clock.mark("verity-open");
     verify_every_block(&verity_dev, &usr, &params)?;
+    clock.mark("verity-pre-read");
 
     mkdir(SYSROOT);
     mount(
@@ -141,6 +148,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         target: SYSROOT.into(),
         source,
     })?;
+    clock.mark("mount-usr");
 
     let state = roots.wait_for(
         &Wanted::Label {
@@ -161,10 +169,12 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         target: var.clone(),
         source,
     })?;
+    clock.mark("state-mount");
     if let Err(e) = crate::boot::state_grow::grow_to_disk_end(&state, Path::new(&var)) {
         // A node whose STATE could not grow still works; say so and go on.
         tracing::warn!(error = %crate::error_chain(&e), "STATE not grown");
     }
+    clock.mark("state-grow");
     let esp = roots.wait_for(
         &Wanted::Label {
             disk: &usr.disk,
@@ -184,6 +194,8 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     };
     info.write(Path::new(crate::boot::bootinfo::BOOT_INFO_PATH))
         .map_err(EarlyBootError::BootInfo)?;
+    clock.mark("esp");
+    console::emit(&clock.event());
 
     switch_root(Path::new(SYSROOT)).map_err(EarlyBootError::SwitchRoot)
 }
