@@ -46,6 +46,10 @@ pub struct BootBenchArgs {
     /// Accelerator: tcg, kvm, or auto (KVM only when a probe boot works).
     #[arg(long, value_enum, default_value_t = AccelChoice::Tcg)]
     pub accel: AccelChoice,
+    /// Only build the image (and the floor's initramfs) and exit: run it
+    /// before taking the VM lock for the boots.
+    #[arg(long)]
+    pub prepare: bool,
     /// Measure only the floor with this kernel (no image, nothing written):
     /// checks QEMU and the busybox initramfs on a host without an image.
     #[arg(long, hide = true)]
@@ -197,6 +201,17 @@ pub fn run(args: BootBenchArgs) -> Result<()> {
     if let Some(kernel) = &args.floor_kernel {
         for arch in arches {
             floor_only(arch, kernel, &args)?;
+        }
+        return Ok(());
+    }
+    if args.prepare {
+        for arch in arches {
+            let dir = ensure_profile(arch, TEST_VERSION, args.profile)?;
+            floor::initramfs(arch, &cache_dir())?;
+            eprintln!(
+                "{arch}: {} and the floor's initramfs are ready",
+                dir.display()
+            );
         }
         return Ok(());
     }
