@@ -290,9 +290,12 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         let b = floor_vm(arch, accel, &image.kernel(), &initramfs, &cmdline, i);
         fl.0.push(measure(b, FLOOR_EVENT, timeout)?);
 
+        // Its serial log is kept (target/vm-logs): the agent's own log
+        // says what a slow phase did.
         let b = VmBuilder::new(&format!("direct-{i}"), arch)
             .accel(accel)
             .log_dir(&log_dir())
+            .keep_log(true)
             .disk(&image.disk)
             .boot(Boot::Direct {
                 kernel: image.kernel(),
