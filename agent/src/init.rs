@@ -60,6 +60,7 @@ pub fn run() -> ! {
 }
 
 async fn main_loop() -> Action {
+    let mut clock = console::PhaseClock::start("init");
     raise_descriptor_limit();
     if let Err((target, e)) = mounts::mount_system_filesystems() {
         tracing::error!(target, error = %e, "mount failed");
@@ -73,7 +74,9 @@ async fn main_loop() -> Action {
     {
         tracing::error!(error = %e, "fail points not armed");
     }
+    clock.mark("mounts");
     render_etc();
+    clock.mark("etc");
     let info = match BootInfo::read(Path::new(BOOT_INFO_PATH)) {
         Ok(info) => Some(info),
         Err(e) => {
@@ -81,10 +84,25 @@ async fn main_loop() -> Action {
             None
         }
     };
-    if let Some(info) = &info {
+    // First boot renews the disk's GUIDs (journaled fsyncs on the ESP and
+    // the GPT: over a second under TCG). Nothing before `ready` reads what
+    // it rewrites (the kernel keeps the PARTUUIDs it booted with), so it
+    // runs beside the rest of the boot, and `ready` waits for it: the
+    // update driver and the API's update requests read and write the same
+    // entries, and `ready` promises a node with its final identity.
+    let renewal = info.as_ref().map(|info| {
         mount_esp(info);
-        renew_disk_identity(info);
-    }
+        let info = info.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = console::ms_since_boot();
+            renew_disk_identity(&info);
+            tracing::debug!(
+                took_ms = console::ms_since_boot().saturating_sub(started),
+                "disk identity checked"
+            );
+        })
+    });
+    clock.mark("esp");
     let dir = crate::boot::modules::running_kernel_dir();
     let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
     for m in wanted
@@ -97,6 +115,7 @@ async fn main_loop() -> Action {
             tracing::warn!(module = m, error = %crate::error_chain(&e), "module not loaded");
         }
     }
+    clock.mark("modules");
     // NICs, watchdogs and disks by what the machine has, now and hot-plugged.
     match crate::boot::hotplug::coldplug_and_listen(&dir) {
         Ok(outcome) => {
@@ -104,6 +123,7 @@ async fn main_loop() -> Action {
         }
         Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
     }
+    clock.mark("coldplug");
 
     // User-data (docs/configuration.md, "User-data"). On EC2 it comes
     // from instance metadata, which needs the network: the network comes
@@ -136,6 +156,7 @@ async fn main_loop() -> Action {
         .clone()
         .or(metadata_name)
         .or_else(|| identity.pinned_hostname().map(str::to_owned));
+    clock.mark("config");
     let started = crate::net::start(&config.network, pinned_hostname);
     let (network, online, time_sync) = match started.await {
         // Services usually want the network: wait a little for the first
@@ -177,6 +198,7 @@ async fn main_loop() -> Action {
         }
     }
     tracing::info!(node = %identity.name, source = identity.source.key(), "node name");
+    clock.mark("network");
 
     // [kernel] (with a Kubernetes node's defaults): after the network (a
     // user's per-interface sysctl wins over the network's own), before
@@ -190,6 +212,7 @@ async fn main_loop() -> Action {
     ) {
         tracing::error!(error = %crate::error_chain(&e), "extra CA certificates not trusted");
     }
+    clock.mark("kernel-trust");
 
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .unwrap_or_default()
@@ -262,6 +285,7 @@ async fn main_loop() -> Action {
     let health = checker
         .as_ref()
         .map(|c| HealthMonitor::start(c.clone(), config.health.interval));
+    clock.mark("services");
 
     let update_status = crate::update::new_status();
     let (power_tx, mut power_rx) = mpsc::channel(1);
@@ -292,6 +316,14 @@ async fn main_loop() -> Action {
         tracing::error!(error = %reason, "API not served");
         console::emit(&Event::ApiError { reason });
     }
+    clock.mark("api");
+    if let Some(renewal) = renewal {
+        if let Err(e) = renewal.await {
+            tracing::error!(error = %e, "disk identity renewal did not finish");
+        }
+    }
+    clock.mark("disk-identity");
+    console::emit(&clock.event());
 
     console::emit(&Event::Ready {
         version: status.version.clone(),

@@ -171,6 +171,13 @@ pub fn scan_modaliases(devices: &Path) -> BTreeSet<String> {
 /// Loads one module with its dependencies; the kernel side of coldplug.
 pub trait ModuleLoader {
     fn load(&mut self, module: &str) -> Result<(), ModuleError>;
+    /// Whether `module` is in the kernel already (loaded by the fixed
+    /// list, by early boot before `switch_root`, or built in): coldplug
+    /// then neither loads it again nor counts it as new, so it needs no
+    /// further round and no settle pause for it.
+    fn is_loaded(&self, _module: &str) -> bool {
+        false
+    }
 }
 
 /// Loads from `/lib/modules/<kver>` with `finit_module`, each file once.
@@ -198,6 +205,13 @@ impl ModuleLoader for KernelLoader {
             }
         }
         Ok(())
+    }
+
+    /// `/sys/module/<name>` exists for every loaded module (and for
+    /// built-in ones with parameters): one `stat` instead of the kernel
+    /// reading and checking the whole module file to answer `EEXIST`.
+    fn is_loaded(&self, module: &str) -> bool {
+        Path::new("/sys/module").join(module).exists()
     }
 }
 
@@ -268,7 +282,7 @@ impl<L: ModuleLoader> Drivers<L> {
             .map(str::to_owned)
             .collect();
         for module in modules {
-            if !self.tried_modules.insert(module.clone()) {
+            if !self.tried_modules.insert(module.clone()) || self.loader.is_loaded(&module) {
                 continue;
             }
             match self.loader.load(&module) {
@@ -392,6 +406,8 @@ alias scsi:t-0x00* sd-mod
         children: HashMap<&'static str, Vec<(&'static str, &'static str)>>,
         loaded: Vec<String>,
         broken: &'static [&'static str],
+        /// In the kernel before coldplug (the fixed list, early boot).
+        preloaded: Vec<&'static str>,
     }
 
     impl FakeKernel {
@@ -413,6 +429,10 @@ alias scsi:t-0x00* sd-mod
             }
             Ok(())
         }
+
+        fn is_loaded(&self, module: &str) -> bool {
+            self.preloaded.contains(&module)
+        }
     }
 
     fn machine(root: &Path) -> FakeKernel {
@@ -433,6 +453,7 @@ alias scsi:t-0x00* sd-mod
             ]),
             loaded: Vec::new(),
             broken: &["e1000e"],
+            preloaded: Vec::new(),
         };
         kernel.add("pci0000:00/0000:00:02.0", VIRTIO_BLK_PCI);
         kernel.add("pci0000:00/0000:00:03.0", NVME_PCI);
@@ -479,6 +500,44 @@ alias scsi:t-0x00* sd-mod
         assert!(again.loaded.is_empty() && again.failed.is_empty());
         drop(drivers);
         assert_eq!(kernel.loaded.len(), 6);
+    }
+
+    #[test]
+    fn modules_already_in_the_kernel_are_neither_loaded_nor_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kernel = machine(dir.path());
+        // Early boot loaded the virtio bus and disk drivers; the disk is there.
+        kernel.preloaded = vec!["virtio_pci", "virtio_blk"];
+        kernel.add("pci0000:00/0000:00:02.0/virtio0", VIRTIO_BLK);
+        let mut drivers = Drivers::new(AliasTable::parse(ALIAS), &mut kernel);
+        let outcome = drivers.coldplug(dir.path(), Duration::ZERO);
+        assert!(
+            !outcome.loaded.iter().any(|m| m.starts_with("virtio")),
+            "{outcome:?}"
+        );
+        assert!(outcome.loaded.contains(&"sd_mod".to_owned()), "{outcome:?}");
+        drop(drivers);
+        assert!(!kernel.loaded.iter().any(|m| m.starts_with("virtio")));
+
+        // Nothing new on the machine: one walk, nothing loaded, no pause.
+        let dir = tempfile::tempdir().unwrap();
+        let mut kernel = machine(dir.path());
+        kernel.preloaded = vec![
+            "virtio_pci",
+            "virtio_blk",
+            "nvme",
+            "ahci",
+            "qemu_fw_cfg",
+            "e1000e",
+        ];
+        kernel.children.clear();
+        let mut drivers = Drivers::new(AliasTable::parse(ALIAS), &mut kernel);
+        let outcome = drivers.coldplug(dir.path(), Duration::from_secs(60));
+        assert_eq!(outcome.rounds, 1, "{outcome:?}");
+        assert!(
+            outcome.loaded.is_empty() && outcome.failed.is_empty(),
+            "{outcome:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 
 use std::convert::Infallible;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,10 +93,12 @@ pub fn run() -> ! {
 }
 
 fn boot() -> Result<Infallible, EarlyBootError> {
+    let mut clock = console::PhaseClock::start("initramfs");
     mounts::mount_api_filesystems()
         .map_err(|(target, source)| EarlyBootError::Mount { target, source })?;
     crate::reopen_console();
     console::emit(&Event::EarlyBoot);
+    clock.mark("mounts");
 
     let cmdline = read_to_string("/proc/cmdline")?;
     let params = BootParams::parse(&cmdline)?;
@@ -110,6 +113,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     let kernel_dir = crate::boot::modules::running_kernel_dir();
     let count = crate::boot::modules::load(&kernel_dir, &wanted)?;
     tracing::info!(count, "kernel modules loaded");
+    clock.mark("modules");
     // The disk's and its bus's drivers, by what the machine has; devices
     // that turn up later (a slow USB disk) are handled by the listener
     // while we wait for the partitions below.
@@ -123,11 +127,15 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         // An initrd from before coldplug lists every module it needs.
         Err(e) => tracing::warn!(error = %crate::error_chain(&e), "no drivers loaded by hardware"),
     }
+    clock.mark("coldplug");
 
     let roots = Roots::default();
     let usr = find_usr(&roots, &params)?;
+    clock.mark("find-usr");
     let verity_dev = open_verity(&usr, &params)?;
+    clock.mark("verity-open");
     verify_every_block(&verity_dev, &usr, &params)?;
+    clock.mark("verity-pre-read");
 
     mkdir(SYSROOT);
     mount(
@@ -141,6 +149,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         target: SYSROOT.into(),
         source,
     })?;
+    clock.mark("mount-usr");
 
     let state = roots.wait_for(
         &Wanted::Label {
@@ -161,10 +170,12 @@ fn boot() -> Result<Infallible, EarlyBootError> {
         target: var.clone(),
         source,
     })?;
+    clock.mark("state-mount");
     if let Err(e) = crate::boot::state_grow::grow_to_disk_end(&state, Path::new(&var)) {
         // A node whose STATE could not grow still works; say so and go on.
         tracing::warn!(error = %crate::error_chain(&e), "STATE not grown");
     }
+    clock.mark("state-grow");
     let esp = roots.wait_for(
         &Wanted::Label {
             disk: &usr.disk,
@@ -184,6 +195,8 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     };
     info.write(Path::new(crate::boot::bootinfo::BOOT_INFO_PATH))
         .map_err(EarlyBootError::BootInfo)?;
+    clock.mark("esp");
+    console::emit(&clock.event());
 
     switch_root(Path::new(SYSROOT)).map_err(EarlyBootError::SwitchRoot)
 }
@@ -272,6 +285,13 @@ fn open_verity(usr: &Partition, params: &BootParams) -> Result<PathBuf, EarlyBoo
     ))))
 }
 
+/// Readers of the pre-read: dm-verity hashes each read on the CPU that
+/// completed it, so two readers on disjoint halves keep two CPUs busy.
+const PRE_READ_READERS: u64 = 2;
+/// Size of one pre-read request.
+const PRE_READ_CHUNK: u64 = 1 << 20;
+const PRE_READ_BUF: usize = 1 << 20;
+
 /// Reads the whole verified device once. dm-verity checks each block as it
 /// is read, so a flipped bit anywhere in the slot fails the boot here, with
 /// a clear reason, instead of surfacing later as a random I/O error.
@@ -280,26 +300,66 @@ fn verify_every_block(
     usr: &Partition,
     params: &BootParams,
 ) -> Result<(), EarlyBootError> {
-    let mut file = File::open(device).map_err(|source| EarlyBootError::Verity {
+    let verr = |source| EarlyBootError::Verity {
         device: device.into(),
         source,
-    })?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    loop {
-        match file.read(&mut buf) {
+    };
+    let mut file = File::open(device).map_err(verr)?;
+    let len = file.seek(SeekFrom::End(0)).map_err(verr)?;
+    read_all_in_parallel(&file, len, PRE_READ_READERS).map_err(|(offset, source)| {
+        EarlyBootError::Corrupt {
+            slot: format!("{} ({})", params.slot, usr.device.display()),
+            device: device.into(),
+            block: offset / 4096,
+            source,
+        }
+    })
+}
+
+/// Reads `len` bytes of `file` with `readers` threads, each its own
+/// contiguous part; the first failure (lowest offset) wins.
+fn read_all_in_parallel(file: &File, len: u64, readers: u64) -> Result<(), (u64, std::io::Error)> {
+    let readers = readers.max(1);
+    let part = (len.div_ceil(PRE_READ_CHUNK).div_ceil(readers)) * PRE_READ_CHUNK;
+    let results: Vec<Result<(), (u64, std::io::Error)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..readers)
+            .map(|i| {
+                let start = (i * part).min(len);
+                let end = (start + part).min(len);
+                (start, scope.spawn(move || read_range(file, start, end)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(start, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err((start, std::io::Error::other("pre-read thread panicked")))
+                })
+            })
+            .collect()
+    });
+    let mut errors: Vec<(u64, std::io::Error)> =
+        results.into_iter().filter_map(Result::err).collect();
+    errors.sort_by_key(|(offset, _)| *offset);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn read_range(file: &File, start: u64, end: u64) -> Result<(), (u64, std::io::Error)> {
+    let mut buf = vec![0u8; PRE_READ_BUF];
+    let mut offset = start;
+    while offset < end {
+        let want = usize::try_from((end - offset).min(PRE_READ_CHUNK)).unwrap_or(buf.len());
+        match file.read_at(&mut buf[..want], offset) {
             Ok(0) => return Ok(()),
             Ok(n) => offset += n as u64,
-            Err(source) => {
-                return Err(EarlyBootError::Corrupt {
-                    slot: format!("{} ({})", params.slot, usr.device.display()),
-                    device: device.into(),
-                    block: offset / 4096,
-                    source,
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((offset, e)),
         }
     }
+    Ok(())
 }
 
 /// Moves the API filesystems into `new_root`, empties the initramfs (it
@@ -359,6 +419,33 @@ fn remove_same_device(dir: &Path, dev: u64, keep: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parallel_pre_read_reads_every_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        // Not a multiple of the chunk, so the last part is short.
+        let len = 3 * PRE_READ_CHUNK + 12345;
+        std::fs::write(&path, vec![7u8; usize::try_from(len).unwrap()]).unwrap();
+        let file = File::open(&path).unwrap();
+        for readers in [1, 2, 3, 8] {
+            read_all_in_parallel(&file, len, readers).unwrap();
+        }
+        // Empty device: nothing to read, no error.
+        read_all_in_parallel(&file, 0, 2).unwrap();
+        // A length past the end just stops at the end.
+        read_all_in_parallel(&file, len + PRE_READ_CHUNK, 2).unwrap();
+    }
+
+    #[test]
+    fn a_failed_read_reports_its_offset() {
+        // A directory cannot be read: every reader fails at its start; the
+        // lowest offset is reported.
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::open(dir.path()).unwrap();
+        let (offset, _) = read_all_in_parallel(&file, 4 * PRE_READ_CHUNK, 2).unwrap_err();
+        assert_eq!(offset, 0);
+    }
 
     #[test]
     fn initramfs_cleanup_keeps_the_new_root() {

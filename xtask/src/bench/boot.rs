@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use ballast_image::Profile;
 use ballast_updater::payload::Arch;
 use qemu_tests::floor::{self, FLOOR_EVENT};
 use qemu_tests::image::BuiltImage;
 use qemu_tests::vm::{Accel, Boot, VmBuilder};
+use serde_json::Value;
 
-use crate::vm_test::{ensure_image, log_dir, resolve_accel, AccelChoice};
+use crate::vm_test::{ensure_profile, log_dir, resolve_accel, AccelChoice, TEST_VERSION};
 
 /// Heading of this benchmark's section in BENCHMARKS.md.
 const SECTION: &str = "## Boot to ready";
@@ -38,9 +40,16 @@ pub struct BootBenchArgs {
     /// Runs of each kind.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Image profile: base, or k8s (containerd, runc, CNI: a 93 MB usr).
+    #[arg(long, default_value = "base")]
+    pub profile: Profile,
     /// Accelerator: tcg, kvm, or auto (KVM only when a probe boot works).
     #[arg(long, value_enum, default_value_t = AccelChoice::Tcg)]
     pub accel: AccelChoice,
+    /// Only build the image (and the floor's initramfs) and exit: run it
+    /// before taking the VM lock for the boots.
+    #[arg(long)]
+    pub prepare: bool,
     /// Measure only the floor with this kernel (no image, nothing written):
     /// checks QEMU and the busybox initramfs on a host without an image.
     #[arg(long, hide = true)]
@@ -48,7 +57,7 @@ pub struct BootBenchArgs {
 }
 
 /// One boot's two clocks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     /// `ms` of the marker/ready event: since the kernel started.
     guest_ms: u64,
@@ -56,6 +65,8 @@ struct Sample {
     wall_ms: u64,
     /// `ms` of the agent's `early-boot` event (its initrd `/init` started).
     early_ms: Option<u64>,
+    /// The boot split into phases (Ballast only; empty for the floor).
+    phases: Vec<(String, u64)>,
 }
 
 /// Runs of one kind.
@@ -72,6 +83,64 @@ impl Series {
     fn early(&self) -> Vec<u64> {
         self.0.iter().filter_map(|s| s.early_ms).collect()
     }
+    /// Phase names in the order of the first run that has them.
+    fn phase_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for s in &self.0 {
+            for (name, _) in &s.phases {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+    fn phase(&self, name: &str) -> Vec<u64> {
+        self.0
+            .iter()
+            .filter_map(|s| s.phases.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms))
+            .collect()
+    }
+}
+
+/// Splits one boot into phases from its `boot-phases` events
+/// (docs/console-events.md): the kernel up to the initramfs, each phase of
+/// the initramfs, the `switch_root` and `exec` between the stages, each
+/// phase of PID 1 in the slot, and the rest up to `ready` (`ready_ms`).
+fn split_phases(
+    events: &[(String, &serde_json::Map<String, Value>)],
+    ready_ms: u64,
+) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut last_end: Option<u64> = None;
+    for (name, fields) in events {
+        if name != "boot-phases" {
+            continue;
+        }
+        let stage = fields.get("stage").and_then(Value::as_str).unwrap_or("?");
+        let Some(start) = fields.get("start_ms").and_then(Value::as_u64) else {
+            continue;
+        };
+        match last_end {
+            None => out.push(("kernel → initramfs /init".to_owned(), start)),
+            Some(end) => out.push(("switch_root + exec".to_owned(), start.saturating_sub(end))),
+        }
+        for p in fields
+            .get("phases")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let phase = p.get("phase").and_then(Value::as_str).unwrap_or("?");
+            let took = p.get("took_ms").and_then(Value::as_u64).unwrap_or(0);
+            out.push((format!("{stage}: {phase}"), took));
+        }
+        last_end = fields.get("ms").and_then(Value::as_u64);
+    }
+    if let Some(end) = last_end {
+        out.push(("→ `ready`".to_owned(), ready_ms.saturating_sub(end)));
+    }
+    out
 }
 
 fn median(v: &[u64]) -> u64 {
@@ -98,8 +167,16 @@ fn measure(b: VmBuilder, event: &str, timeout: Duration) -> Result<Sample> {
     if ev.name == "boot-failed" {
         return Err(vm.fail(format!("boot failed: {}", ev.json())).into());
     }
+    let guest_ms = ev.ms().context("event without ms")?;
+    let seen: Vec<(String, &serde_json::Map<String, Value>)> = vm
+        .events_seen()
+        .iter()
+        .map(|e| (e.name.clone(), &e.fields))
+        .collect();
+    let phases = split_phases(&seen, guest_ms);
     let sample = Sample {
-        guest_ms: ev.ms().context("event without ms")?,
+        guest_ms,
+        phases,
         wall_ms: u64::try_from(ev.host_elapsed.unwrap_or_default().as_millis()).unwrap_or(u64::MAX),
         early_ms: vm
             .events_seen()
@@ -127,10 +204,25 @@ pub fn run(args: BootBenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.prepare {
+        for arch in arches {
+            let dir = ensure_profile(arch, TEST_VERSION, args.profile)?;
+            floor::initramfs(arch, &cache_dir())?;
+            eprintln!(
+                "{arch}: {} and the floor's initramfs are ready",
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
     for arch in arches {
         let report = bench_arch(arch, &args)?;
         println!("{report}");
-        super::write_arch_section(SECTION, Some(INTRO), arch, &report)?;
+        let sub = match args.profile {
+            Profile::Base => arch.to_string(),
+            p => format!("{arch}, {} profile", p.as_str()),
+        };
+        super::write_arch_section(SECTION, Some(INTRO), sub, &report)?;
     }
     Ok(())
 }
@@ -180,7 +272,7 @@ fn floor_only(arch: Arch, kernel: &Path, args: &BootBenchArgs) -> Result<()> {
 }
 
 fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
-    let dir = ensure_image(arch)?;
+    let dir = ensure_profile(arch, TEST_VERSION, args.profile)?;
     let image = BuiltImage::load(&dir)?;
     let accel = resolve_accel(args.accel, &image)?;
     let initramfs = floor::initramfs(arch, &cache_dir())?;
@@ -198,9 +290,12 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         let b = floor_vm(arch, accel, &image.kernel(), &initramfs, &cmdline, i);
         fl.0.push(measure(b, FLOOR_EVENT, timeout)?);
 
+        // Its serial log is kept (target/vm-logs): the agent's own log
+        // says what a slow phase did.
         let b = VmBuilder::new(&format!("direct-{i}"), arch)
             .accel(accel)
             .log_dir(&log_dir())
+            .keep_log(true)
             .disk(&image.disk)
             .boot(Boot::Direct {
                 kernel: image.kernel(),
@@ -220,14 +315,30 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
     let (dg, dw) = (median(&direct.guest()), median(&direct.wall()));
     let (ug, uw) = (median(&uefi.guest()), median(&uefi.wall()));
     let de = median(&direct.early());
+    let profile_arg = match args.profile {
+        Profile::Base => String::new(),
+        p => format!(" --profile {}", p.as_str()),
+    };
     let cmd = match args.accel {
-        AccelChoice::Tcg => format!("cargo xtask bench boot --arch {arch} --runs {}", args.runs),
+        AccelChoice::Tcg => format!(
+            "cargo xtask bench boot --arch {arch}{profile_arg} --runs {}",
+            args.runs
+        ),
         other => format!(
-            "cargo xtask bench boot --arch {arch} --runs {} --accel {}",
+            "cargo xtask bench boot --arch {arch}{profile_arg} --runs {} --accel {}",
             args.runs,
             format!("{other:?}").to_lowercase()
         ),
     };
+    let mut phase_table = String::from(
+        "Where the direct boot's time goes (`boot-phases` events, docs/console-events.md; \
+         medians per phase, so they need not add up to the median total):\n\n\
+         | phase | median ms | runs (ms) |\n|---|---|---|\n",
+    );
+    for name in direct.phase_names() {
+        let v = direct.phase(&name);
+        phase_table.push_str(&format!("| {name} | {} | {v:?} |\n", median(&v)));
+    }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -235,7 +346,7 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
         .unwrap_or_else(|| "?".to_owned());
     Ok(format!(
         "Command: `{cmd}` — QEMU {accel_name}, 1 GiB, 2 vCPUs, host with {cpus} cores (1-min load {load} at the end); \
-         Ballast {version}, kernel {kernel}; {runs} run(s) of each, interleaved; medians.\n\n\
+         Ballast {version} ({profile} profile), kernel {kernel}; {runs} run(s) of each, interleaved; medians.\n\n\
          | boot | kernel start → marker/ready (guest `ms`) | QEMU start → marker/ready (wall) |\n\
          |---|---|---|\n\
          | floor: same kernel + busybox initramfs, direct kernel boot | {fg} ms | {fw} ms |\n\
@@ -244,9 +355,10 @@ fn bench_arch(arch: Arch, args: &BootBenchArgs) -> Result<String> {
          | of which: Ballast kernel start → `early-boot` (initrd `/init` running), direct | {de} ms | |\n\
          | Ballast: full UEFI firmware + systemd-boot | {ug} ms | {uw} ms |\n\n\
          Runs (guest ms / wall ms): floor {fgs:?} / {fws:?}; direct {dgs:?} / {dws:?}; UEFI {ugs:?} / {uws:?}; \
-         direct early-boot {des:?}.\n",
+         direct early-boot {des:?}.\n\n{phase_table}",
         accel_name = accel.as_str().to_uppercase(),
         version = image.meta.version,
+        profile = args.profile.as_str(),
         kernel = image.meta.kernel_release,
         runs = args.runs,
         rg = ratio(dg, fg),
@@ -271,5 +383,42 @@ mod tests {
         assert_eq!(median(&[4, 1, 3, 2]), 2);
         assert_eq!(median(&[]), 0);
         assert_eq!(ratio(150, 100), "1.50×");
+    }
+
+    #[test]
+    fn a_boot_is_split_into_its_phases_and_the_gaps_between_stages() {
+        let parse = |j: &str| match serde_json::from_str::<Value>(j).unwrap() {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let initramfs = parse(
+            r#"{"event":"boot-phases","ms":1500,"stage":"initramfs","start_ms":1000,
+                "phases":[{"phase":"modules","took_ms":200},{"phase":"verity-pre-read","took_ms":300}]}"#,
+        );
+        let init = parse(
+            r#"{"event":"boot-phases","ms":2100,"stage":"init","start_ms":1600,
+                "phases":[{"phase":"network","took_ms":500}]}"#,
+        );
+        let other = parse(r#"{"event":"early-boot","ms":1000}"#);
+        let events = vec![
+            ("early-boot".to_owned(), &other),
+            ("boot-phases".to_owned(), &initramfs),
+            ("boot-phases".to_owned(), &init),
+        ];
+        let phases = split_phases(&events, 2110);
+        let want: Vec<(String, u64)> = [
+            ("kernel → initramfs /init", 1000),
+            ("initramfs: modules", 200),
+            ("initramfs: verity-pre-read", 300),
+            ("switch_root + exec", 100),
+            ("init: network", 500),
+            ("→ `ready`", 10),
+        ]
+        .iter()
+        .map(|(n, ms)| ((*n).to_owned(), *ms))
+        .collect();
+        assert_eq!(phases, want);
+        // No phase events (the floor, an older agent): no phases.
+        assert!(split_phases(&events[..1], 2110).is_empty());
     }
 }
