@@ -84,24 +84,10 @@ async fn main_loop() -> Action {
             None
         }
     };
-    // First boot renews the disk's GUIDs (journaled fsyncs on the ESP and
-    // the GPT: over a second under TCG). Nothing before `ready` reads what
-    // it rewrites (the kernel keeps the PARTUUIDs it booted with), so it
-    // runs beside the rest of the boot, and `ready` waits for it: the
-    // update driver and the API's update requests read and write the same
-    // entries, and `ready` promises a node with its final identity.
-    let renewal = info.as_ref().map(|info| {
+    if let Some(info) = &info {
         mount_esp(info);
-        let info = info.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = console::ms_since_boot();
-            renew_disk_identity(&info);
-            tracing::debug!(
-                took_ms = console::ms_since_boot().saturating_sub(started),
-                "disk identity checked"
-            );
-        })
-    });
+        renew_disk_identity(info);
+    }
     clock.mark("esp");
     let dir = crate::boot::modules::running_kernel_dir();
     let wanted = std::fs::read_to_string(RUNTIME_MODULES).unwrap_or_default();
@@ -317,12 +303,6 @@ async fn main_loop() -> Action {
         console::emit(&Event::ApiError { reason });
     }
     clock.mark("api");
-    if let Some(renewal) = renewal {
-        if let Err(e) = renewal.await {
-            tracing::error!(error = %e, "disk identity renewal did not finish");
-        }
-    }
-    clock.mark("disk-identity");
     console::emit(&clock.event());
 
     console::emit(&Event::Ready {
