@@ -98,7 +98,7 @@ async fn main_loop() -> Action {
         }
     }
     // NICs, watchdogs and disks by what the machine has, now and hot-plugged.
-    match crate::boot::hotplug::coldplug_and_listen(&dir) {
+    match crate::boot::hotplug::coldplug_and_listen(&dir, "runtime") {
         Ok(outcome) => {
             tracing::info!(devices = outcome.devices, loaded = ?outcome.loaded, "drivers loaded by hardware")
         }

@@ -82,8 +82,9 @@ pub struct Scenario {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
     /// Every submission, on both architectures: the boot chain, dm-verity,
-    /// the A/B update path and the hardware watchdog, whose firmware,
-    /// loader, kernel and drivers differ per architecture.
+    /// the A/B update path, the hardware watchdog and the metal flavour's
+    /// drivers by hardware (NVMe, e1000e), whose firmware, loader, kernel
+    /// and drivers differ per architecture.
     Core,
     /// Every submission, on x86_64 only: agent logic that is the same code
     /// on both architectures (runtime config, k8s profile, update failure
@@ -160,9 +161,10 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "metal",
-        about: "metal-flavour image from NVMe with an e1000e NIC: drivers by modalias, ready, DHCP lease",
+        about: "metal-flavour image from NVMe with an e1000e NIC and an i6300esb: nvme, e1000e and i6300esb loaded by modalias (drivers-loaded), ready, DHCP lease",
         run: crate::metal::metal,
-        tier: Tier::Extended,
+        // Firmware (OVMF, AAVMF), kernel and drivers differ per arch.
+        tier: Tier::Core,
     },
     Scenario {
         name: "metal-sata",
