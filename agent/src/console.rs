@@ -90,6 +90,10 @@ pub enum Event {
     },
     /// The SNTP client corrected the clock: its first sync, and every step.
     TimeSynced { server: String, offset_ms: i64 },
+    /// The clock stayed before the image's build date, unsynchronised, for
+    /// the whole bounded wait: `purpose` (an update check) goes ahead
+    /// anyway. Printed once a boot.
+    ClockUnsynced { purpose: String, waited_s: u64 },
     /// PID 1 begins an orderly shutdown (`reboot`, `poweroff` or `halt`).
     Shutdown { action: String },
     /// The agent hit a bug; the node reboots.
@@ -178,6 +182,7 @@ impl Event {
         "network-lost",
         "drivers-loaded",
         "time-synced",
+        "clock-unsynced",
         "shutdown",
         "panic",
         "failpoint-armed",
@@ -212,6 +217,7 @@ impl Event {
             Event::NetworkLost { .. } => "network-lost",
             Event::DriversLoaded { .. } => "drivers-loaded",
             Event::TimeSynced { .. } => "time-synced",
+            Event::ClockUnsynced { .. } => "clock-unsynced",
             Event::Shutdown { .. } => "shutdown",
             Event::Panic { .. } => "panic",
             Event::FailpointArmed { .. } => "failpoint-armed",
@@ -350,6 +356,10 @@ mod tests {
             Event::TimeSynced {
                 server: s("10.0.2.2"),
                 offset_ms: 1234,
+            },
+            Event::ClockUnsynced {
+                purpose: s("update-check"),
+                waited_s: 90,
             },
             Event::Shutdown {
                 action: s("reboot"),

@@ -353,6 +353,11 @@ async fn main_loop() -> Action {
             status: update_status,
             power: power_tx,
             wake,
+            clock: crate::net::timesync::ClockGate::new(
+                time_sync.clone(),
+                crate::node::health::build_time_floor(),
+                crate::net::timesync::CLOCK_WAIT,
+            ),
         };
         tokio::spawn(crate::update::run(ctx));
     }

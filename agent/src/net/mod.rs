@@ -15,6 +15,7 @@ pub mod ipv6;
 pub mod lease;
 pub mod link;
 pub mod metadata;
+pub mod netdev;
 pub mod resolv;
 pub mod sntp;
 pub mod timesync;
@@ -176,6 +177,23 @@ pub async fn start(
         .into_iter()
         .flatten()
         .collect();
+    let netdevs = netdev::Netdevs {
+        bonds: config.bonds.clone(),
+        vlans: config.vlans.clone(),
+    };
+    // Bonds exist before their members are looked at below; a failure
+    // leaves the other links managed as configured.
+    let existing: BTreeMap<String, u32> = links.iter().map(|l| (l.name.clone(), l.index)).collect();
+    if let Err(e) = netdevs
+        .create_bonds(
+            &handle,
+            &crate::boot::modules::running_kernel_dir(),
+            &existing,
+        )
+        .await
+    {
+        tracing::error!(error = %crate::error_chain(&e), "bonds and VLANs not set up");
+    }
     if let Some(lo) = links.iter().find(|l| l.name == "lo") {
         handle
             .link()
@@ -196,6 +214,7 @@ pub async fn start(
     let mut manager = Manager {
         interfaces: config.interfaces.clone(),
         auto: config.interfaces.is_empty(),
+        netdevs,
         hostname,
         handle,
         tracker: LinkTracker::default(),
@@ -230,6 +249,8 @@ struct Manager {
     /// No interfaces were configured: the first physical Ethernet link is
     /// taken (and then recorded in `interfaces`).
     auto: bool,
+    /// Bonds and VLANs: members are enslaved, VLANs made, as links appear.
+    netdevs: netdev::Netdevs,
     hostname: Option<String>,
     handle: rtnetlink::Handle,
     tracker: LinkTracker,
@@ -287,6 +308,14 @@ impl Manager {
         tracing::debug!(?change, "link change");
         match change {
             LinkChange::Appeared(info) => {
+                for action in netdev::on_appeared(&self.netdevs, &info.name) {
+                    if let Err(e) = self.netdevs.apply(&self.handle, &action, info.index).await {
+                        tracing::error!(?action, error = %crate::error_chain(&e), "bond or VLAN not set up");
+                    }
+                }
+                if self.netdevs.is_member(&info.name) {
+                    return;
+                }
                 if self.auto && self.interfaces.is_empty() {
                     if let Some(l) = link::default_link([&info]) {
                         tracing::info!(interface = %l.name, "no interfaces configured: using DHCP and RA on the first Ethernet link");
