@@ -6,7 +6,8 @@
 //! USR-A's data is refused by dm-verity and never booted), `runtime`
 //! ([`crate::runtime`]), `k8s` ([`crate::k8s`]), `remote`
 //! ([`crate::remote`]), `hostile-disks` ([`crate::hostile`]), `time-lab`
-//! ([`crate::timelab`]), `metal` and `metal-sata` ([`crate::metal`]), and
+//! ([`crate::timelab`]), `metal` and `metal-sata` ([`crate::metal`]),
+//! `bond` ([`crate::bond`]), and
 //! `cloud-imds` and `cloud-config-drive` ([`crate::cloud`]). Each is a
 //! plain function over a [`Context`]; the runner and reporting live in
 //! xtask.
@@ -175,6 +176,12 @@ pub const ALL: &[Scenario] = &[
         tier: Tier::OnDemand,
     },
     Scenario {
+        name: "bond",
+        about: "two NICs on their own user networks bonded by user-data (active-backup) with a VLAN on the bond: bond0 leases 10.0.2.15/24, bond0.42 gets its static address, eth0 none",
+        run: crate::bond::bond,
+        tier: Tier::Extended,
+    },
+    Scenario {
         name: "cloud-imds",
         about: "EC2-like VM (SMBIOS Amazon EC2, 169.254.0.0/16): IMDSv2 token PUT first, user-data applied, host name from local-hostname",
         run: crate::cloud::cloud_imds,
@@ -182,7 +189,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "cloud-config-drive",
-        about: "a vfat config-2 volume: openstack/latest/user_data applied, host name from meta_data.json",
+        about: "an iso9660 config-2 volume: openstack/latest/user_data applied, host name from meta_data.json; a second, vfat, config-2 volume reported ignored",
         run: crate::cloud::cloud_config_drive,
         tier: Tier::Extended,
     },
