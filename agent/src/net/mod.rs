@@ -307,14 +307,37 @@ impl Manager {
     async fn dispatch(&mut self, change: LinkChange) {
         tracing::debug!(?change, "link change");
         match change {
-            LinkChange::Appeared(info) => {
+            LinkChange::Appeared(mut info) => {
+                let mut joined = Vec::new();
                 for action in netdev::on_appeared(&self.netdevs, &info.name) {
-                    if let Err(e) = self.netdevs.apply(&self.handle, &action, info.index).await {
-                        tracing::error!(?action, error = %crate::error_chain(&e), "bond or VLAN not set up");
+                    match self.netdevs.apply(&self.handle, &action, info.index).await {
+                        Ok(()) => {
+                            if let netdev::Action::Enslave { bond, .. } = action {
+                                joined.push(bond);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(?action, error = %crate::error_chain(&e), "bond or VLAN not set up")
+                        }
+                    }
+                }
+                // A bond takes its first member's MAC address: a bond whose
+                // task started with the old one starts over with the new.
+                for bond in joined {
+                    if self.running.contains_key(&bond) {
+                        if let Some(fresh) = self.link_info_by_name(&bond).await {
+                            self.start_interface(fresh);
+                        }
                     }
                 }
                 if self.netdevs.is_member(&info.name) {
                     return;
+                }
+                if self.netdevs.bonds.contains_key(&info.name) {
+                    // The message may predate the members joining.
+                    if let Some(fresh) = self.link_info_by_name(&info.name).await {
+                        info = fresh;
+                    }
                 }
                 if self.auto && self.interfaces.is_empty() {
                     if let Some(l) = link::default_link([&info]) {
@@ -323,25 +346,7 @@ impl Manager {
                             .insert(l.name.clone(), InterfaceConfig::default());
                     }
                 }
-                let Some(config) = self.interfaces.get(&info.name).cloned() else {
-                    return;
-                };
-                let (tx, rx) = mpsc::channel(8);
-                // A restarted link (renamed or re-created) gets a fresh task;
-                // dropping the old sender ends the old one.
-                self.running.insert(info.name.clone(), tx);
-                let task = Interface {
-                    name: info.name.clone(),
-                    index: info.index,
-                    mac: info.mac,
-                    carrier: info.carrier,
-                    config,
-                    hostname: self.hostname.clone(),
-                    handle: self.handle.clone(),
-                    updates: self.updates_tx.clone(),
-                    applied: None,
-                };
-                tokio::spawn(task.run(rx));
+                self.start_interface(info);
             }
             LinkChange::Removed(name) => {
                 self.running.remove(&name);
@@ -350,6 +355,47 @@ impl Manager {
                 if let Some(tx) = self.running.get(name) {
                     let _ = tx.send(change.clone()).await;
                 }
+            }
+        }
+    }
+
+    /// Starts (or restarts) the task of a managed link; others are left.
+    fn start_interface(&mut self, info: LinkInfo) {
+        let Some(config) = self.interfaces.get(&info.name).cloned() else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(8);
+        // A restarted link (renamed, re-created, a bond with a new MAC)
+        // gets a fresh task; dropping the old sender ends the old one.
+        self.running.insert(info.name.clone(), tx);
+        let task = Interface {
+            name: info.name.clone(),
+            index: info.index,
+            mac: info.mac,
+            carrier: info.carrier,
+            config,
+            hostname: self.hostname.clone(),
+            handle: self.handle.clone(),
+            updates: self.updates_tx.clone(),
+            applied: None,
+        };
+        tokio::spawn(task.run(rx));
+    }
+
+    /// The link named `name` as the kernel describes it now.
+    async fn link_info_by_name(&self, name: &str) -> Option<LinkInfo> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(m)) => LinkInfo::from_message(&m),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(link = %name, error = %e, "link not found");
+                None
             }
         }
     }
