@@ -175,6 +175,15 @@ impl Netdevs {
                 if index_of(handle, name).await?.is_some() {
                     return Ok(());
                 }
+                // The kernel refuses an up VLAN on a down link (ENETDOWN);
+                // the link's own task would bring it up anyway.
+                handle
+                    .link()
+                    .set(index)
+                    .up()
+                    .execute()
+                    .await
+                    .map_err(nl(name, "bringing up the VLAN's link"))?;
                 handle
                     .link()
                     .add()
