@@ -74,8 +74,26 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         address: Option<String>,
     },
+    /// Coldplug loaded the drivers the machine's devices need, by modalias
+    /// (`initrd` for the boot disk's, `runtime` for NICs and watchdogs).
+    DriversLoaded {
+        stage: String,
+        /// Devices (distinct modaliases) looked at.
+        devices: u64,
+        /// Modules loaded, in load order.
+        modules: Vec<String>,
+        /// Modules that failed to load (the reason is in the log).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed: Vec<String>,
+        /// How long the walk and the loads took.
+        took_ms: u64,
+    },
     /// The SNTP client corrected the clock: its first sync, and every step.
     TimeSynced { server: String, offset_ms: i64 },
+    /// The clock stayed before the image's build date, unsynchronised, for
+    /// the whole bounded wait: `purpose` (an update check) goes ahead
+    /// anyway. Printed once a boot.
+    ClockUnsynced { purpose: String, waited_s: u64 },
     /// PID 1 begins an orderly shutdown (`reboot`, `poweroff` or `halt`).
     Shutdown { action: String },
     /// The agent hit a bug; the node reboots.
@@ -227,7 +245,9 @@ impl Event {
         "ready",
         "network-configured",
         "network-lost",
+        "drivers-loaded",
         "time-synced",
+        "clock-unsynced",
         "shutdown",
         "panic",
         "failpoint-armed",
@@ -261,7 +281,9 @@ impl Event {
             Event::Ready { .. } => "ready",
             Event::NetworkConfigured { .. } => "network-configured",
             Event::NetworkLost { .. } => "network-lost",
+            Event::DriversLoaded { .. } => "drivers-loaded",
             Event::TimeSynced { .. } => "time-synced",
+            Event::ClockUnsynced { .. } => "clock-unsynced",
             Event::Shutdown { .. } => "shutdown",
             Event::Panic { .. } => "panic",
             Event::FailpointArmed { .. } => "failpoint-armed",
@@ -391,9 +413,20 @@ mod tests {
                 reason: s("carrier lost"),
                 address: None,
             },
+            Event::DriversLoaded {
+                stage: s("runtime"),
+                devices: 12,
+                modules: vec![s("e1000e"), s("i6300esb")],
+                failed: vec![],
+                took_ms: 140,
+            },
             Event::TimeSynced {
                 server: s("10.0.2.2"),
                 offset_ms: 1234,
+            },
+            Event::ClockUnsynced {
+                purpose: s("update-check"),
+                waited_s: 90,
             },
             Event::Shutdown {
                 action: s("reboot"),

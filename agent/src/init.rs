@@ -103,7 +103,7 @@ async fn main_loop() -> Action {
     }
     clock.mark("modules");
     // NICs, watchdogs and disks by what the machine has, now and hot-plugged.
-    match crate::boot::hotplug::coldplug_and_listen(&dir) {
+    match crate::boot::hotplug::coldplug_and_listen(&dir, "runtime") {
         Ok(outcome) => {
             tracing::info!(devices = outcome.devices, loaded = ?outcome.loaded, "drivers loaded by hardware")
         }
@@ -368,6 +368,11 @@ async fn main_loop() -> Action {
             status: update_status,
             power: power_tx,
             wake,
+            clock: crate::net::timesync::ClockGate::new(
+                time_sync.clone(),
+                crate::node::health::build_time_floor(),
+                crate::net::timesync::CLOCK_WAIT,
+            ),
         };
         tokio::spawn(crate::update::run(ctx));
     }

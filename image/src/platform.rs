@@ -71,11 +71,12 @@ impl Platform {
         VIRTIO_STORAGE.iter().chain(extra).copied().collect()
     }
 
-    /// NIC and watchdog drivers, in the usr image only (the initrd needs
-    /// no network). Shipped when the kernel has them.
+    /// NIC and watchdog drivers, and bonding and 802.1Q (loaded by the
+    /// agent when `[network]` configures a bond or VLAN), in the usr image
+    /// only (the initrd needs no network). Shipped when the kernel has them.
     pub fn runtime_drivers(self) -> &'static [&'static str] {
         match self {
-            Platform::Qemu => &["virtio_net", "i6300esb"],
+            Platform::Qemu => &["virtio_net", "i6300esb", "bonding", "8021q"],
             Platform::Metal => &[
                 "e1000e",
                 "igb",
@@ -93,8 +94,10 @@ impl Platform {
                 "sp5100_tco",
                 "sbsa_gwdt",
                 "i6300esb",
+                "bonding",
+                "8021q",
             ],
-            Platform::Cloud => &["ena", "gve", "virtio_net"],
+            Platform::Cloud => &["ena", "gve", "virtio_net", "bonding", "8021q"],
         }
     }
 }
@@ -159,8 +162,12 @@ mod tests {
         assert!(!Platform::Qemu.storage_drivers().contains(&"nvme"));
         assert_eq!(
             Platform::Cloud.runtime_drivers(),
-            ["ena", "gve", "virtio_net"]
+            ["ena", "gve", "virtio_net", "bonding", "8021q"]
         );
+        for p in [Platform::Qemu, Platform::Metal, Platform::Cloud] {
+            assert!(p.runtime_drivers().contains(&"bonding"), "{p}");
+            assert!(p.runtime_drivers().contains(&"8021q"), "{p}");
+        }
     }
 
     #[test]

@@ -7,9 +7,13 @@
 //!   apply the user-data (the operator's `[api]` section: the API answering
 //!   over pinned HTTPS proves it) and take its host name from
 //!   `local-hostname`.
-//! - `cloud-config-drive`: a vfat volume labelled `config-2` holding
+//! - `cloud-config-drive`: an iso9660 volume labelled `config-2` (what
+//!   OpenStack's Nova writes by default, made with xorriso) holding
 //!   `openstack/latest/user_data` and `meta_data.json`; the same checks,
-//!   the host name from `meta_data.json`.
+//!   the host name from `meta_data.json`. A vfat `config-2` volume is
+//!   attached after it in the same boot: its label must be found, and it
+//!   must be reported ignored as the second user-data volume (vfat
+//!   mounting itself is the `runtime` scenario's CIDATA path).
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -140,9 +144,9 @@ pub fn check_imds_log(log: &[Asked]) -> Result<(), String> {
     Ok(())
 }
 
-/// A vfat image labelled `config-2` holding the OpenStack layout.
-fn make_config_drive(dir: &Path, user_data: &str) -> Result<PathBuf, ScenarioError> {
-    let img = dir.join("config-drive.img");
+/// The OpenStack layout's two files, in `dir`: (user_data, meta_data.json).
+fn write_drive_files(dir: &Path, user_data: &str) -> Result<(PathBuf, PathBuf), ScenarioError> {
+    std::fs::create_dir_all(dir).map_err(ScenarioError::Scratch)?;
     let ud = dir.join("user_data");
     let md = dir.join("meta_data.json");
     std::fs::write(&ud, user_data).map_err(ScenarioError::Scratch)?;
@@ -152,6 +156,30 @@ fn make_config_drive(dir: &Path, user_data: &str) -> Result<PathBuf, ScenarioErr
         "name": "web-1",
     });
     std::fs::write(&md, meta.to_string()).map_err(ScenarioError::Scratch)?;
+    Ok((ud, md))
+}
+
+/// An iso9660 image labelled `config-2` holding the OpenStack layout, as
+/// Nova makes it (`-V config-2`, Rock Ridge and Joliet names).
+fn make_iso_config_drive(dir: &Path, user_data: &str) -> Result<PathBuf, ScenarioError> {
+    let tree = dir.join("iso-tree");
+    write_drive_files(&tree.join("openstack/latest"), user_data)?;
+    let img = dir.join("config-drive.iso");
+    disk::run(
+        Command::new("xorriso")
+            .args([
+                "-as", "mkisofs", "-quiet", "-V", "config-2", "-r", "-J", "-o",
+            ])
+            .arg(&img)
+            .arg(&tree),
+    )?;
+    Ok(img)
+}
+
+/// A vfat image labelled `config-2` holding the OpenStack layout.
+fn make_config_drive(dir: &Path, user_data: &str) -> Result<PathBuf, ScenarioError> {
+    let img = dir.join("config-drive.img");
+    let (ud, md) = write_drive_files(&dir.join("vfat-files"), user_data)?;
     // vfat labels are upper case; the agent matches `config-2` in any case.
     disk::run(
         Command::new("mkfs.vfat")
@@ -179,23 +207,32 @@ fn make_config_drive(dir: &Path, user_data: &str) -> Result<PathBuf, ScenarioErr
 
 /// Ready, the API up with the operator's CA from user-data, and `/status`
 /// naming the node `hostname` without a configuration error.
+/// `ignored` lists the block devices whose user-data must be reported
+/// ignored; any other `user-data-ignored` fails.
 fn check_node(
     vm: &mut Vm,
     ctx: &Context,
     op: &Operator,
     hostname: &str,
+    ignored: &[&str],
 ) -> Result<(), ScenarioError> {
     let ev = vm.wait_for_any(&["ready", "boot-failed", "config-error"], ctx.boot_timeout)?;
     if ev.name != "ready" {
         return Err(vm.fail(format!("expected ready, got {}", ev.json())).into());
     }
-    if let Some(ignored) = vm
+    let seen: Vec<_> = vm
         .events_seen()
         .iter()
-        .find(|e| e.name == "user-data-ignored")
-    {
+        .filter(|e| e.name == "user-data-ignored")
+        .cloned()
+        .collect();
+    let devices: Vec<&str> = seen.iter().filter_map(|e| e.str_field("device")).collect();
+    if devices != ignored || seen.len() != ignored.len() {
+        let all: Vec<String> = seen.iter().map(|e| e.json()).collect();
         return Err(vm
-            .fail(format!("no source should be ignored: {}", ignored.json()))
+            .fail(format!(
+                "expected user-data-ignored for exactly {ignored:?}, saw {all:?}"
+            ))
             .into());
     }
     let port = vm
@@ -236,7 +273,7 @@ pub fn cloud_imds(ctx: &Context) -> Result<(), ScenarioError> {
             host_port: server.port(),
         })
         .spawn()?;
-    check_node(&mut vm, ctx, &op, IMDS_HOSTNAME)?;
+    check_node(&mut vm, ctx, &op, IMDS_HOSTNAME, &[])?;
     let log = server.log();
     check_imds_log(&log).map_err(|m| vm.fail(m))?;
     vm.progress(&format!(
@@ -246,17 +283,24 @@ pub fn cloud_imds(ctx: &Context) -> Result<(), ScenarioError> {
     Ok(())
 }
 
-/// `cloud-config-drive`: user-data and host name from a config-2 volume.
+/// `cloud-config-drive`: user-data and host name from an iso9660 config-2
+/// volume; a second, vfat, config-2 volume is found and ignored.
 pub fn cloud_config_drive(ctx: &Context) -> Result<(), ScenarioError> {
     let scratch = tempfile::tempdir().map_err(ScenarioError::Scratch)?;
     let op = Operator::new()?;
-    let drive = make_config_drive(scratch.path(), &op.api_user_data()?)?;
+    let iso = make_iso_config_drive(scratch.path(), &op.api_user_data()?)?;
+    // Nothing a node could use: if it were taken, the API check fails.
+    let vfat = make_config_drive(scratch.path(), "hostname = \"not-this-one\"\n")?;
+    // Attached in this order: /dev/vdb, then /dev/vdc.
     let mut vm = ctx
         .vm("cloud-config-drive")
         .forward_api()
-        .extra_drive(&drive)
+        .extra_drive(&iso)
+        .extra_drive(&vfat)
         .spawn()?;
-    check_node(&mut vm, ctx, &op, DRIVE_HOSTNAME)
+    check_node(&mut vm, ctx, &op, DRIVE_HOSTNAME, &["/dev/vdc"])?;
+    vm.progress("iso9660 config-2 (/dev/vdb) taken; the vfat config-2 (/dev/vdc) reported ignored");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -314,6 +358,26 @@ mod tests {
             status: 200,
         });
         check_imds_log(&good).unwrap();
+    }
+
+    #[test]
+    fn the_iso_config_drive_has_its_label_and_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        if Command::new("xorriso").arg("-version").output().is_err() {
+            panic!("xorriso is needed; cargo xtask deps installs it");
+        }
+        let img = make_iso_config_drive(dir.path(), "a = 1\n").unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        // The primary volume descriptor (sector 16): type 1, "CD001", and
+        // the volume identifier the agent probes at offset 40.
+        let pvd = &bytes[16 * 2048..17 * 2048];
+        assert_eq!(&pvd[..6], b"\x01CD001");
+        assert_eq!(&pvd[40..48], b"config-2");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains(DRIVE_HOSTNAME),
+            "meta_data.json is in the image"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bond;
 pub mod cloud;
 pub mod disk;
 pub mod events;

@@ -6,7 +6,8 @@
 //! USR-A's data is refused by dm-verity and never booted), `runtime`
 //! ([`crate::runtime`]), `k8s` ([`crate::k8s`]), `remote`
 //! ([`crate::remote`]), `hostile-disks` ([`crate::hostile`]), `time-lab`
-//! ([`crate::timelab`]), `metal` and `metal-sata` ([`crate::metal`]), and
+//! ([`crate::timelab`]), `metal` and `metal-sata` ([`crate::metal`]),
+//! `bond` ([`crate::bond`]), and
 //! `cloud-imds` and `cloud-config-drive` ([`crate::cloud`]). Each is a
 //! plain function over a [`Context`]; the runner and reporting live in
 //! xtask.
@@ -82,8 +83,9 @@ pub struct Scenario {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
     /// Every submission, on both architectures: the boot chain, dm-verity,
-    /// the A/B update path and the hardware watchdog, whose firmware,
-    /// loader, kernel and drivers differ per architecture.
+    /// the A/B update path, the hardware watchdog and the metal flavour's
+    /// drivers by hardware (NVMe, e1000e), whose firmware, loader, kernel
+    /// and drivers differ per architecture.
     Core,
     /// Every submission, on x86_64 only: agent logic that is the same code
     /// on both architectures (runtime config, k8s profile, update failure
@@ -160,9 +162,10 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "metal",
-        about: "metal-flavour image from NVMe with an e1000e NIC: drivers by modalias, ready, DHCP lease",
+        about: "metal-flavour image from NVMe with an e1000e NIC and an i6300esb: nvme, e1000e and i6300esb loaded by modalias (drivers-loaded), ready, DHCP lease",
         run: crate::metal::metal,
-        tier: Tier::Extended,
+        // Firmware (OVMF, AAVMF), kernel and drivers differ per arch.
+        tier: Tier::Core,
     },
     Scenario {
         name: "metal-sata",
@@ -173,6 +176,12 @@ pub const ALL: &[Scenario] = &[
         tier: Tier::OnDemand,
     },
     Scenario {
+        name: "bond",
+        about: "two NICs on their own user networks bonded by user-data (active-backup) with a VLAN on the bond: bond0 leases 10.0.2.15/24, bond0.42 gets its static address, eth0 none",
+        run: crate::bond::bond,
+        tier: Tier::Extended,
+    },
+    Scenario {
         name: "cloud-imds",
         about: "EC2-like VM (SMBIOS Amazon EC2, 169.254.0.0/16): IMDSv2 token PUT first, user-data applied, host name from local-hostname",
         run: crate::cloud::cloud_imds,
@@ -180,7 +189,7 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         name: "cloud-config-drive",
-        about: "a vfat config-2 volume: openstack/latest/user_data applied, host name from meta_data.json",
+        about: "an iso9660 config-2 volume: openstack/latest/user_data applied, host name from meta_data.json; a second, vfat, config-2 volume reported ignored",
         run: crate::cloud::cloud_config_drive,
         tier: Tier::Extended,
     },

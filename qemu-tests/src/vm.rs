@@ -253,6 +253,7 @@ pub struct VmBuilder {
     storage: Storage,
     nic: &'static str,
     watchdog: bool,
+    second_nic: bool,
     log_dir: PathBuf,
     keep_log: bool,
     quiet: bool,
@@ -295,6 +296,7 @@ impl VmBuilder {
             storage: Storage::VirtioBlk,
             nic: "virtio-net-pci",
             watchdog: false,
+            second_nic: false,
             log_dir: PathBuf::from("target/vm-logs"),
             keep_log: false,
             quiet: false,
@@ -422,6 +424,13 @@ impl VmBuilder {
     /// Hands `data` to the guest as fw_cfg `opt/ballast/user-data`.
     pub fn user_data(mut self, data: &[u8]) -> Self {
         self.user_data = Some(data.to_owned());
+        self
+    }
+
+    /// Adds a second NIC of the same model on a user network of its own
+    /// (`restrict=on`, nothing forwarded): eth1, for bonds.
+    pub fn second_nic(mut self) -> Self {
+        self.second_nic = true;
         self
     }
 
@@ -657,6 +666,14 @@ impl VmBuilder {
                 &netdev,
                 "-device",
                 &format!("{},netdev=net0,romfile=", self.nic),
+            ]);
+        }
+        if self.second_nic {
+            push(&[
+                "-netdev",
+                "user,id=net1,restrict=on",
+                "-device",
+                &format!("{},netdev=net1,romfile=", self.nic),
             ]);
         }
         if let Some(base) = &self.rtc_base {

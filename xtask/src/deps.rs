@@ -19,6 +19,8 @@ pub const HOST_PACKAGES: &[&str] = &[
     "cryptsetup-bin",
     "mtools",
     "dosfstools",
+    // iso9660 config-2 drives in the cloud-config-drive scenario.
+    "xorriso",
     "gdisk",
     "e2fsprogs",
     "kmod",
@@ -266,6 +268,7 @@ pub const REQUIRED_PROGRAMS: &[(&str, &str)] = &[
     ("veritysetup", "cryptsetup-bin"),
     ("mcopy", "mtools"),
     ("mkfs.fat", "dosfstools"),
+    ("xorriso", "xorriso"),
     ("sgdisk", "gdisk"),
     ("mke2fs", "e2fsprogs"),
     ("dumpe2fs", "e2fsprogs"),

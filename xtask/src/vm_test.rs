@@ -36,6 +36,10 @@ pub struct VmTestArgs {
     /// build/<arch>/1.0.0.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Build the images the scenarios need, then stop without booting any
+    /// (so the build runs outside the VM lock).
+    #[arg(long)]
+    pub build_only: bool,
     /// Scenarios to run (default when empty: the core tier on both arches,
     /// the extended tier too on x86_64): boot, reboot, verity, runtime,
     /// remote, k8s (builds build/<arch>/k8s/1.0.0 when missing), update,
@@ -96,8 +100,9 @@ pub fn ensure_metal(arch: Arch) -> Result<PathBuf> {
 }
 
 /// The hung release of the `update-watchdog` scenario
-/// (`build/<arch>/watchdog/1.1.0`): the generic kernel, whose i6300esb
-/// driver the trial arms, and the fail point that hangs the trial.
+/// (`build/<arch>/watchdog-metal/1.1.0`): the metal flavour, whose
+/// i6300esb driver (loaded by modalias) the trial arms, and the fail point
+/// that hangs the trial.
 pub fn ensure_hung_release(arch: Arch) -> Result<PathBuf> {
     let root = crate::workspace_root();
     let dir = root
@@ -109,7 +114,12 @@ pub fn ensure_hung_release(arch: Arch) -> Result<PathBuf> {
         arch,
         "1.1.0",
         Profile::Base,
-        &["--kernel", "generic", "--failpoint", "trial-gate=pause"],
+        &[
+            "--platform",
+            qemu_tests::metal::PLATFORM,
+            "--failpoint",
+            "trial-gate=pause",
+        ],
     )
 }
 
@@ -288,6 +298,10 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => ensure_image(args.arch)?,
     };
+    if args.build_only {
+        eprintln!("images built; --build-only boots nothing");
+        return Ok(());
+    }
     let image = BuiltImage::load(&dir)?;
     anyhow::ensure!(
         image.meta.arch == args.arch,
@@ -353,7 +367,12 @@ mod tests {
             Profile::K8s,
             Path::new("k.pub"),
             Path::new("out"),
-            &["--kernel", "generic", "--failpoint", "trial-gate=pause"],
+            &[
+                "--platform",
+                qemu_tests::metal::PLATFORM,
+                "--failpoint",
+                "trial-gate=pause",
+            ],
         )
         .unwrap();
         assert_eq!(a.arch, Arch::Aarch64);
@@ -361,10 +380,8 @@ mod tests {
         assert_eq!(a.profile, Profile::K8s);
         assert_eq!(a.trust, vec![PathBuf::from("k.pub")]);
         assert_eq!(a.out, Some(PathBuf::from("out")));
-        assert!(matches!(
-            a.kernel,
-            Some(ballast_image::apt::KernelFlavor::Generic)
-        ));
+        assert!(a.kernel.is_none());
+        assert_eq!(a.platform, ballast_image::Platform::Metal);
         assert_eq!(a.failpoints, ["trial-gate=pause"]);
     }
 
@@ -379,6 +396,8 @@ mod tests {
         assert!(arm.contains(&"boot") && arm.contains(&"verity") && !arm.contains(&"k8s"));
         assert!(arm.contains(&"remote"));
         assert!(x86.contains(&"update-watchdog") && arm.contains(&"update-watchdog"));
+        assert!(x86.contains(&"metal") && arm.contains(&"metal"));
+        assert!(!arm.contains(&"metal-sata"));
         assert!(x86.contains(&"k8s") && x86.contains(&"runtime"));
         let every = names(select(&["all".into()], Arch::Aarch64).unwrap());
         assert_eq!(every.len(), scenarios::ALL.len() + update::UPDATE.len());

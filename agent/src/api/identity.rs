@@ -165,6 +165,20 @@ pub fn load_or_create(
 /// the names are for humans and tools that check them.
 fn generate(hostname: &str, addresses: &[IpAddr]) -> Result<(String, String), rcgen::Error> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = server_params(hostname, addresses)?.self_signed(&key)?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+/// The self-signed certificate's contents. Its validity is fixed, 1975 to
+/// 4096 (rcgen's defaults), never derived from the clock: the identity is
+/// made on the first boot, often before the first NTP answer (a server's
+/// RTC in 2015, a VM without one), and is kept; a validity from that clock
+/// would start years in the past, and one regenerated after the step would
+/// change the fingerprint clients pinned from `api-listening`.
+fn server_params(
+    hostname: &str,
+    addresses: &[IpAddr],
+) -> Result<rcgen::CertificateParams, rcgen::Error> {
     let mut names = vec!["localhost".to_owned()];
     if !hostname.is_empty() && hostname != "localhost" {
         names.insert(0, hostname.to_owned());
@@ -183,9 +197,10 @@ fn generate(hostname: &str, addresses: &[IpAddr]) -> Result<(String, String), rc
         .distinguished_name
         .push(rcgen::DnType::OrganizationName, "ballast node");
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    // rcgen's defaults (1975 to 4096): nodes may boot without a clock.
-    let cert = params.self_signed(&key)?;
-    Ok((key.serialize_pem(), cert.pem()))
+    let fixed = rcgen::CertificateParams::default();
+    params.not_before = fixed.not_before;
+    params.not_after = fixed.not_after;
+    Ok(params)
 }
 
 /// Write to a temporary file, fsync, rename over `path`, fsync the
@@ -288,5 +303,12 @@ mod tests {
         write_atomic(&path, b"two", 0o600).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_validity_does_not_come_from_the_clock() {
+        let p = server_params("node-1", &["10.0.2.15".parse().unwrap()]).unwrap();
+        assert_eq!(p.not_before.year(), 1975);
+        assert_eq!(p.not_after.year(), 4096);
     }
 }

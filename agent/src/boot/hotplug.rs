@@ -133,8 +133,10 @@ const COLDPLUG_SETTLE: Duration = Duration::from_millis(100);
 /// (`/lib/modules/<kver>`: its `modules.alias` and `modules.dep`), then keeps
 /// loading drivers for devices added later. Without the uevent socket the
 /// coldplug still runs; without the tables nothing is loaded and the error
-/// says which file is missing.
-pub fn coldplug_and_listen(dir: &Path) -> Result<Outcome, ColdplugError> {
+/// says which file is missing. `stage` (`initrd` or `runtime`) names the
+/// walk in the `drivers-loaded` console event.
+pub fn coldplug_and_listen(dir: &Path, stage: &str) -> Result<Outcome, ColdplugError> {
+    let started = std::time::Instant::now();
     let listener = Listener::open()
         .inspect_err(|e| tracing::warn!(error = %crate::error_chain(e), "no hotplug"))
         .ok();
@@ -143,12 +145,24 @@ pub fn coldplug_and_listen(dir: &Path) -> Result<Outcome, ColdplugError> {
     for (module, error) in &outcome.failed {
         tracing::warn!(%module, %error, "driver not loaded");
     }
+    crate::console::emit(&loaded_event(stage, &outcome, started.elapsed()));
     if let Some(listener) = listener {
         if let Err(e) = listener.spawn(drivers, SYS_DEVICES.into()) {
             tracing::warn!(error = %crate::error_chain(&e), "no hotplug");
         }
     }
     Ok(outcome)
+}
+
+/// The `drivers-loaded` console event of one coldplug walk.
+pub fn loaded_event(stage: &str, outcome: &Outcome, took: Duration) -> crate::console::Event {
+    crate::console::Event::DriversLoaded {
+        stage: stage.to_owned(),
+        devices: u64::try_from(outcome.devices).unwrap_or(u64::MAX),
+        modules: outcome.loaded.clone(),
+        failed: outcome.failed.iter().map(|(m, _)| m.clone()).collect(),
+        took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+    }
 }
 
 /// Loads the drivers one message asks for, if it is an added device.
@@ -254,5 +268,27 @@ mod tests {
         assert_eq!(handle(&mut drivers, &message(&nvme)), ["nvme"]);
         drop(drivers);
         assert_eq!(loaded.0, ["e1000e", "nvme"]);
+    }
+
+    #[test]
+    fn the_console_event_names_loaded_and_failed_modules() {
+        let outcome = Outcome {
+            devices: 9,
+            loaded: vec!["nvme".into(), "e1000e".into()],
+            failed: vec![("i6300esb".into(), "No such device".into())],
+            rounds: 2,
+        };
+        let line = crate::console::render(
+            &loaded_event("runtime", &outcome, Duration::from_micros(41_700)),
+            7,
+        );
+        let json = line.strip_prefix(crate::console::EVENT_PREFIX).unwrap();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["event"], "drivers-loaded");
+        assert_eq!(v["stage"], "runtime");
+        assert_eq!(v["devices"], 9);
+        assert_eq!(v["modules"], serde_json::json!(["nvme", "e1000e"]));
+        assert_eq!(v["failed"], serde_json::json!(["i6300esb"]));
+        assert_eq!(v["took_ms"], 41);
     }
 }

@@ -117,7 +117,7 @@ fn boot() -> Result<Infallible, EarlyBootError> {
     // The disk's and its bus's drivers, by what the machine has; devices
     // that turn up later (a slow USB disk) are handled by the listener
     // while we wait for the partitions below.
-    match crate::boot::hotplug::coldplug_and_listen(&kernel_dir) {
+    match crate::boot::hotplug::coldplug_and_listen(&kernel_dir, "initrd") {
         Ok(outcome) => tracing::info!(
             devices = outcome.devices,
             rounds = outcome.rounds,

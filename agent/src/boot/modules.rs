@@ -128,8 +128,27 @@ pub fn load(dir: &Path, wanted: &[&str]) -> Result<usize, ModuleError> {
     Ok(order.len())
 }
 
+/// Loads `module` with its dependencies, passing `params` (`max_bonds=0`)
+/// to the module itself; one already loaded is fine (and keeps the
+/// parameters it was loaded with).
+pub fn load_with_params(dir: &Path, module: &str, params: &str) -> Result<(), ModuleError> {
+    let index = ModuleIndex::load(dir)?;
+    let order = index.load_order(&[module])?;
+    let Some((last, deps)) = order.split_last() else {
+        return Ok(()); // built in
+    };
+    for path in deps {
+        load_file(path)?;
+    }
+    load_file_params(last, params)
+}
+
 /// Loads one module file; one already loaded is fine.
 pub fn load_file(path: &Path) -> Result<(), ModuleError> {
+    load_file_params(path, "")
+}
+
+fn load_file_params(path: &Path, params: &str) -> Result<(), ModuleError> {
     let file = File::open(path).map_err(|source| ModuleError::Read {
         path: path.to_owned(),
         source,
@@ -142,7 +161,9 @@ pub fn load_file(path: &Path) -> Result<(), ModuleError> {
     } else {
         ModuleInitFlags::empty()
     };
-    match finit_module(&file, &CString::default(), flags) {
+    // A NUL inside the parameters cannot come from our callers; none then.
+    let params = CString::new(params).unwrap_or_default();
+    match finit_module(&file, &params, flags) {
         Ok(()) | Err(Errno::EEXIST) => {
             tracing::debug!(module = %path.display(), "loaded");
             Ok(())

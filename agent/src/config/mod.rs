@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod kubernetes;
 pub mod kubernetes_registries;
 pub mod kubernetes_validate;
+pub mod netdev;
 pub mod proxy;
 #[cfg(test)]
 pub mod proxy_testing;
@@ -237,6 +238,12 @@ impl ApiConfig {
 pub struct NetworkConfig {
     #[serde(default)]
     pub interfaces: BTreeMap<String, InterfaceConfig>,
+    /// `[network.bonds.<name>]` ([`netdev`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bonds: BTreeMap<String, netdev::BondConfig>,
+    /// `[network.vlans.<name>]` ([`netdev`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vlans: BTreeMap<String, netdev::VlanConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -427,6 +434,9 @@ impl Config {
             crate::config::kubernetes_validate::check_service_names(&config.services)
                 .map_err(|e| invalid(e.to_string()))?;
         }
+        let net = &config.network;
+        netdev::validate(&net.bonds, &net.vlans, net.interfaces.keys())
+            .map_err(|e| invalid(e.to_string()))?;
         for (name, iface) in &config.network.interfaces {
             for a in &iface.addresses {
                 if parse_cidr(a).is_none() {

@@ -15,6 +15,7 @@ pub mod ipv6;
 pub mod lease;
 pub mod link;
 pub mod metadata;
+pub mod netdev;
 pub mod resolv;
 pub mod sntp;
 pub mod timesync;
@@ -176,6 +177,23 @@ pub async fn start(
         .into_iter()
         .flatten()
         .collect();
+    let netdevs = netdev::Netdevs {
+        bonds: config.bonds.clone(),
+        vlans: config.vlans.clone(),
+    };
+    // Bonds exist before their members are looked at below; a failure
+    // leaves the other links managed as configured.
+    let existing: BTreeMap<String, u32> = links.iter().map(|l| (l.name.clone(), l.index)).collect();
+    if let Err(e) = netdevs
+        .create_bonds(
+            &handle,
+            &crate::boot::modules::running_kernel_dir(),
+            &existing,
+        )
+        .await
+    {
+        tracing::error!(error = %crate::error_chain(&e), "bonds and VLANs not set up");
+    }
     if let Some(lo) = links.iter().find(|l| l.name == "lo") {
         handle
             .link()
@@ -196,6 +214,7 @@ pub async fn start(
     let mut manager = Manager {
         interfaces: config.interfaces.clone(),
         auto: config.interfaces.is_empty(),
+        netdevs,
         hostname,
         handle,
         tracker: LinkTracker::default(),
@@ -230,6 +249,8 @@ struct Manager {
     /// No interfaces were configured: the first physical Ethernet link is
     /// taken (and then recorded in `interfaces`).
     auto: bool,
+    /// Bonds and VLANs: members are enslaved, VLANs made, as links appear.
+    netdevs: netdev::Netdevs,
     hostname: Option<String>,
     handle: rtnetlink::Handle,
     tracker: LinkTracker,
@@ -286,7 +307,38 @@ impl Manager {
     async fn dispatch(&mut self, change: LinkChange) {
         tracing::debug!(?change, "link change");
         match change {
-            LinkChange::Appeared(info) => {
+            LinkChange::Appeared(mut info) => {
+                let mut joined = Vec::new();
+                for action in netdev::on_appeared(&self.netdevs, &info.name) {
+                    match self.netdevs.apply(&self.handle, &action, info.index).await {
+                        Ok(()) => {
+                            if let netdev::Action::Enslave { bond, .. } = action {
+                                joined.push(bond);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(?action, error = %crate::error_chain(&e), "bond or VLAN not set up")
+                        }
+                    }
+                }
+                // A bond takes its first member's MAC address: a bond whose
+                // task started with the old one starts over with the new.
+                for bond in joined {
+                    if self.running.contains_key(&bond) {
+                        if let Some(fresh) = self.link_info_by_name(&bond).await {
+                            self.start_interface(fresh);
+                        }
+                    }
+                }
+                if self.netdevs.is_member(&info.name) {
+                    return;
+                }
+                if self.netdevs.bonds.contains_key(&info.name) {
+                    // The message may predate the members joining.
+                    if let Some(fresh) = self.link_info_by_name(&info.name).await {
+                        info = fresh;
+                    }
+                }
                 if self.auto && self.interfaces.is_empty() {
                     if let Some(l) = link::default_link([&info]) {
                         tracing::info!(interface = %l.name, "no interfaces configured: using DHCP and RA on the first Ethernet link");
@@ -294,25 +346,7 @@ impl Manager {
                             .insert(l.name.clone(), InterfaceConfig::default());
                     }
                 }
-                let Some(config) = self.interfaces.get(&info.name).cloned() else {
-                    return;
-                };
-                let (tx, rx) = mpsc::channel(8);
-                // A restarted link (renamed or re-created) gets a fresh task;
-                // dropping the old sender ends the old one.
-                self.running.insert(info.name.clone(), tx);
-                let task = Interface {
-                    name: info.name.clone(),
-                    index: info.index,
-                    mac: info.mac,
-                    carrier: info.carrier,
-                    config,
-                    hostname: self.hostname.clone(),
-                    handle: self.handle.clone(),
-                    updates: self.updates_tx.clone(),
-                    applied: None,
-                };
-                tokio::spawn(task.run(rx));
+                self.start_interface(info);
             }
             LinkChange::Removed(name) => {
                 self.running.remove(&name);
@@ -321,6 +355,47 @@ impl Manager {
                 if let Some(tx) = self.running.get(name) {
                     let _ = tx.send(change.clone()).await;
                 }
+            }
+        }
+    }
+
+    /// Starts (or restarts) the task of a managed link; others are left.
+    fn start_interface(&mut self, info: LinkInfo) {
+        let Some(config) = self.interfaces.get(&info.name).cloned() else {
+            return;
+        };
+        let (tx, rx) = mpsc::channel(8);
+        // A restarted link (renamed, re-created, a bond with a new MAC)
+        // gets a fresh task; dropping the old sender ends the old one.
+        self.running.insert(info.name.clone(), tx);
+        let task = Interface {
+            name: info.name.clone(),
+            index: info.index,
+            mac: info.mac,
+            carrier: info.carrier,
+            config,
+            hostname: self.hostname.clone(),
+            handle: self.handle.clone(),
+            updates: self.updates_tx.clone(),
+            applied: None,
+        };
+        tokio::spawn(task.run(rx));
+    }
+
+    /// The link named `name` as the kernel describes it now.
+    async fn link_info_by_name(&self, name: &str) -> Option<LinkInfo> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(m)) => LinkInfo::from_message(&m),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(link = %name, error = %e, "link not found");
+                None
             }
         }
     }

@@ -324,6 +324,93 @@ pub fn spawn(
     status
 }
 
+/// Longest wait for a usable clock before TLS clients and update checks go
+/// ahead anyway (and most likely fail on a certificate "not yet valid").
+pub const CLOCK_WAIT: Duration = Duration::from_secs(90);
+
+/// Whether TLS may trust this clock: it is not before the image's build
+/// (no certificate check can be right before then), or the SNTP client
+/// synchronised it this boot.
+pub fn clock_usable(now: SystemTime, build_time: SystemTime, status: &TimeSync) -> bool {
+    now >= build_time || matches!(status, TimeSync::Synchronised { .. })
+}
+
+/// Makes TLS clients and update checks wait, bounded, for a usable clock
+/// ([`clock_usable`]). After one wait ran out the gate stays open: a node
+/// without time sync keeps trying on its usual schedule, not 90 s later.
+#[derive(Debug, Clone)]
+pub struct ClockGate {
+    status: watch::Receiver<TimeSync>,
+    build_time: SystemTime,
+    max: Duration,
+    gave_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClockGate {
+    pub fn new(status: watch::Receiver<TimeSync>, build_time: SystemTime, max: Duration) -> Self {
+        ClockGate {
+            status,
+            build_time,
+            max,
+            gave_up: Default::default(),
+        }
+    }
+
+    /// Waits until the clock is usable, at most the gate's bound; `false`
+    /// when it gave up, after printing `clock-unsynced` (`purpose` says
+    /// what waited: `update-check`).
+    pub async fn wait(&self, purpose: &str) -> bool {
+        use std::sync::atomic::Ordering;
+        let usable = |s: &TimeSync| clock_usable(SystemTime::now(), self.build_time, s);
+        let mut status = self.status.clone();
+        if usable(&status.borrow_and_update()) {
+            return true;
+        }
+        if self.gave_up.load(Ordering::Relaxed) {
+            return false;
+        }
+        tracing::info!(
+            purpose,
+            "clock before the image's build: waiting for time sync"
+        );
+        let started = std::time::Instant::now();
+        // A step changes the status too (time-synced), so waiting on the
+        // channel sees it; the periodic look covers an RTC set by hand.
+        let waited = tokio::time::timeout(self.max, async {
+            loop {
+                if usable(&status.borrow_and_update()) {
+                    return;
+                }
+                tokio::select! {
+                    r = status.changed() => if r.is_err() {
+                        std::future::pending::<()>().await;
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(()) => {
+                tracing::info!(
+                    purpose,
+                    waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "clock usable"
+                );
+                true
+            }
+            Err(_) => {
+                self.gave_up.store(true, Ordering::Relaxed);
+                console::emit(&Event::ClockUnsynced {
+                    purpose: purpose.to_owned(),
+                    waited_s: self.max.as_secs(),
+                });
+                false
+            }
+        }
+    }
+}
+
 async fn sleep_for(wait: Option<Duration>) {
     match wait {
         Some(d) => tokio::time::sleep(d).await,
@@ -521,5 +608,62 @@ mod tests {
         let err = syncer.poll(&servers).await.unwrap_err();
         assert!(err.to_string().contains("no answer within"), "{err}");
         drop(silent);
+    }
+
+    #[test]
+    fn a_clock_before_the_build_is_usable_only_once_synchronised() {
+        let build = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let before = build - Duration::from_secs(86_400 * 365 * 9);
+        let synced = TimeSync::Synchronised {
+            server: "10.0.2.2".into(),
+            offset_ms: 1,
+        };
+        let unsynced = TimeSync::Unsynchronised {
+            servers: 1,
+            last_error: "timeout".into(),
+        };
+        assert!(clock_usable(build, build, &TimeSync::NoServers));
+        assert!(clock_usable(
+            build + Duration::from_secs(1),
+            build,
+            &unsynced
+        ));
+        assert!(!clock_usable(before, build, &unsynced));
+        assert!(!clock_usable(before, build, &TimeSync::NoServers));
+        assert!(clock_usable(before, build, &synced));
+    }
+
+    #[tokio::test]
+    async fn the_gate_opens_on_sync_and_gives_up_once() {
+        // A build date in the future: this machine's clock is "before" it.
+        let build = SystemTime::now() + Duration::from_secs(86_400);
+        let (tx, rx) = watch::channel(TimeSync::NoServers);
+        let gate = ClockGate::new(rx, build, Duration::from_millis(200));
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait("update-check").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send_replace(TimeSync::Synchronised {
+            server: "s".into(),
+            offset_ms: 5,
+        });
+        assert!(waiter.await.unwrap());
+        assert!(gate.wait("update-check").await, "open while synchronised");
+
+        let (_tx, rx) = watch::channel(TimeSync::Unsynchronised {
+            servers: 1,
+            last_error: "timeout".into(),
+        });
+        let gate = ClockGate::new(rx, build, Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        assert!(!gate.wait("update-check").await);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        assert!(!gate.wait("update-check").await);
+        assert!(
+            t.elapsed() < Duration::from_millis(50),
+            "a second wait is not made"
+        );
     }
 }

@@ -81,6 +81,9 @@ pub struct UpdateContext {
     pub power: mpsc::Sender<Action>,
     /// Ends the wait for the next poll at once (an operator's "apply now").
     pub wake: Arc<tokio::sync::Notify>,
+    /// Checks and installs (TLS to the repository) wait, bounded, for a
+    /// clock not before the image's build.
+    pub clock: crate::net::timesync::ClockGate,
 }
 
 impl std::fmt::Debug for UpdateContext {
@@ -254,6 +257,7 @@ impl Driver {
             }
             Effect::Check => {
                 let layout = layout?;
+                self.ctx.clock.wait("update-check").await;
                 let config = self.ctx.config.clone();
                 let result = blocking(&layout, move |l| check(&config, l)).await;
                 match &result {
@@ -264,6 +268,7 @@ impl Driver {
             }
             Effect::Install(version) => {
                 let layout = layout?;
+                self.ctx.clock.wait("update-install").await;
                 let config = self.ctx.config.clone();
                 let result = blocking(&layout, move |l| apply(&config, l, version)).await;
                 if let Err(reason) = &result {

@@ -106,7 +106,7 @@ pub const UPDATE: &[Scenario] = &[
     },
     Scenario {
         name: "update-watchdog",
-        about: "1.1.0 (generic kernel, fail point) hangs in its trial: the i6300esb watchdog resets each try, the counter runs out, 1.0.0 reports rolled-back",
+        about: "1.1.0 (metal flavour: i6300esb by modalias; a fail point) hangs in its trial: the watchdog resets each try, the counter runs out, 1.0.0 reports rolled-back",
         run: scenarios::hung_trial,
         tier: Tier::Core,
     },

@@ -831,10 +831,11 @@ pub fn fleetlock(ctx: &Context) -> Result<(), ScenarioError> {
     })
 }
 
-/// The release of the watchdog scenario, beside the test image: 1.1.0
-/// built with the generic kernel (it has the i6300esb driver) and the
+/// The release of the watchdog scenario, beside the test image: 1.1.0 of
+/// the metal flavour (generic kernel; its i6300esb driver is loaded by
+/// modalias, as a server's iTCO_wdt or sbsa_gwdt would be) with the
 /// agent's `trial-gate=pause` fail point, so its trial hangs.
-pub const HUNG_RELEASE: &str = "watchdog/1.1.0";
+pub const HUNG_RELEASE: &str = "watchdog-metal/1.1.0";
 
 /// Scenario 7, `update-watchdog`: 1.1.0 hangs in its trial boot. The
 /// agent armed the i6300esb watchdog before the gate, so the machine
