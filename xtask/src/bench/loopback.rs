@@ -1,10 +1,11 @@
 //! A static file server on loopback for the benches (`bench install`,
-//! `bench delta`): GET with `Range: bytes=N-` resume, `..` refused, and
+//! `bench delta`): keep-alive GET with `Range: bytes=A-` and `bytes=A-B`
+//! (resumes, delta runs), `..` refused, and
 //! counters of the requests and body bytes it sent (what a CDN would
 //! serve). Plain blocking I/O, a thread per connection: nothing here is
 //! what is measured.
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read as _, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +30,7 @@ fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()
             return Ok(());
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-        let mut start = 0u64;
+        let mut range: Option<(u64, Option<u64>)> = None;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -39,7 +40,8 @@ fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()
                 break;
             }
             if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+                let (a, b) = v.trim().split_once('-').unwrap_or((v.trim(), ""));
+                range = Some((a.parse().unwrap_or(0), b.parse().ok()));
             }
         }
         served.requests.fetch_add(1, Ordering::Relaxed);
@@ -53,20 +55,22 @@ fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()
             continue;
         };
         let len = file.metadata()?.len();
-        let start = start.min(len);
+        let (start, last) = match range {
+            Some((a, b)) => (a.min(len), b.unwrap_or(u64::MAX).min(len.saturating_sub(1))),
+            None => (0, len.saturating_sub(1)),
+        };
+        let body = (last + 1).saturating_sub(start);
         file.seek(SeekFrom::Start(start))?;
-        let status = if start > 0 {
+        let status = if range.is_some() {
             "206 Partial Content"
         } else {
             "200 OK"
         };
         write!(
             out,
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {start}-{}/{len}\r\n\r\n",
-            len - start,
-            len.saturating_sub(1)
+            "HTTP/1.1 {status}\r\ncontent-length: {body}\r\ncontent-range: bytes {start}-{last}/{len}\r\n\r\n",
         )?;
-        let sent = std::io::copy(&mut file, &mut out)?;
+        let sent = std::io::copy(&mut (&mut file).take(body), &mut out)?;
         served.bytes.fetch_add(sent, Ordering::Relaxed);
     }
 }
