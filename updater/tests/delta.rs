@@ -246,3 +246,49 @@ fn the_manifest_of_a_chunked_repository_is_what_old_nodes_read() {
     assert_eq!(report.indexes_checked, 2);
     assert!(report.chunks_checked > 5, "{report:?}");
 }
+
+#[test]
+fn the_inactive_slot_is_indexed_only_when_the_running_one_holds_too_little() {
+    let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
+    let v2 = derived(&v1, "1.1.0", 700_000, 2000, 2, false);
+    let repo = Repo::new(&[&v1, &v2]);
+    let usr_sha = v2.meta.artifact("usr.img").unwrap().sha256.clone();
+    let apply = |node: &TestNode| {
+        let (server, url) = serve(repo.path());
+        let installed = node
+            .apply_with(
+                &HttpFetch::new(&url).unwrap(),
+                &repo.trust(),
+                &ApplyOptions::default(),
+            )
+            .unwrap()
+            .installed
+            .unwrap();
+        let asked: u64 = ranges_of(&server.requests(), &usr_sha)
+            .into_iter()
+            .map(|r| {
+                let (a, b) = r.unwrap();
+                b.unwrap() + 1 - a
+            })
+            .sum();
+        (installed, asked)
+    };
+
+    // Slot A (running) mostly overwritten, slot B still holding v1: the
+    // node falls back to indexing slot B and downloads only the change.
+    let node = TestNode::new(&v1);
+    let mut slot_a = node.fs.read(&node.layout.slot_a.path).unwrap();
+    for b in &mut slot_a[..v1.usr.len() * 3 / 4] {
+        *b = !*b;
+    }
+    node.fs.put(&node.layout.slot_a.path, &slot_a);
+    let mut slot_b = node.fs.read(&node.layout.slot_b.path).unwrap();
+    slot_b[..v1.usr.len()].copy_from_slice(&v1.usr);
+    node.fs.put(&node.layout.slot_b.path, &slot_b);
+    let (installed, asked) = apply(&node);
+    assert!(installed.delta, "{installed:?}");
+    // Without slot B it would be at least the three damaged quarters.
+    assert!(asked < v2.usr.len() as u64 / 2, "asked for {asked} bytes");
+    let slot = node.fs.read(&node.layout.slot_b.path).unwrap();
+    assert_eq!(&slot[..v2.usr.len()], &v2.usr[..]);
+}

@@ -81,6 +81,7 @@ impl Server {
     }
 
     fn handle(&self, stream: TcpStream) -> std::io::Result<()> {
+        stream.set_nodelay(true)?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut out = stream;
         loop {
