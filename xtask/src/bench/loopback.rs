@@ -5,7 +5,7 @@
 //! serve). Plain blocking I/O, a thread per connection: nothing here is
 //! what is measured.
 
-use std::io::{BufRead, BufReader, Read as _, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +21,44 @@ pub struct Served {
     pub requests: AtomicU64,
 }
 
-fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()> {
+/// Copies `len` bytes of `from` to `to`, at most `rate` bytes per second
+/// (per connection) when given: a link slower than loopback.
+fn send(
+    from: &mut impl std::io::Read,
+    to: &mut impl Write,
+    len: u64,
+    rate: Option<u64>,
+) -> std::io::Result<u64> {
+    let Some(rate) = rate.filter(|r| *r > 0) else {
+        return std::io::copy(&mut from.take(len), to);
+    };
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let want = usize::try_from(len - sent)
+            .unwrap_or(buf.len())
+            .min(buf.len());
+        let n = from.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n])?;
+        sent += n as u64;
+        let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(sent)
+}
+
+fn handle(
+    root: &Path,
+    served: &Served,
+    stream: TcpStream,
+    rate: Option<u64>,
+) -> std::io::Result<()> {
     // As web servers do for keep-alive: otherwise the head and the body
     // wait on the client's delayed ACK (40 ms per request on loopback).
     stream.set_nodelay(true)?;
@@ -73,7 +110,7 @@ fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()
             out,
             "HTTP/1.1 {status}\r\ncontent-length: {body}\r\ncontent-range: bytes {start}-{last}/{len}\r\n\r\n",
         )?;
-        let sent = std::io::copy(&mut (&mut file).take(body), &mut out)?;
+        let sent = send(&mut file, &mut out, body, rate)?;
         served.bytes.fetch_add(sent, Ordering::Relaxed);
     }
 }
@@ -81,6 +118,11 @@ fn handle(root: &Path, served: &Served, stream: TcpStream) -> std::io::Result<()
 /// Serves `root` on 127.0.0.1 until the process exits; returns its URL
 /// and the counters.
 pub fn serve(root: PathBuf) -> Result<(String, Arc<Served>)> {
+    serve_at(root, None)
+}
+
+/// [`serve`], each connection sending at most `rate` bytes per second.
+pub fn serve_at(root: PathBuf, rate: Option<u64>) -> Result<(String, Arc<Served>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let served = Arc::new(Served::default());
@@ -90,7 +132,7 @@ pub fn serve(root: PathBuf) -> Result<(String, Arc<Served>)> {
             let root = root.clone();
             let counter = Arc::clone(&counter);
             std::thread::spawn(move || {
-                let _ = handle(&root, &counter, stream);
+                let _ = handle(&root, &counter, stream, rate);
             });
         }
     });
