@@ -247,6 +247,9 @@ async fn main_loop() -> Action {
             &config.health,
             BuiltinSources {
                 time_sync: Some(time_sync.clone()),
+                at_boot: (config.kubernetes.iter())
+                    .map(crate::kubernetes::services::kubelet_check)
+                    .collect(),
                 ..BuiltinSources::default()
             },
             supervisor.as_ref().map(Supervisor::handle),
@@ -308,7 +311,7 @@ async fn main_loop() -> Action {
         .as_ref()
         .filter(|k| k.agent.is_some() && !k.standalone)
         .and_then(|k| {
-            crate::kubernetes::coordinator::Cluster::from_config(k, &identity.name, &config.trust.bundle())
+            crate::kubernetes::coordinator::Cluster::from_config(k, &identity.name, &config.outbound())
                 .map_err(|e| {
                     tracing::error!(error = %crate::error_chain(&e), "no cluster calls from the agent")
                 })
@@ -625,10 +628,14 @@ fn reboot_strategy(
     cluster: Option<std::sync::Arc<crate::kubernetes::coordinator::Cluster>>,
     node_id: String,
 ) -> (Arc<dyn RebootStrategy>, Vec<Arc<dyn RebootStrategy>>) {
-    let fleetlock = config
-        .fleetlock
-        .clone()
-        .map(|config| Arc::new(strategy::FleetLock { config, node_id }) as Arc<dyn RebootStrategy>);
+    let outbound = config.outbound.clone();
+    let fleetlock = config.fleetlock.clone().map(|config| {
+        Arc::new(strategy::FleetLock {
+            config,
+            node_id,
+            outbound,
+        }) as Arc<dyn RebootStrategy>
+    });
     let cluster = cluster.map(|c| c as Arc<dyn RebootStrategy>);
     // Config::merge rejects window and fleetlock without their tables, so
     // `Unavailable` there is only a guard.

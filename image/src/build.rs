@@ -97,6 +97,10 @@ pub struct BuildOptions {
     pub profile: Profile,
     /// A kubelet binary for `/usr/bin/kubelet` (k8s profile only).
     pub kubelet: Option<PathBuf>,
+    /// The kubelet's version, recorded as `kubelet=VERSION` in
+    /// `packages.txt` and the payload's package list (`unknown` when a
+    /// kubelet is shipped without one).
+    pub kubelet_version: Option<String>,
     /// Test images only: `NAME=ACTIONS` lines written to
     /// `/usr/lib/ballast/failpoints` (see the agent's failpoints.rs).
     pub failpoints: Option<String>,
@@ -133,6 +137,7 @@ impl BuildOptions {
             version,
             profile: Profile::Base,
             kubelet: None,
+            kubelet_version: None,
             failpoints: None,
             kernel: KernelFlavor::Cloud,
             platform: Platform::Qemu,
@@ -419,6 +424,12 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn Progress) -> Result<BuildOu
         progress,
     )?;
     packages.extend(contents.specs());
+    if contents.kubelet.is_some() {
+        packages.push(format!(
+            "kubelet={}",
+            opts.kubelet_version.as_deref().unwrap_or("unknown")
+        ));
+    }
     packages.sort();
     packages.dedup();
     fsimage::normalize_tree(

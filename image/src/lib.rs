@@ -8,7 +8,8 @@
 //! [`formats`] (qcow2, VHD, VMDK through qemu-img),
 //! [`cpio`] + [`initrd`], [`fsimage`] (erofs, dm-verity,
 //! FAT, ext4 through their tools), [`gpt`] (partition tables), [`profile`]
-//! (what each image profile ships: packages, libraries, modules), and
+//! (what each image profile ships: packages, libraries, modules),
+//! [`kubelet`] (a kubelet fetched by URL and SHA-256 at build time), and
 //! [`cmd`] (running those tools with useful errors).
 
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod fsimage;
 pub mod gpt;
 pub mod initrd;
 pub mod kmod;
+pub mod kubelet;
 pub mod platform;
 pub mod profile;
 

@@ -46,26 +46,65 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let err = |source| HttpError::Io {
-        method: method.to_owned(),
-        port,
-        path: path.to_owned(),
-        source,
-    };
+    let mut stream = connect(port, method, path, timeout)?;
+    exchange(&mut stream, port, method, path, body)
+}
+
+/// A TCP connection to `127.0.0.1:port` with read and write timeouts.
+pub(crate) fn connect(
+    port: u16,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<TcpStream, HttpError> {
+    let err = io_error(port, method, path);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
-    s.set_read_timeout(Some(timeout)).map_err(err)?;
-    s.set_write_timeout(Some(timeout)).map_err(err)?;
-    s.write_all(request_bytes(port, method, path, body).as_bytes())
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
+    stream.set_read_timeout(Some(timeout)).map_err(err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(err)?;
+    Ok(stream)
+}
+
+/// Writes one request on `stream` (plain or TLS) and reads the response
+/// to the end.
+pub(crate) fn exchange(
+    stream: &mut (impl Read + Write),
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<Response, HttpError> {
+    let err = io_error(port, method, path);
+    stream
+        .write_all(request_bytes(port, method, path, body).as_bytes())
         .map_err(err)?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(err)?;
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify after a whole
+        // response: the parse below decides whether it was whole.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(err(e)),
+    }
     parse_response(&raw).ok_or_else(|| HttpError::Malformed {
         method: method.to_owned(),
         port,
         path: path.to_owned(),
         head: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned(),
     })
+}
+
+fn io_error<'a>(
+    port: u16,
+    method: &'a str,
+    path: &'a str,
+) -> impl Fn(std::io::Error) -> HttpError + Copy + 'a {
+    move |source| HttpError::Io {
+        method: method.to_owned(),
+        port,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The bytes of one `Connection: close` request.

@@ -4,8 +4,6 @@
 //! one. The handshake signature is still verified with ring, so only the
 //! holder of the pinned certificate's key gets through.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,36 +56,12 @@ impl TlsClient {
         body: Option<&str>,
         timeout: Duration,
     ) -> Result<Response, HttpError> {
-        let err = |source| HttpError::Io {
-            method: method.to_owned(),
-            port,
-            path: path.to_owned(),
-            source,
-        };
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let sock = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
-        sock.set_read_timeout(Some(timeout)).map_err(err)?;
-        sock.set_write_timeout(Some(timeout)).map_err(err)?;
+        let sock = http::connect(port, method, path, timeout)?;
         let name =
             ServerName::try_from("ballast-node").map_err(|e| HttpError::Tls(e.to_string()))?;
         let conn = rustls::ClientConnection::new(self.config.clone(), name)
             .map_err(|e| HttpError::Tls(e.to_string()))?;
         let mut tls = rustls::StreamOwned::new(conn, sock);
-        tls.write_all(http::request_bytes(port, method, path, body).as_bytes())
-            .map_err(err)?;
-        let mut raw = Vec::new();
-        match tls.read_to_end(&mut raw) {
-            Ok(_) => {}
-            // A peer that closes without close_notify after a whole
-            // response: the parse below decides whether it was whole.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-            Err(e) => return Err(err(e)),
-        }
-        http::parse_response(&raw).ok_or_else(|| HttpError::Malformed {
-            method: method.to_owned(),
-            port,
-            path: path.to_owned(),
-            head: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned(),
-        })
+        http::exchange(&mut tls, port, method, path, body)
     }
 }

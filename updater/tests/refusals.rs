@@ -31,6 +31,17 @@ fn refused(node: &TestNode, repo: &Repo, trust: &TrustedKeys, opts: &ApplyOption
     err
 }
 
+/// `refused` on a fresh node running `running`, trusting the repo's key,
+/// with default options: the shape of most refusals.
+fn refused_by(running: &Payload, repo: &Repo) -> InstallError {
+    refused(
+        &TestNode::new(running),
+        repo,
+        &repo.trust(),
+        &ApplyOptions::default(),
+    )
+}
+
 fn resign_with(repo: &Repo, keys: &[&SecretKey]) {
     let bytes = std::fs::read(repo.path().join("manifest.json")).unwrap();
     let sigs: Vec<Signature> = keys
@@ -66,12 +77,7 @@ fn tampered_manifest_is_refused() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
     std::fs::write(&path, bytes).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -86,12 +92,7 @@ fn missing_signature_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.path().join("manifest.json.sig")).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(err, InstallError::Manifest(ManifestError::MissingSignature)),
         "{err}"
@@ -211,12 +212,7 @@ fn release_below_floor_is_refused() {
     let (a, b) = (v1(), v2());
     let repo = Repo::new(&[&a, &b]);
     edit_manifest(&repo, |m| m["floor"] = "2.0.0".into());
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -278,12 +274,7 @@ fn corrupt_or_oversized_kernel_object_is_refused_before_any_change() {
     let mut bad = good.clone();
     bad[100] ^= 1;
     std::fs::write(&kernel, &bad).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -298,12 +289,7 @@ fn corrupt_or_oversized_kernel_object_is_refused_before_any_change() {
     let mut longer = good.clone();
     longer.push(0);
     std::fs::write(&kernel, &longer).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -316,12 +302,7 @@ fn corrupt_or_oversized_kernel_object_is_refused_before_any_change() {
     );
 
     std::fs::write(&kernel, &good[..good.len() - 1]).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -387,12 +368,7 @@ fn escaping_names_and_versions_are_refused() {
     edit_manifest(&repo, |m| {
         m["releases"][1]["payload"]["artifacts"][1]["name"] = "../../EFI/BOOT/BOOTX64.EFI".into()
     });
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,
@@ -405,12 +381,7 @@ fn escaping_names_and_versions_are_refused() {
     edit_manifest(&repo, |m| {
         m["releases"][1]["payload"]["version"] = "../../1.2.0".into()
     });
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(err, InstallError::Manifest(ManifestError::Parse(_))),
         "{err}"
@@ -420,12 +391,7 @@ fn escaping_names_and_versions_are_refused() {
     edit_manifest(&repo, |m| {
         m["releases"][1]["payload"]["artifacts"][0]["sha256"] = "../../../etc/passwd".into()
     });
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(err, InstallError::Manifest(ManifestError::Release { .. })),
         "{err}"
@@ -448,12 +414,7 @@ fn corrupted_repository_is_refused() {
     let repo = Repo::new(&[&a, &b]);
     std::fs::write(repo.path().join("manifest.json"), b"{\"schema\": 1, \"sequ").unwrap();
     resign_with(&repo, &[&repo.key]);
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(err, InstallError::Manifest(ManifestError::Parse(_))),
         "{err}"
@@ -461,12 +422,7 @@ fn corrupted_repository_is_refused() {
     // Garbage signature list.
     let repo = Repo::new(&[&a, &b]);
     std::fs::write(repo.path().join("manifest.json.sig"), b"\x00\x01nope").unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(err, InstallError::Manifest(ManifestError::SignatureList(_))),
         "{err}"
@@ -474,22 +430,12 @@ fn corrupted_repository_is_refused() {
     // No manifest at all.
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.path().join("manifest.json")).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(matches!(err, InstallError::NoManifest { .. }), "{err}");
     // A missing object.
     let repo = Repo::new(&[&a, &b]);
     std::fs::remove_file(repo.object(&b.meta.artifact("initrd").unwrap().sha256)).unwrap();
-    let err = refused(
-        &TestNode::new(&a),
-        &repo,
-        &repo.trust(),
-        &ApplyOptions::default(),
-    );
+    let err = refused_by(&a, &repo);
     assert!(
         matches!(
             err,

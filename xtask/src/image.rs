@@ -46,8 +46,21 @@ pub struct ImageArgs {
     pub profile: Profile,
     /// A kubelet binary for /usr/bin/kubelet (k8s profile; checked to be an
     /// ELF executable for --arch).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubelet_url")]
     pub kubelet: Option<PathBuf>,
+    /// Fetch the kubelet from this http(s) URL at build time (k8s profile;
+    /// needs --kubelet-sha256; kept in .cache/kubelet/<sha256>/). Its
+    /// version is read from the URL's vX.Y.Z segment (dl.k8s.io layout).
+    #[arg(long, requires = "kubelet_sha256")]
+    pub kubelet_url: Option<String>,
+    /// The SHA-256 (hex) the --kubelet-url download must have; a mismatch
+    /// fails the build and keeps nothing.
+    #[arg(long, requires = "kubelet_url")]
+    pub kubelet_sha256: Option<String>,
+    /// The kubelet's version to record (`kubelet=VERSION` in packages.txt
+    /// and the payload), when the URL does not name it or with --kubelet.
+    #[arg(long)]
+    pub kubelet_version: Option<String>,
     /// Pin a Debian package: NAME=VERSION; repeatable.
     #[arg(long = "pin")]
     pub pins: Vec<String>,
@@ -108,6 +121,22 @@ fn options(args: &ImageArgs, out: PathBuf) -> Result<BuildOptions> {
     opts.kernel = args.kernel.unwrap_or(args.platform.kernel());
     opts.profile = args.profile;
     opts.kubelet = args.kubelet.clone();
+    opts.kubelet_version = args.kubelet_version.clone();
+    if let (Some(url), Some(sha)) = (&args.kubelet_url, &args.kubelet_sha256) {
+        if args.profile != Profile::K8s {
+            bail!("--kubelet-url needs --profile k8s");
+        }
+        let cache = root.join(".cache/kubelet");
+        eprintln!("kubelet: fetching {url} (SHA-256 {sha})");
+        let path = ballast_image::kubelet::fetch(url, sha, &cache, &mut |n| {
+            eprintln!("kubelet: {} MiB", n >> 20);
+        })?;
+        eprintln!("kubelet: {} (SHA-256 checked)", path.display());
+        opts.kubelet = Some(path);
+        if opts.kubelet_version.is_none() {
+            opts.kubelet_version = ballast_image::kubelet::version_from_url(url);
+        }
+    }
     if !args.failpoints.is_empty() {
         eprintln!(
             "image: TEST IMAGE with fail points armed: {}",

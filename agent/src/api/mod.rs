@@ -432,10 +432,25 @@ pub async fn request(
     method: Method,
     path: &str,
 ) -> Result<(StatusCode, String), String> {
-    use http_body_util::BodyExt;
     let stream = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|e| format!("{}: {e}", socket.display()))?;
+    exchange(stream, "localhost", method, path, Vec::new()).await
+}
+
+/// One HTTP/1.1 request over an open stream (Unix socket, TCP or TLS):
+/// the status and the body as text.
+pub(crate) async fn exchange<S>(
+    stream: S,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(StatusCode, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    use http_body_util::BodyExt;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -443,8 +458,8 @@ pub async fn request(
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
+        .header(hyper::header::HOST, host)
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();

@@ -517,7 +517,16 @@ mod tests {
         power: &'p Power,
     }
 
-    impl MemDisk<'_> {
+    impl<'p> MemDisk<'p> {
+        /// A disk whose live and durable contents are both `bytes`.
+        fn holding(bytes: Vec<u8>, power: &'p Power) -> Self {
+            Self {
+                live: RefCell::new(bytes.clone()),
+                durable: RefCell::new(bytes),
+                power,
+            }
+        }
+
         fn crash(&self, keep_unsynced: bool) -> Vec<u8> {
             if keep_unsynced {
                 self.live.borrow().clone()
@@ -686,11 +695,7 @@ mod tests {
         let mem = esp_and_state();
         let power = Power::new(&mem, None);
         let bytes = disk_image();
-        let disk = MemDisk {
-            live: RefCell::new(bytes.clone()),
-            durable: RefCell::new(bytes),
-            power: &power,
-        };
+        let disk = MemDisk::holding(bytes.clone(), &power);
         let Outcome::Renewed(j) = run(&mem, &disk, 0x5000).unwrap() else {
             panic!("nothing renewed");
         };
@@ -730,11 +735,7 @@ mod tests {
             let mem = esp_and_state();
             let power = Power::new(&mem, None);
             let bytes = disk_image();
-            let disk = MemDisk {
-                live: RefCell::new(bytes.clone()),
-                durable: RefCell::new(bytes),
-                power: &power,
-            };
+            let disk = MemDisk::holding(bytes.clone(), &power);
             run(&mem, &disk, 0x5000).unwrap();
             power.ops()
         };
@@ -744,11 +745,7 @@ mod tests {
                 let mem = esp_and_state();
                 let power = Power::new(&mem, Some(cut));
                 let bytes = disk_image();
-                let disk = MemDisk {
-                    live: RefCell::new(bytes.clone()),
-                    durable: RefCell::new(bytes),
-                    power: &power,
-                };
+                let disk = MemDisk::holding(bytes.clone(), &power);
                 assert!(
                     run(&mem, &disk, 0x5000).is_err(),
                     "cut {cut}: finished anyway"
@@ -758,11 +755,7 @@ mod tests {
                 every_entry_boots(&mem, &after);
 
                 let power = Power::new(&mem, None);
-                let disk = MemDisk {
-                    live: RefCell::new(after.clone()),
-                    durable: RefCell::new(after),
-                    power: &power,
-                };
+                let disk = MemDisk::holding(after.clone(), &power);
                 let planned = read_journal(&mem, Path::new(JOURNAL)).unwrap();
                 let outcome = run(&mem, &disk, 0x9000).unwrap();
                 assert!(matches!(outcome, Outcome::Renewed(_)), "cut {cut}");
@@ -784,11 +777,7 @@ mod tests {
         let mem = esp_and_state();
         let power = Power::new(&mem, None);
         let bytes = disk_image();
-        let disk = MemDisk {
-            live: RefCell::new(bytes.clone()),
-            durable: RefCell::new(bytes.clone()),
-            power: &power,
-        };
+        let disk = MemDisk::holding(bytes.clone(), &power);
         let before = mem.snapshot();
         let err = renew(
             &mem,
@@ -807,11 +796,7 @@ mod tests {
             &[("ESP", 2048, 4095), ("USR-A", 4096, 6143)],
             8 * MIB,
         );
-        let disk = MemDisk {
-            live: RefCell::new(no_b.clone()),
-            durable: RefCell::new(no_b.clone()),
-            power: &power,
-        };
+        let disk = MemDisk::holding(no_b.clone(), &power);
         let err = run(&mem, &disk, 0x5000).unwrap_err();
         assert!(err.to_string().contains("USR-B"), "{err}");
         assert_eq!(mem.snapshot(), before);
@@ -826,11 +811,7 @@ mod tests {
         mem.put(Path::new("/var/lib/ballast/machine-id"), b"x\n");
         let power = Power::new(&mem, None);
         let bytes = disk_image();
-        let disk = MemDisk {
-            live: RefCell::new(bytes.clone()),
-            durable: RefCell::new(bytes.clone()),
-            power: &power,
-        };
+        let disk = MemDisk::holding(bytes.clone(), &power);
         let err = run(&mem, &disk, 0x5000).unwrap_err();
         assert!(matches!(err, IdentityError::NoEntries { .. }), "{err}");
         assert_eq!(*disk.live.borrow(), bytes);
@@ -855,11 +836,7 @@ mod tests {
         assert_eq!(current_usr_partuuid(&mem, Path::new(JOURNAL), OLD_A), OLD_A);
         let power = Power::new(&mem, None);
         let bytes = disk_image();
-        let disk = MemDisk {
-            live: RefCell::new(bytes.clone()),
-            durable: RefCell::new(bytes),
-            power: &power,
-        };
+        let disk = MemDisk::holding(bytes.clone(), &power);
         run(&mem, &disk, 0x5000).unwrap();
         let new_a = Uuid::from_u128(0x5001);
         assert_eq!(current_usr_partuuid(&mem, Path::new(JOURNAL), OLD_A), new_a);

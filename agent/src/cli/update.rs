@@ -225,7 +225,7 @@ fn with_source<T>(
     let layout = layout(node)?;
     let trust = trust(source)?;
     let location = repo_location(source)?;
-    let fetch = ballast_updater::http::for_location(&location)?;
+    let fetch = ballast_updater::http::for_location_with(&location, &configured().outbound)?;
     let node = Node {
         storage: &RealStorage,
         layout: &layout,

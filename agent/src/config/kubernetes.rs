@@ -190,7 +190,7 @@ fn default_group() -> String {
 }
 
 fn default_lease_namespace() -> String {
-    "kube-system".into()
+    "ballast-system".into()
 }
 
 fn default_lease_ttl() -> Duration {
@@ -245,7 +245,7 @@ mod tests {
         assert_eq!(r.max_concurrent, 3);
         assert_eq!(r.lease_ttl, Duration::from_secs(3600));
         assert_eq!(r.group, "default");
-        assert_eq!(r.lease_namespace, "kube-system");
+        assert_eq!(r.lease_namespace, "ballast-system");
         assert_eq!(r.drain_timeout, Duration::from_secs(300));
         assert!(!r.force);
         assert!(!r.delete_emptydir_data);

@@ -17,6 +17,8 @@ pub mod kubernetes;
 pub mod kubernetes_registries;
 pub mod kubernetes_validate;
 pub mod proxy;
+#[cfg(test)]
+pub mod proxy_testing;
 pub mod time;
 pub mod trust;
 pub mod update;
@@ -386,6 +388,12 @@ fn line_key(line: &str) -> Option<&str> {
 }
 
 impl Config {
+    /// `[proxy]` and `[trust] ca` as the agent's own HTTP clients use them
+    /// (update, Kubernetes, FleetLock; never instance metadata).
+    pub fn outbound(&self) -> ballast_updater::http::Outbound {
+        self.proxy.outbound(&self.trust)
+    }
+
     /// Parses and validates one TOML document; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config =
@@ -487,6 +495,7 @@ pub fn merge(layers: &[Layer]) -> Result<(Config, toml::Table), ConfigError> {
     }
     let text = toml::to_string(&merged).unwrap_or_default();
     let mut config = Config::parse(&text, Path::new("merged configuration"))?;
+    config.update.outbound = config.outbound();
     let strategy_set = merged
         .get("update")
         .and_then(toml::Value::as_table)

@@ -1,5 +1,7 @@
 //! The `[proxy]` table: the HTTP(S) proxy containerd and the kubelet use
-//! (their `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`), and its checks.
+//! (their `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY`) and the agent's own
+//! clients use (update, Kubernetes, FleetLock; never instance metadata or
+//! a link-local address), and its checks.
 
 use std::collections::BTreeMap;
 
@@ -59,6 +61,17 @@ impl ProxyConfig {
     /// Whether a proxy is configured.
     pub fn is_set(&self) -> bool {
         self.https.is_some() || self.http.is_some()
+    }
+
+    /// What the agent's own HTTP clients (update, Kubernetes, FleetLock;
+    /// never instance metadata) add: this proxy and `trust`'s CAs.
+    pub fn outbound(&self, trust: &super::trust::TrustConfig) -> ballast_updater::http::Outbound {
+        ballast_updater::http::Outbound {
+            https_proxy: self.https.clone(),
+            http_proxy: self.http.clone(),
+            no_proxy: self.no_proxy.clone(),
+            extra_ca_pem: trust.bundle(),
+        }
     }
 
     /// The environment of a Go program (containerd, the kubelet): upper-
@@ -157,5 +170,76 @@ mod tests {
         }
         let err = parse("[proxy]\nhttps_proxy = \"x\"\n").unwrap_err();
         assert!(err.contains("https_proxy"), "{err}");
+    }
+
+    #[test]
+    fn merge_hands_proxy_and_trust_to_the_update_client() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.example".into()])
+            .unwrap()
+            .cert
+            .pem();
+        let layers = [
+            crate::config::Layer {
+                source: "vendor.toml".into(),
+                text: "[proxy]\nhttps = \"http://proxy.example:3128\"\nno_proxy = [\".corp\"]\n"
+                    .into(),
+            },
+            crate::config::Layer {
+                source: "user-data".into(),
+                text: format!("[trust]\nca = [{:?}]\n", ca),
+            },
+        ];
+        let (config, _) = crate::config::merge(&layers).unwrap();
+        let o = &config.update.outbound;
+        assert_eq!(o.https_proxy.as_deref(), Some("http://proxy.example:3128"));
+        assert_eq!(o.http_proxy, None);
+        assert_eq!(o.no_proxy, [".corp"]);
+        assert_eq!(o.extra_ca_pem, format!("{}\n", ca.trim_end()));
+        assert_eq!(*o, config.outbound());
+    }
+
+    /// The update client as the agent builds it: a repository served with
+    /// a certificate from an extra CA, reached through an HTTP CONNECT
+    /// proxy on loopback under a name no resolver knows.
+    #[test]
+    fn the_update_client_goes_through_the_proxy_and_trusts_only_with_trust_ca() {
+        use super::super::proxy_testing::{ForwardProxy, TestPki};
+        use super::super::trust::TrustConfig;
+        let pki = TestPki::new("repo.test");
+        let server = pki.serve(b"signed manifest");
+        let proxy = ForwardProxy::start(server);
+        let config = parse(&format!("[proxy]\nhttps = \"{}\"\n", proxy.url)).unwrap();
+        let repo = "https://repo.test:8443/stable/";
+
+        // Without [trust] ca the certificate is refused (and nothing is
+        // fetched), though the proxy was asked.
+        let fetch = ballast_updater::http::for_location_with(
+            repo,
+            &config.outbound(&TrustConfig::default()),
+        )
+        .unwrap();
+        let err = fetch.get("manifest.json", 1024).unwrap_err().to_string();
+        assert!(err.contains("repo.test"), "{err}");
+        assert_eq!(proxy.seen(), ["CONNECT repo.test:8443 HTTP/1.1"]);
+
+        let trust = TrustConfig {
+            ca: vec![pki.ca_pem.clone()],
+        };
+        let fetch =
+            ballast_updater::http::for_location_with(repo, &config.outbound(&trust)).unwrap();
+        let got = fetch.get("manifest.json", 1024).unwrap().unwrap();
+        assert_eq!(got, b"signed manifest");
+        assert_eq!(proxy.seen().len(), 2);
+
+        // no_proxy: the name is reached directly (and does not resolve).
+        let direct = parse(&format!(
+            "[proxy]\nhttps = \"{}\"\nno_proxy = [\".test\"]\n",
+            proxy.url
+        ))
+        .unwrap();
+        let fetch =
+            ballast_updater::http::for_location_with(repo, &direct.outbound(&trust)).unwrap();
+        assert!(fetch.get("manifest.json", 1024).is_err());
+        assert_eq!(proxy.seen().len(), 2, "{:?}", proxy.seen());
     }
 }

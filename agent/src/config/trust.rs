@@ -1,6 +1,7 @@
 //! The `[trust]` table: extra CA certificates the whole node trusts
 //! (appended to the node's bundle for containerd and the kubelet, and
-//! trusted by the agent's Kubernetes client), and their checks.
+//! trusted by the agent's update, FleetLock and Kubernetes clients), and
+//! their checks.
 
 use serde::{Deserialize, Serialize};
 

@@ -39,6 +39,10 @@ pub struct UpdateConfig {
     pub fleetlock: Option<FleetLockConfig>,
     /// Maintenance window for `strategy = "window"`.
     pub window: Option<WindowConfig>,
+    /// Not a key: `[proxy]` and `[trust] ca` for the update and FleetLock
+    /// clients, filled in by `config::merge` from the merged document.
+    #[serde(skip)]
+    pub outbound: ballast_updater::http::Outbound,
 }
 
 impl Default for UpdateConfig {
@@ -53,6 +57,7 @@ impl Default for UpdateConfig {
             version_lock: None,
             fleetlock: None,
             window: None,
+            outbound: ballast_updater::http::Outbound::default(),
         }
     }
 }

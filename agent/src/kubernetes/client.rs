@@ -89,9 +89,10 @@ pub struct ClientConfig {
     /// The cluster CA (PEM). When set it is the only trusted root; when not,
     /// the built-in web roots are used.
     pub ca_pem: Option<Vec<u8>>,
-    /// The node's extra CAs (`[trust] ca`, PEM): trusted beside the
-    /// built-in roots when `ca_pem` is not set, ignored when it is.
-    pub extra_roots: Option<Vec<u8>>,
+    /// `[proxy]` (the API server is reached through it unless `no_proxy`
+    /// names it) and `[trust] ca` (trusted beside the built-in roots when
+    /// `ca_pem` is not set, ignored when it is).
+    pub outbound: ballast_updater::http::Outbound,
     pub auth: Auth,
     /// Per-request timeout (connect and answer).
     pub timeout: Duration,
@@ -103,7 +104,7 @@ impl ClientConfig {
         ClientConfig {
             server: server.into(),
             ca_pem,
-            extra_roots: None,
+            outbound: ballast_updater::http::Outbound::default(),
             auth,
             timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
@@ -261,16 +262,31 @@ impl KubeClient {
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
-        } else if let Some(extra) = &config.extra_roots {
-            let certs =
-                reqwest::Certificate::from_pem_bundle(extra).map_err(|e| KubeError::Config {
+        } else {
+            let certs = config
+                .outbound
+                .roots()
+                .map_err(|reason| KubeError::Config {
                     field: "trust.ca",
-                    value: format!("{} bytes", extra.len()),
-                    reason: e.to_string(),
+                    value: format!("{} bytes", config.outbound.extra_ca_pem.len()),
+                    reason,
                 })?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
+        }
+        // Only the configured proxy: PID 1's environment is not a setting.
+        builder = builder.no_proxy();
+        let proxies = config
+            .outbound
+            .proxies()
+            .map_err(|reason| KubeError::Config {
+                field: "proxy",
+                value: "<see [proxy]>".into(),
+                reason,
+            })?;
+        for proxy in proxies {
+            builder = builder.proxy(proxy);
         }
         if let Auth::ClientCert { cert_pem, key_pem } = &config.auth {
             let mut pem = cert_pem.clone();
@@ -905,5 +921,67 @@ mod tests {
         let client = KubeClient::new(config).unwrap();
         let err = client.get::<Node>(&node_path("n1"), &[]).await.unwrap_err();
         assert!(matches!(err, KubeError::Transport { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn the_api_server_is_reached_through_the_proxy_unless_no_proxy_names_it() {
+        use crate::config::proxy_testing::ForwardProxy;
+        let server = TestServer::start().await;
+        server.add_node("n1");
+        let proxy = ForwardProxy::start(server.addr());
+        // A name no resolver knows: only the proxy can reach it.
+        let url = format!("http://kube.test:{}", server.addr().port());
+        let mut config = server.config(None, Auth::None);
+        config.server = url.clone();
+        config.outbound.http_proxy = Some(proxy.url.clone());
+        let client = KubeClient::new(config.clone()).unwrap();
+        assert_eq!(
+            client
+                .get_node("n1")
+                .await
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("n1")
+        );
+        let seen = proxy.seen();
+        assert_eq!(
+            seen,
+            [format!("GET {url}/api/v1/nodes/n1 HTTP/1.1")],
+            "{seen:?}"
+        );
+
+        config.outbound.no_proxy = vec!["kube.test".into()];
+        config.retry.attempts = 1;
+        let client = KubeClient::new(config).unwrap();
+        assert!(client.get_node("n1").await.is_err());
+        assert_eq!(proxy.seen().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn trust_ca_is_trusted_beside_the_public_roots_without_a_cluster_ca() {
+        use crate::kubernetes::testserver::tls;
+        let server = TestServer::start_tls(false).await;
+        server.add_node("n1");
+        let mut config = server.config(None, Auth::None);
+        config.retry.attempts = 1;
+        assert!(KubeClient::new(config.clone())
+            .unwrap()
+            .get_node("n1")
+            .await
+            .is_err());
+        config.outbound.extra_ca_pem = tls::CA_PEM.to_owned();
+        let client = KubeClient::new(config).unwrap();
+        assert_eq!(
+            client
+                .get_node("n1")
+                .await
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("n1")
+        );
     }
 }

@@ -61,10 +61,24 @@ pub enum CoordinatorError {
     },
 }
 
+/// The kubelet's current client certificate and key (one PEM file, written
+/// after its TLS bootstrap and rotated by the kubelet).
+pub const KUBELET_CLIENT_PEM: &str = "/var/lib/kubelet/pki/kubelet-client-current.pem";
+
 /// The agent's identity and handles on the cluster.
 #[derive(Debug)]
 pub struct Cluster {
+    /// The agent's own credential: Leases, pods and evictions, and the
+    /// Node when the kubelet's is not usable.
     client: KubeClient,
+    /// The settings of `client` with the kubelet's certificate in place of
+    /// the agent's credential, for this node's own Node and status (which
+    /// NodeRestriction allows a node and nothing else); `None` without a
+    /// cluster CA (the kubelet's certificate is only shown to a server
+    /// checked against the cluster's CA).
+    node_config: Option<ClientConfig>,
+    /// Where the kubelet keeps its client certificate.
+    kubelet_pem: PathBuf,
     node: String,
     semaphore: RebootSemaphore,
     drain: DrainOptions,
@@ -73,12 +87,14 @@ pub struct Cluster {
 impl Cluster {
     /// From `[kubernetes]`; `node` is the node's one identity
     /// ([`super::identity::node_name`]), the same name the kubelet
-    /// registers; `extra_ca` (PEM, `[trust] ca`) is trusted beside the
-    /// public roots when no cluster CA is set (a cluster CA alone decides).
+    /// registers; `outbound` is `[proxy]` (the API server is reached
+    /// through it unless `no_proxy` names it) and `[trust] ca` (trusted
+    /// beside the public roots when no cluster CA is set; a cluster CA
+    /// alone decides).
     pub fn from_config(
         config: &KubernetesConfig,
         node: &str,
-        extra_ca: &str,
+        outbound: &ballast_updater::http::Outbound,
     ) -> Result<Self, CoordinatorError> {
         let server = config
             .api_server
@@ -122,9 +138,12 @@ impl Cluster {
         })?;
         let node = node.to_owned();
         let mut client_config = ClientConfig::new(server, ca_pem, auth);
-        if !extra_ca.is_empty() {
-            client_config.extra_roots = Some(extra_ca.as_bytes().to_vec());
-        }
+        client_config.outbound = outbound.clone();
+        let node_config = client_config.ca_pem.is_some().then(|| ClientConfig {
+            // Replaced by the kubelet's certificate at each use.
+            auth: Auth::TokenFile(PathBuf::new()),
+            ..client_config.clone()
+        });
         let client = KubeClient::new(client_config).map_err(CoordinatorError::Client)?;
         let r = &config.reboot;
         let semaphore = RebootSemaphore::new(
@@ -139,6 +158,8 @@ impl Cluster {
         )?;
         Ok(Cluster {
             client,
+            node_config,
+            kubelet_pem: PathBuf::from(KUBELET_CLIENT_PEM),
             node,
             semaphore,
             drain: DrainOptions {
@@ -153,6 +174,52 @@ impl Cluster {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Reads the kubelet's certificate from `path` instead of
+    /// [`KUBELET_CLIENT_PEM`] (tests).
+    pub fn with_kubelet_pem(mut self, path: PathBuf) -> Self {
+        self.kubelet_pem = path;
+        self
+    }
+
+    /// The client for this node's own Node object and its status: the
+    /// kubelet's certificate (least privilege: NodeRestriction limits it
+    /// to this Node) when it is there and the API server accepts it for
+    /// this Node, else the agent's credential. Read at every use, as the
+    /// kubelet rotates it.
+    async fn node_client(&self) -> KubeClient {
+        let Some(template) = &self.node_config else {
+            return self.client.clone();
+        };
+        let pem = match std::fs::read(&self.kubelet_pem) {
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::debug!(path = %self.kubelet_pem.display(), error = %e, "no kubelet certificate yet; the agent's credential serves for the Node");
+                return self.client.clone();
+            }
+        };
+        let config = ClientConfig {
+            auth: Auth::ClientCert {
+                cert_pem: pem,
+                key_pem: Vec::new(),
+            },
+            ..template.clone()
+        };
+        let kubelet = match KubeClient::new(config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(path = %self.kubelet_pem.display(), error = %crate::error_chain(&e), "the kubelet's certificate is unusable; the agent's credential serves for the Node");
+                return self.client.clone();
+            }
+        };
+        match kubelet.get_node(&self.node).await {
+            Ok(_) => kubelet,
+            Err(e) => {
+                tracing::info!(node = %self.node, error = %crate::error_chain(&e), "the kubelet's certificate may not read this Node (no Node authorizer?); the agent's credential serves for it");
+                self.client.clone()
+            }
+        }
     }
 
     /// Waits for a reboot slot, then cordons and drains. On a failed drain
@@ -182,8 +249,9 @@ impl Cluster {
                 }
             }
         };
+        let node_client = self.node_client().await;
         let drained = tokio::select! {
-            r = drain::cordon_and_drain(&self.client, &self.node, &self.drain) => r,
+            r = drain::cordon_and_drain(&node_client, &self.client, &self.node, &self.drain) => r,
             () = renew => unreachable!("the renewal loop never ends"),
         };
         match drained {
@@ -212,7 +280,7 @@ impl Cluster {
     /// After a healthy boot: uncordon only if we cordoned, then give the
     /// slot back. Both are no-ops when there is nothing of ours.
     pub async fn after_healthy_boot(&self) -> Result<(), CoordinatorError> {
-        let uncordoned = drain::uncordon_if_ours(&self.client, &self.node)
+        let uncordoned = drain::uncordon_if_ours(&self.node_client().await, &self.node)
             .await
             .map_err(|source| CoordinatorError::Uncordon {
                 node: self.node.clone(),
@@ -228,7 +296,7 @@ impl Cluster {
     /// Sets the `BallastHealthy` condition and the `ballast.dev/*`
     /// annotations.
     pub async fn report(&self, report: &NodeReport) -> Result<(), CoordinatorError> {
-        node_report::report_node(&self.client, &self.node, report)
+        node_report::report_node(&self.node_client().await, &self.node, report)
             .await
             .map(|_| ())
             .map_err(|source| CoordinatorError::Report {
@@ -368,6 +436,7 @@ pub fn node_report(
 mod tests {
     use super::*;
     use crate::kubernetes::testserver::TestServer;
+    use ballast_updater::http::Outbound;
 
     fn config(server: &str, token: &std::path::Path) -> KubernetesConfig {
         let mut c: KubernetesConfig = toml::from_str(&format!(
@@ -425,11 +494,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("https://k8s.example:6443", &dir.path().join("t"));
         c.agent = None;
-        let e = Cluster::from_config(&c, "node-1", "").unwrap_err();
+        let e = Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap_err();
         assert!(e.to_string().contains("kubernetes.agent"), "{e}");
         c.api_server = None;
         assert!(matches!(
-            Cluster::from_config(&c, "node-1", ""),
+            Cluster::from_config(&c, "node-1", &Outbound::default()),
             Err(CoordinatorError::NoApiServer)
         ));
     }
@@ -463,14 +532,16 @@ mod tests {
             kubeconfig: Some(kubeconfig.clone()),
         });
         crate::config::kubernetes_validate::validate(&c).unwrap();
-        let cluster = Cluster::from_config(&c, "node-1", "").unwrap();
+        let cluster = Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap();
         let node = cluster.client.get_node("node-1").await.unwrap();
         assert_eq!(node.metadata.name.as_deref(), Some("node-1"));
         assert_eq!(server.requests_matching("GET", "/api/v1/nodes/node-1"), 1);
 
         // A broken kubeconfig is an error naming the file and the field.
         std::fs::write(&kubeconfig, "current-context: nowhere\n").unwrap();
-        let err = crate::error_chain(&Cluster::from_config(&c, "node-1", "").unwrap_err());
+        let err = crate::error_chain(
+            &Cluster::from_config(&c, "node-1", &Outbound::default()).unwrap_err(),
+        );
         assert!(
             err.contains("agent.conf") && err.contains("current-context"),
             "{err}"
@@ -484,7 +555,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "t0ken").unwrap();
-        let cluster = Cluster::from_config(&config(&server.url(), &token), "node-1", "").unwrap();
+        let cluster = Cluster::from_config(
+            &config(&server.url(), &token),
+            "node-1",
+            &Outbound::default(),
+        )
+        .unwrap();
         assert_eq!(cluster.node(), "node-1");
         cluster.before_reboot().await.unwrap();
         let unschedulable = |s: &TestServer| {
@@ -494,7 +570,7 @@ mod tests {
                 .unwrap_or(false)
         };
         let holder = |s: &TestServer| {
-            s.lease("kube-system", "ballast-reboot-default-0")
+            s.lease("ballast-system", "ballast-reboot-default-0")
                 .and_then(|l| l.spec)
                 .and_then(|spec| spec.holder_identity)
         };
@@ -510,5 +586,103 @@ mod tests {
         assert!(conditions
             .iter()
             .any(|c| c.type_ == "BallastHealthy" && c.status == "Unknown"));
+    }
+
+    /// Least privilege: against an API server with the Node authorizer,
+    /// the node's own Node and status are written with the kubelet's
+    /// certificate, and only Leases, pods and evictions with the agent's
+    /// token; without the kubelet's certificate the token serves for all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_kubelet_certificate_writes_the_node_and_the_agent_token_the_rest() {
+        use crate::kubernetes::testserver::tls;
+        let server = TestServer::start_with_node_authorizer("t0ken", "node-1").await;
+        server.add_node("node-1");
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").unwrap();
+        let mut c = config(&server.url(), &token);
+        c.ca_pem = Some(tls::CA_PEM.into());
+        let pem = dir.path().join("kubelet-client-current.pem");
+        let cluster = Cluster::from_config(&c, "node-1", &Outbound::default())
+            .unwrap()
+            .with_kubelet_pem(pem.clone());
+
+        // No kubelet certificate yet: the agent's token does everything.
+        let report = node_report(None, "1.0.0", "a", "idle", SystemTime::now());
+        cluster.report(&report).await.unwrap();
+        assert!(server.requests_as_node().is_empty());
+
+        std::fs::write(&pem, format!("{}{}", tls::CLIENT_PEM, tls::CLIENT_KEY)).unwrap();
+        cluster.report(&report).await.unwrap();
+        cluster.before_reboot().await.unwrap();
+        cluster.after_healthy_boot().await.unwrap();
+        let as_node = server.requests_as_node();
+        let methods: std::collections::BTreeSet<_> =
+            as_node.iter().map(|(m, p)| format!("{m} {p}")).collect();
+        assert_eq!(
+            methods.into_iter().collect::<Vec<_>>(),
+            [
+                "GET /api/v1/nodes/node-1",
+                "PATCH /api/v1/nodes/node-1",
+                "PATCH /api/v1/nodes/node-1/status",
+            ],
+            "{as_node:?}"
+        );
+        // The Lease was taken and given back, the node cordoned and
+        // uncordoned, with no 403 on the way (the node may do nothing else).
+        assert!(
+            server.requests_matching(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/ballast-system/leases"
+            ) >= 1
+        );
+        let node = server.node("node-1");
+        assert!(!node.spec.and_then(|s| s.unschedulable).unwrap_or(false));
+        let conditions = node.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert!(conditions.iter().any(|c| c.type_ == "BallastHealthy"));
+    }
+
+    /// Every body the agent sends in a reboot cycle (Lease create and
+    /// updates, the cordon and uncordon patches, the eviction, the Node
+    /// report) follows the Kubernetes OpenAPI schema (schema_check.rs).
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_body_sent_follows_the_openapi_schema() {
+        use crate::kubernetes::schema_check;
+        use crate::kubernetes::testserver::PodSpec;
+        let server = TestServer::start().await;
+        server.add_node("node-1");
+        server.add_pod("default", "web-1", "node-1", PodSpec::default());
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").unwrap();
+        let cluster = Cluster::from_config(
+            &config(&server.url(), &token),
+            "node-1",
+            &Outbound::default(),
+        )
+        .unwrap();
+        let report = node_report(None, "1.0.0", "a", "idle", SystemTime::now());
+        cluster.report(&report).await.unwrap();
+        cluster.before_reboot().await.unwrap();
+        cluster.after_healthy_boot().await.unwrap();
+        let bodies = server.bodies();
+        let kinds: std::collections::BTreeSet<String> = bodies
+            .iter()
+            .map(|(m, p, _)| {
+                let (name, _) = schema_check::schema_for(m, p)
+                    .unwrap_or_else(|| panic!("no schema for {m} {p}"));
+                format!("{m} {name}")
+            })
+            .collect();
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            ["PATCH Node", "POST Eviction", "POST Lease", "PUT Lease"],
+            "{bodies:?}"
+        );
+        for (method, path, body) in &bodies {
+            let (name, patch) = schema_check::schema_for(method, path).unwrap();
+            schema_check::check(name, body, patch)
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{body}"));
+        }
     }
 }

@@ -281,14 +281,17 @@ async fn patch_cordon(
     })
 }
 
-/// Cordon the node and move its pods off. On any failure a cordon the agent
-/// made is undone before the error is returned.
+/// Cordon the node (with `node_client`, which may be the node's own
+/// credential) and move its pods off (with `client`, which may list and
+/// evict pods). On any failure a cordon the agent made is undone before
+/// the error is returned.
 pub async fn cordon_and_drain(
+    node_client: &KubeClient,
     client: &KubeClient,
     node: &str,
     options: &DrainOptions,
 ) -> Result<DrainOutcome, DrainError> {
-    let ours = cordon(client, node).await?;
+    let ours = cordon(node_client, node).await?;
     match drain(client, node, options).await {
         Ok(mut outcome) => {
             outcome.cordoned_by_us = ours;
@@ -296,7 +299,7 @@ pub async fn cordon_and_drain(
         }
         Err(e) => {
             if ours {
-                if let Err(undo) = uncordon_if_ours(client, node).await {
+                if let Err(undo) = uncordon_if_ours(node_client, node).await {
                     tracing::warn!(node, error = %undo, "drain failed and the node could not be uncordoned; it will be on the next boot");
                 }
             }
@@ -601,7 +604,7 @@ mod tests {
         server.set_linger("default", "web-1", 3);
         let client = server.client();
 
-        let outcome = cordon_and_drain(&client, "n1", &fast(5_000, false))
+        let outcome = cordon_and_drain(&client, &client, "n1", &fast(5_000, false))
             .await
             .unwrap();
         assert!(outcome.cordoned_by_us);
@@ -649,7 +652,7 @@ mod tests {
         server.set_evict_429("shop", "db-0", u32::MAX);
         let client = server.client();
 
-        let err = cordon_and_drain(&client, "n1", &fast(300, false))
+        let err = cordon_and_drain(&client, &client, "n1", &fast(300, false))
             .await
             .unwrap_err();
         match &err {
@@ -680,7 +683,9 @@ mod tests {
         // fails, deletes nothing and uncordons.
         let mut options = fast(300, true);
         options.delete_emptydir_data = true;
-        let err = cordon_and_drain(&client, "n1", &options).await.unwrap_err();
+        let err = cordon_and_drain(&client, &client, "n1", &options)
+            .await
+            .unwrap_err();
         assert!(matches!(err, DrainError::Timeout { .. }), "{err:?}");
         assert!(server.deleted().is_empty());
         assert!(server.pod_exists("shop", "db-0"));
@@ -690,7 +695,9 @@ mod tests {
         let mut options = fast(5_000, false);
         options.disable_eviction = true;
         let before = server.requests_matching("POST", "/api/v1/namespaces/shop/pods/db-0/eviction");
-        let outcome = cordon_and_drain(&client, "n1", &options).await.unwrap();
+        let outcome = cordon_and_drain(&client, &client, "n1", &options)
+            .await
+            .unwrap();
         // web-1 went with the first attempt's eviction; db-0 is left.
         assert_eq!(outcome.deleted, ["shop/db-0"]);
         assert!(outcome.evicted.is_empty());
@@ -743,7 +750,9 @@ mod tests {
         for (force, emptydir, unmanaged_want, empty_want) in table {
             let mut options = fast(5_000, *force);
             options.delete_emptydir_data = *emptydir;
-            let err = cordon_and_drain(&client, "n1", &options).await.unwrap_err();
+            let err = cordon_and_drain(&client, &client, "n1", &options)
+                .await
+                .unwrap_err();
             match &err {
                 DrainError::Refused {
                     node,
@@ -773,7 +782,9 @@ mod tests {
 
         let mut options = fast(5_000, true);
         options.delete_emptydir_data = true;
-        let outcome = cordon_and_drain(&client, "n1", &options).await.unwrap();
+        let outcome = cordon_and_drain(&client, &client, "n1", &options)
+            .await
+            .unwrap();
         let mut evicted = outcome.evicted.clone();
         evicted.sort();
         assert_eq!(
@@ -795,7 +806,7 @@ mod tests {
         server.cordon_by_operator("n1");
         let client = server.client();
 
-        let outcome = cordon_and_drain(&client, "n1", &fast(5_000, false))
+        let outcome = cordon_and_drain(&client, &client, "n1", &fast(5_000, false))
             .await
             .unwrap();
         assert!(!outcome.cordoned_by_us);
@@ -806,7 +817,7 @@ mod tests {
         // Nor does a failed drain uncordon it.
         server.add_pod("shop", "db-1", "n1", PodSpec::default());
         server.set_evict_429("shop", "db-1", u32::MAX);
-        cordon_and_drain(&client, "n1", &fast(200, false))
+        cordon_and_drain(&client, &client, "n1", &fast(200, false))
             .await
             .unwrap_err();
         assert!(unschedulable(&server, "n1"));
@@ -820,7 +831,7 @@ mod tests {
         assert!(cordon(&client, "n1").await.unwrap());
         // The agent restarts mid-drain and cordons again: still ours.
         assert!(cordon(&client, "n1").await.unwrap());
-        let outcome = cordon_and_drain(&client, "n1", &fast(1_000, false))
+        let outcome = cordon_and_drain(&client, &client, "n1", &fast(1_000, false))
             .await
             .unwrap();
         assert!(outcome.cordoned_by_us);
@@ -833,7 +844,7 @@ mod tests {
         workload(&server);
         server.forbid_evictions();
         let client = server.client();
-        let err = cordon_and_drain(&client, "n1", &fast(5_000, false))
+        let err = cordon_and_drain(&client, &client, "n1", &fast(5_000, false))
             .await
             .unwrap_err();
         match &err {
@@ -869,7 +880,7 @@ mod tests {
             evict(&client, &gone).await.unwrap(),
             Evicted::Gone
         ));
-        let err = cordon_and_drain(&client, "bad/name", &fast(100, false))
+        let err = cordon_and_drain(&client, &client, "bad/name", &fast(100, false))
             .await
             .unwrap_err();
         assert!(matches!(err, DrainError::NodeName(_)), "{err:?}");

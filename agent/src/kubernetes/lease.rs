@@ -1,6 +1,7 @@
 //! The reboot semaphore: at most N nodes of a group reboot at once, counted
 //! with coordination.k8s.io/v1 Leases named `ballast-reboot-<group>-<i>`
-//! (i in 0..N) in the lease namespace (`kube-system` by default). A node
+//! (i in 0..N) in the lease namespace (`ballast-system` by default, a
+//! namespace of its own so the agent needs no rights in `kube-system`). A node
 //! holds a slot when a Lease's `holderIdentity` is its name and
 //! `renewTime + leaseDurationSeconds` is in the future; an expired Lease is
 //! free to take, so a node that dies while holding a slot blocks the group
@@ -25,7 +26,7 @@ use super::client::{
 
 // The configuration's defaults live in config.rs; tests use the same values.
 #[cfg(test)]
-pub const DEFAULT_NAMESPACE: &str = "kube-system";
+pub const DEFAULT_NAMESPACE: &str = "ballast-system";
 #[cfg(test)]
 pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 /// The label naming the group on every semaphore Lease.
@@ -73,6 +74,12 @@ pub enum LeaseError {
     Api {
         namespace: String,
         name: String,
+        #[source]
+        source: Box<KubeError>,
+    },
+    #[error("lease namespace {namespace} does not exist: create it (kubectl create namespace {namespace}, docs/kubernetes-rbac.md) or set kubernetes.reboot.lease_namespace")]
+    NoNamespace {
+        namespace: String,
         #[source]
         source: Box<KubeError>,
     },
@@ -352,7 +359,16 @@ impl RebootSemaphore {
                     "/apis/coordination.k8s.io/v1/namespaces/{}/leases",
                     self.config.namespace
                 );
-                self.client.post::<_, Lease>(&path, &lease).await
+                match self.client.post::<_, Lease>(&path, &lease).await {
+                    // A create answered 404 means the namespace is missing.
+                    Err(e) if e.is_not_found() => {
+                        return Err(LeaseError::NoNamespace {
+                            namespace: self.config.namespace.clone(),
+                            source: Box::new(e),
+                        })
+                    }
+                    r => r,
+                }
             }
             Some(lease) if self.is_free(lease, now) => {
                 let mut taken = lease.clone();
@@ -472,6 +488,24 @@ mod tests {
         )
         .unwrap()
         .with_clock(time.clock())
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_namespace_is_named_with_the_fix() {
+        let server = TestServer::start().await;
+        server.without_namespace(DEFAULT_NAMESPACE);
+        let time = FakeTime::new(1_000_000);
+        let err = semaphore(&server, "n1", 1, &time)
+            .acquire()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::NoNamespace { .. }), "{err:?}");
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("lease namespace ballast-system does not exist")
+                && shown.contains("kubernetes.reboot.lease_namespace"),
+            "{shown}"
+        );
     }
 
     fn holder(server: &TestServer, slot: u32) -> Option<String> {
@@ -649,7 +683,7 @@ mod tests {
         assert_eq!(
             server.requests_matching(
                 "PUT",
-                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/ballast-reboot-workers-0"
+                "/apis/coordination.k8s.io/v1/namespaces/ballast-system/leases/ballast-reboot-workers-0"
             ),
             1
         );
@@ -687,7 +721,7 @@ mod tests {
         let err = a.acquire().await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("kube-system/ballast-reboot-workers-0"),
+                .contains("ballast-system/ballast-reboot-workers-0"),
             "{err}"
         );
     }
@@ -703,7 +737,7 @@ mod tests {
         let good = SemaphoreConfig {
             group: "workers".into(),
             slots: 1,
-            namespace: "kube-system".into(),
+            namespace: "ballast-system".into(),
             holder: "n1".into(),
             ttl: DEFAULT_TTL,
         };

@@ -12,6 +12,8 @@ pub mod lease;
 pub mod node_report;
 pub mod registries;
 pub mod render;
+#[cfg(test)]
+pub mod schema_check;
 pub mod services;
 #[cfg(test)]
 pub mod testserver;

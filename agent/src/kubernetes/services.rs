@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::node::health::CheckResult;
 use crate::node::supervisor::{RestartPolicy, ServiceSpec};
 
 use super::render::{self, RenderError, Rendered, CONTAINERD_CONFIG};
@@ -40,6 +41,42 @@ pub fn kubelet_installed(path: &Path) -> Result<String, String> {
             path.display()
         )),
         Err(_) => Err(format!("kubelet not installed: no {}", path.display())),
+    }
+}
+
+/// The `kubelet` entry of the health report (and so of `/status`), found
+/// at boot: installed, or not. A node without one passes when standalone
+/// (containerd only is a supported setup) and fails as a cluster node,
+/// which can never join (so an update that loses the kubelet rolls back).
+pub fn kubelet_check(config: &KubernetesConfig) -> CheckResult {
+    kubelet_check_at(config, Path::new("/"))
+}
+
+fn kubelet_check_at(config: &KubernetesConfig, root: &Path) -> CheckResult {
+    let path = config.kubelet_path();
+    let (ok, message) = match kubelet_installed(&root.join(path.strip_prefix("/").unwrap_or(&path)))
+    {
+        Ok(_) => (true, format!("installed at {}", path.display())),
+        Err(_) if config.standalone => (
+            true,
+            format!(
+                "kubelet not installed: no {} (standalone: containerd only)",
+                path.display()
+            ),
+        ),
+        Err(_) => (
+            false,
+            format!(
+                "kubelet not installed: no {}; this node cannot join the cluster",
+                path.display()
+            ),
+        ),
+    };
+    CheckResult {
+        name: "kubelet".into(),
+        ok,
+        message,
+        duration_ms: 0,
     }
 }
 
@@ -222,6 +259,42 @@ mod tests {
             assert_eq!(env["HTTPS_PROXY"], "http://proxy.example:3128", "{name}");
             assert_eq!(env["NO_PROXY"], "localhost,127.0.0.1,::1,.svc", "{name}");
         }
+    }
+
+    #[test]
+    fn the_kubelet_check_reports_not_installed_and_fails_only_a_cluster_node() {
+        let root = tempfile::tempdir().unwrap();
+        let c = kubelet_check_at(&standalone(), root.path());
+        assert_eq!(c.name, "kubelet");
+        assert!(c.ok, "{c:?}");
+        assert_eq!(
+            c.message,
+            "kubelet not installed: no /usr/bin/kubelet (standalone: containerd only)"
+        );
+        let cluster = KubernetesConfig {
+            api_server: Some("https://k8s.example:6443".into()),
+            ..KubernetesConfig::default()
+        };
+        let c = kubelet_check_at(&cluster, root.path());
+        assert!(!c.ok);
+        assert!(
+            c.message
+                .starts_with("kubelet not installed: no /usr/bin/kubelet;"),
+            "{c:?}"
+        );
+
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("kubelet"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(bin.join("kubelet"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let c = kubelet_check_at(&cluster, root.path());
+        assert!(
+            c.ok && c.message == "installed at /usr/bin/kubelet",
+            "{c:?}"
+        );
+        // Not a path on the test host's root.
+        assert!(!c.message.contains(&root.path().display().to_string()));
     }
 
     #[test]

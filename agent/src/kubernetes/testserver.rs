@@ -57,6 +57,14 @@ struct State {
     conflict_puts: u32,
     /// Evictions answer 403, as without the RBAC for pods/eviction.
     forbid_evictions: bool,
+    /// A namespace that does not exist: creates in it answer 404.
+    absent_namespace: Option<String>,
+    /// The node a client certificate without a token speaks for.
+    node_identity: Option<String>,
+    /// Requests made as that node, as (method, path).
+    node_requests: Vec<(String, String)>,
+    /// Every JSON body sent, as (method, path, body).
+    bodies: Vec<(String, String, Value)>,
 }
 
 #[derive(Debug)]
@@ -92,6 +100,28 @@ impl TestServer {
         Self::start_inner(None, Some(tls::acceptor(require_client_cert))).await
     }
 
+    /// HTTPS where a client certificate is optional, like an API server
+    /// with the Node authorizer and NodeRestriction: a request with a
+    /// certificate of the test CA and no token is `system:node:<node>`,
+    /// allowed only to GET and PATCH its own Node and its status (403
+    /// otherwise); every other request needs `Bearer <token>`.
+    pub async fn start_with_node_authorizer(token: &str, node: &str) -> TestServer {
+        let server =
+            Self::start_inner(Some(token.to_string()), Some(tls::acceptor_optional_cert())).await;
+        server.lock().node_identity = Some(node.to_owned());
+        server
+    }
+
+    /// Every JSON body the clients sent, as (method, path, body).
+    pub fn bodies(&self) -> Vec<(String, String, Value)> {
+        self.lock().bodies.clone()
+    }
+
+    /// The requests made with the node's certificate, as (method, path).
+    pub fn requests_as_node(&self) -> Vec<(String, String)> {
+        self.lock().node_requests.clone()
+    }
+
     async fn start_inner(
         token: Option<String>,
         tls: Option<tokio_rustls::TlsAcceptor>,
@@ -109,15 +139,21 @@ impl TestServer {
                 let state = shared.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
                     let http = hyper::server::conn::http1::Builder::new();
                     match tls {
                         None => {
+                            let service = hyper::service::service_fn(move |req| {
+                                handle(req, state.clone(), false)
+                            });
                             let _ = http.serve_connection(TokioIo::new(stream), service).await;
                         }
                         Some(acceptor) => {
                             // A refused handshake just ends the connection.
                             if let Ok(stream) = acceptor.accept(stream).await {
+                                let cert = stream.get_ref().1.peer_certificates().is_some();
+                                let service = hyper::service::service_fn(move |req| {
+                                    handle(req, state.clone(), cert)
+                                });
                                 let _ = http.serve_connection(TokioIo::new(stream), service).await;
                             }
                         }
@@ -132,6 +168,11 @@ impl TestServer {
             state,
             task,
         }
+    }
+
+    /// Where the server listens (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     pub fn url(&self) -> String {
@@ -277,6 +318,11 @@ impl TestServer {
     }
 
     /// Evictions are refused with 403 Forbidden (missing RBAC).
+    /// Creates in `namespace` answer 404, as when it does not exist.
+    pub fn without_namespace(&self, namespace: &str) {
+        self.lock().absent_namespace = Some(namespace.to_owned());
+    }
+
     pub fn forbid_evictions(&self) {
         self.lock().forbid_evictions = true;
     }
@@ -403,6 +449,13 @@ impl State {
                 self.get(&lease_path(ns, name))
             }
             ("POST", ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
+                if self.absent_namespace.as_deref() == Some(*ns) {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("namespaces \"{ns}\" not found"),
+                    );
+                }
                 self.create_lease(ns, body)
             }
             ("PUT", ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
@@ -696,6 +749,7 @@ fn apply_patch(target: &mut Value, patch: &Value, strategic: bool) {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
+    client_cert: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -726,7 +780,10 @@ async fn handle(
             &path,
             &query,
             &ctype,
-            auth.as_deref(),
+            Caller {
+                auth: auth.as_deref(),
+                client_cert,
+            },
             &bytes,
         )
     };
@@ -739,16 +796,39 @@ async fn handle(
     Ok(resp)
 }
 
+/// Who asks: the `Authorization` header and whether the TLS client sent a
+/// certificate of the test CA.
+struct Caller<'a> {
+    auth: Option<&'a str>,
+    client_cert: bool,
+}
+
 fn answer(
     st: &mut State,
     method: &str,
     path: &str,
     query: &str,
     ctype: &str,
-    auth: Option<&str>,
+    caller: Caller<'_>,
     bytes: &[u8],
 ) -> Answer {
-    if let Some(token) = &st.token {
+    let Caller { auth, client_cert } = caller;
+    let as_node = match (&st.node_identity, client_cert, auth) {
+        (Some(node), true, None) => Some(node.clone()),
+        _ => None,
+    };
+    if let Some(node) = &as_node {
+        st.node_requests.push((method.to_owned(), path.to_owned()));
+        let own = path == format!("/api/v1/nodes/{node}")
+            || path == format!("/api/v1/nodes/{node}/status");
+        if !(own && matches!(method, "GET" | "PATCH")) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!("system:node:{node} may not {method} {path}"),
+            );
+        }
+    } else if let Some(token) = &st.token {
         if auth != Some(format!("Bearer {token}").as_str()) {
             return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
         }
@@ -775,6 +855,10 @@ fn answer(
             }
         }
     };
+    if !body.is_null() {
+        st.bodies
+            .push((method.to_owned(), path.to_owned(), body.clone()));
+    }
     let mut strategic = false;
     match method {
         "PATCH" => match ctype {
@@ -878,6 +962,35 @@ pub mod tls {
     lqoO0K4coaiACMKM1Q8f5A==\n\
     -----END CERTIFICATE-----\n\
     ";
+
+    /// TLS with [`SERVER_PEM`]; a client certificate of [`CA_PEM`] is
+    /// checked when one is sent, and not required.
+    pub(super) fn acceptor_optional_cert() -> tokio_rustls::TlsAcceptor {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(SERVER_PEM.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("server cert");
+        let key = PrivateKeyDer::from_pem_slice(SERVER_KEY.as_bytes()).expect("server key");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(CA_PEM.as_bytes()) {
+            roots.add(c.expect("ca cert")).expect("ca added");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .expect("client verifier");
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 
     pub(super) fn acceptor(require_client_cert: bool) -> tokio_rustls::TlsAcceptor {
         let provider = Arc::new(rustls::crypto::ring::default_provider());

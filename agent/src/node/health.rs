@@ -153,6 +153,10 @@ pub struct BuiltinSources {
     pub build_time: SystemTime,
     /// The SNTP client's state; `None` when it does not run.
     pub time_sync: Option<watch::Receiver<TimeSync>>,
+    /// Results found once at boot by other parts of the agent, shown after
+    /// the built-ins in every report (the Kubernetes integration's
+    /// `kubelet`: installed or not).
+    pub at_boot: Vec<CheckResult>,
 }
 
 /// Where the SNTP client stands, for the clock check.
@@ -174,6 +178,7 @@ impl Default for BuiltinSources {
             state_mount: "/var".into(),
             build_time: build_time_floor(),
             time_sync: None,
+            at_boot: Vec::new(),
         }
     }
 }
@@ -248,6 +253,7 @@ impl HealthChecker {
                 )
             }),
         ];
+        checks.extend(self.sources.at_boot.iter().cloned());
         let user = self.checks.iter().map(|check| self.run_user_check(check));
         checks.extend(futures_util::future::join_all(user).await);
         HealthReport {
@@ -1106,6 +1112,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sources = BuiltinSources {
             mountinfo: write_mountinfo(dir.path(), MOUNTINFO),
+            at_boot: vec![CheckResult {
+                name: "kubelet".into(),
+                ok: true,
+                message: "kubelet not installed: no /usr/bin/kubelet (standalone: containerd only)"
+                    .into(),
+                duration_ms: 0,
+            }],
             ..BuiltinSources::default()
         };
         let reaper = Reaper::start(ReapScope::OwnChildren).unwrap();
@@ -1126,6 +1139,8 @@ mod tests {
         };
         let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(&names[..4], BUILTIN_CHECKS);
+        assert_eq!(names[4], "kubelet");
+        assert!(get("kubelet").message.starts_with("kubelet not installed"));
         assert!(get("state-writable").ok && get("clock").ok && get("services").ok);
         assert!(get("cmd-ok").ok);
         assert_eq!(get("cmd-fail").message, "exited with code 4: disk is full");
@@ -1150,7 +1165,7 @@ mod tests {
             .contains("connecting to 127.0.0.1"));
         assert!(!report.ready);
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["checks"][4]["name"], "cmd-ok");
+        assert_eq!(json["checks"][5]["name"], "cmd-ok");
 
         let passing = HealthConfig {
             interval: DEFAULT_INTERVAL,

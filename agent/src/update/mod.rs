@@ -368,12 +368,12 @@ fn with_source<T>(
         config.trust.clone()
     };
     let trust = TrustedKeys::load(&trust_paths, None).map_err(UpdateError::Trust)?;
-    let fetch = ballast_updater::http::for_location(repository).map_err(|source| {
-        UpdateError::Repository {
+    let fetch = ballast_updater::http::for_location_with(repository, &config.outbound).map_err(
+        |source| UpdateError::Repository {
             url: ballast_updater::fetch::redact_url(repository),
             source,
-        }
-    })?;
+        },
+    )?;
     let node = Node {
         storage: &RealStorage,
         layout,

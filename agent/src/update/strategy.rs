@@ -134,6 +134,8 @@ pub struct FleetLock {
     pub config: FleetLockConfig,
     /// This node's stable id.
     pub node_id: String,
+    /// `[proxy]` and `[trust] ca`.
+    pub outbound: ballast_updater::http::Outbound,
 }
 
 impl FleetLock {
@@ -144,11 +146,19 @@ impl FleetLock {
             serde_json::json!({"client_params": {"id": self.node_id, "group": self.config.group}})
                 .to_string();
         let u = url.clone();
+        let outbound = self.outbound.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let client = reqwest::blocking::Client::builder()
+            // Only the configured proxy: PID 1's environment is not a setting.
+            let mut builder = reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
-                .build()
-                .map_err(|e| e.to_string())?;
+                .no_proxy();
+            for proxy in outbound.proxies()? {
+                builder = builder.proxy(proxy);
+            }
+            for root in outbound.roots()? {
+                builder = builder.add_root_certificate(root);
+            }
+            let client = builder.build().map_err(|e| e.to_string())?;
             let resp = client
                 .post(&u)
                 .header("fleet-lock-protocol", "true")
@@ -288,6 +298,7 @@ mod tests {
                 group: "workers".into(),
             },
             node_id: "node-a".into(),
+            outbound: Default::default(),
         };
         assert_eq!(fl.permit(v()).await, Ok(Permit));
         let request = handle.join().unwrap();
@@ -304,11 +315,36 @@ mod tests {
                 group: "workers".into(),
             },
             node_id: "node-a".into(),
+            outbound: Default::default(),
         };
         let blocked = fl.permit(v()).await.unwrap_err();
         handle.join().unwrap();
         assert_eq!(blocked.retry_after, Some(FLEETLOCK_RETRY));
         assert_eq!(blocked.notice, Notice::Quiet);
         assert!(blocked.reason.contains("409"), "{}", blocked.reason);
+    }
+
+    #[tokio::test]
+    async fn fleetlock_goes_through_the_http_proxy() {
+        // The recording server plays the proxy: an absolute-form request
+        // for a host no resolver knows can only have been sent to it.
+        let (proxy, handle) = server("200 OK");
+        let fl = FleetLock {
+            config: FleetLockConfig {
+                url: "http://fleetlock.test:8080/".into(),
+                group: "workers".into(),
+            },
+            node_id: "node-a".into(),
+            outbound: ballast_updater::http::Outbound {
+                http_proxy: Some(proxy.trim_end_matches('/').to_owned()),
+                ..Default::default()
+            },
+        };
+        assert_eq!(fl.permit(v()).await, Ok(Permit));
+        let request = handle.join().unwrap();
+        assert!(
+            request.starts_with("POST http://fleetlock.test:8080/v1/pre-reboot "),
+            "{request}"
+        );
     }
 }
