@@ -232,6 +232,8 @@ pub struct DeltaStats {
     pub reused_bytes: u64,
     pub downloaded_chunks: u64,
     pub downloaded_bytes: u64,
+    /// Ranged requests for the downloaded chunks (one per run of them).
+    pub requests: u64,
     pub resumes: u32,
 }
 
@@ -242,6 +244,7 @@ impl DeltaStats {
         self.reused_bytes += other.reused_bytes;
         self.downloaded_chunks += other.downloaded_chunks;
         self.downloaded_bytes += other.downloaded_bytes;
+        self.requests += other.requests;
         self.resumes += other.resumes;
     }
 }
@@ -249,7 +252,12 @@ impl DeltaStats {
 /// Writes the artifact `index` describes to `target` in order, each chunk
 /// from `local` when the bytes there still hash right (the inactive slot
 /// may already be overwritten where it is also the target), else from the
-/// repository's `chunks/`. Returns the SHA-256 of everything written.
+/// repository. Each run of consecutive chunks the node lacks is one ranged
+/// request on the artifact's whole object (`objects/<sha256>`, which every
+/// repository holds for nodes without delta support), so the request count
+/// is the number of changed regions, not of chunks, and one connection is
+/// kept alive for all of them. Every chunk is still hashed on its own.
+/// Returns the SHA-256 of everything written.
 pub fn assemble(
     storage: &dyn Storage,
     fetch: &dyn Fetch,
@@ -262,7 +270,11 @@ pub fn assemble(
     let mut whole = Sha256::new();
     let mut stats = DeltaStats::default();
     let mut done = 0u64;
-    for c in &index.chunks {
+    let object = ChunkIndex::object_path(&index.sha256);
+    let chunks = &index.chunks;
+    let mut i = 0;
+    while i < chunks.len() {
+        let c = &chunks[i];
         // validate() bounds every length by MAX_CHUNK.
         let len = usize::try_from(c.length)
             .unwrap_or(usize::MAX)
@@ -275,31 +287,55 @@ pub fn assemble(
             None => false,
         };
         if reused {
+            stats.chunks += 1;
             stats.reused_chunks += 1;
             stats.reused_bytes += u64::from(c.length);
-        } else {
-            let path = c.path();
-            let mut reader =
-                ResumingReader::new(fetch, &path, u64::from(c.length), CHUNK_MAX_RESUMES);
+            whole.update(bytes);
+            target.write_all(bytes)?;
+            done += u64::from(c.length);
+            progress(done);
+            i += 1;
+            continue;
+        }
+        // This chunk and every following one the node lacks: one range.
+        let run_end = chunks[i + 1..]
+            .iter()
+            .position(|c| local.find(&c.sha256).is_some())
+            .map_or(chunks.len(), |p| i + 1 + p);
+        let run = &chunks[i..run_end];
+        let run_len: u64 = run.iter().map(|c| u64::from(c.length)).sum();
+        let mut reader =
+            ResumingReader::range(fetch, &object, c.offset, run_len, CHUNK_MAX_RESUMES);
+        for c in run {
+            let len = usize::try_from(c.length)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let bytes = &mut buf[..len];
+            let what = || format!("{object} bytes {}+{}", c.offset, c.length);
             reader
                 .read_exact(bytes)
                 .map_err(|source| DeltaError::Download {
-                    path: path.clone(),
+                    path: what(),
                     source,
                 })?;
-            stats.resumes += reader.resumes;
             let actual = sha256_hex(bytes);
             if actual != c.sha256 {
-                return Err(DeltaError::ChunkHash { path, actual });
+                return Err(DeltaError::ChunkHash {
+                    path: what(),
+                    actual,
+                });
             }
+            stats.chunks += 1;
             stats.downloaded_chunks += 1;
             stats.downloaded_bytes += u64::from(c.length);
+            whole.update(bytes);
+            target.write_all(bytes)?;
+            done += u64::from(c.length);
+            progress(done);
         }
-        stats.chunks += 1;
-        whole.update(bytes);
-        target.write_all(bytes)?;
-        done += u64::from(c.length);
-        progress(done);
+        stats.resumes += reader.resumes;
+        stats.requests += 1;
+        i = run_end;
     }
     let actual = whole.finish_hex();
     if actual != index.sha256 {
@@ -318,10 +354,17 @@ mod tests {
     use crate::fetch::DirFetch;
     use crate::storage::MemStorage;
 
-    /// A repository holding only the chunks of `bytes`, and its index.
+    /// A repository holding `bytes` as a whole object and as chunks, and
+    /// its index.
     fn chunk_repo(bytes: &[u8]) -> (tempfile::TempDir, ChunkIndex) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("chunks")).unwrap();
+        std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+        std::fs::write(
+            dir.path().join(ChunkIndex::object_path(&sha256_hex(bytes))),
+            bytes,
+        )
+        .unwrap();
         let index = chunks::index::<ChunkError>(
             bytes,
             "new",
@@ -374,6 +417,8 @@ mod tests {
             stats.reused_bytes + stats.downloaded_bytes,
             new.len() as u64
         );
+        // One changed region: its chunks come in one ranged request.
+        assert_eq!(stats.requests, 1, "{stats:?}");
 
         // A local chunk that no longer hashes right is downloaded instead.
         let mut damaged = old.clone();
@@ -383,11 +428,12 @@ mod tests {
         let (_, again) = assemble(&fs, &fetch, &index, &local, out.as_mut(), &mut |_| {}).unwrap();
         assert_eq!(again.downloaded_chunks, stats.downloaded_chunks + 1);
 
-        // A corrupt chunk in the repository is refused.
-        let first = &index.chunks[0];
+        assert_eq!(again.requests, 2, "{again:?}");
+
+        // A corrupt object in the repository is refused chunk by chunk.
         std::fs::write(
-            repo.path().join(first.path()),
-            vec![0u8; first.length as usize],
+            repo.path().join(ChunkIndex::object_path(&index.sha256)),
+            vec![0u8; new.len()],
         )
         .unwrap();
         let mut out = fs.create(Path::new("/out")).unwrap();

@@ -131,14 +131,23 @@ impl HttpFetch {
         Ok(format!("{}{path}", self.base))
     }
 
+    /// GET `url`, from `offset` on, or only `len` bytes from it.
     fn request(
         &self,
         url: &str,
         offset: u64,
+        len: Option<u64>,
     ) -> Result<Option<reqwest::blocking::Response>, FetchError> {
         let mut req = self.client.get(url);
-        if offset > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        match len {
+            Some(len) if len > 0 => {
+                let last = offset + len - 1;
+                req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{last}"));
+            }
+            _ if offset > 0 => {
+                req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+            }
+            _ => {}
         }
         let resp = req.send().map_err(|e| FetchError::Http {
             url: redact_url(url),
@@ -159,7 +168,7 @@ impl HttpFetch {
 impl Fetch for HttpFetch {
     fn get(&self, path: &str, max: usize) -> Result<Option<Vec<u8>>, FetchError> {
         let url = self.url(path)?;
-        let Some(resp) = self.request(&url, 0)? else {
+        let Some(resp) = self.request(&url, 0, None)? else {
             return Ok(None);
         };
         let mut bytes = Vec::new();
@@ -180,9 +189,33 @@ impl Fetch for HttpFetch {
     }
 
     fn open(&self, path: &str, offset: u64) -> Result<Box<dyn Read + Send>, FetchError> {
+        self.open_from(path, offset, None)
+    }
+
+    fn open_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, FetchError> {
+        self.open_from(path, offset, Some(len))
+    }
+
+    fn describe(&self) -> String {
+        redact_url(&self.base)
+    }
+}
+
+impl HttpFetch {
+    fn open_from(
+        &self,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Box<dyn Read + Send>, FetchError> {
         let url = self.url(path)?;
         let resp = self
-            .request(&url, offset)?
+            .request(&url, offset, len)?
             .ok_or_else(|| FetchError::Status {
                 url: redact_url(&url),
                 status: 404,
@@ -199,10 +232,6 @@ impl Fetch for HttpFetch {
             return Ok(Box::new(Paced::new(resp, Pace::default())));
         }
         Ok(Box::new(Paced::new(resp, Pace::default())))
-    }
-
-    fn describe(&self) -> String {
-        redact_url(&self.base)
     }
 }
 

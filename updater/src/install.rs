@@ -13,8 +13,9 @@
 //!    fsync the directory: the commit point.
 //!
 //! Delta updates (crate::delta): when the repository signs a chunk
-//! catalog, step 2 assembles `usr.img` from chunks of the running slot and
-//! of what the inactive slot still holds plus the missing chunks, and
+//! catalog, step 2 assembles `usr.img` from chunks of the running slot (and
+//! of what the inactive slot still holds, when the running slot has less
+//! than half) plus the missing chunks, and
 //! preflight copies a kernel or initrd identical to the running one from
 //! the ESP and assembles a changed initrd from chunks. The whole artifact
 //! is still hashed against the manifest; any failure on the delta path
@@ -672,7 +673,7 @@ impl<'a> Install<'a> {
             .map(|len| LocalSource { path: local, len })
             .into_iter()
             .collect::<Vec<_>>();
-        match self.assemble(name, &sources, target, &mut |_| {}) {
+        match self.assemble(name, &sources, &[], target, &mut |_| {}) {
             Ok(()) => Some(()),
             Err(e) => {
                 tracing::info!(artifact = name, error = %e, "delta path failed; downloading the whole artifact");
@@ -683,10 +684,15 @@ impl<'a> Install<'a> {
 
     /// Assembles artifact `name` from the chunks in `sources` and missing
     /// chunks from the repository, checked against the manifest's hash.
+    /// `fallback` sources are indexed too (before `sources`) only when
+    /// `sources` hold less than half of the artifact: scanning costs as
+    /// much as hashing the bytes, and what the inactive slot holds beyond
+    /// the running one is rarely worth it.
     fn assemble(
         &self,
         name: &'static str,
         sources: &[LocalSource],
+        fallback: &[LocalSource],
         target: &mut dyn WriteTarget,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), DeltaError> {
@@ -698,7 +704,11 @@ impl<'a> Install<'a> {
         })?;
         let index = delta::fetch_index(self.source.fetch, catalog, art)?;
         let storage = self.node.storage;
-        let local = LocalChunks::scan(storage, sources, &index);
+        let mut local = LocalChunks::scan(storage, sources, &index);
+        if !fallback.is_empty() && local.coverage(&index).1 * 2 < index.size {
+            let all: Vec<LocalSource> = fallback.iter().chain(sources).cloned().collect();
+            local = LocalChunks::scan(storage, &all, &index);
+        }
         let (have, have_bytes) = local.coverage(&index);
         tracing::info!(
             artifact = name,
@@ -763,21 +773,19 @@ impl<'a> Install<'a> {
         if self.catalog.is_some() {
             let layout = self.node.layout;
             let running_slot = layout.slot(layout.running.slot).path.clone();
-            let sources = [
-                // What the inactive slot still holds; it is being
-                // overwritten, so its chunks are re-hashed when used.
-                LocalSource {
-                    path: slot_path.to_owned(),
-                    len: usr.size,
-                },
-                LocalSource {
-                    len: running_image_bound(layout, storage, &running_slot),
-                    path: running_slot,
-                },
-            ];
+            let sources = [LocalSource {
+                len: running_image_bound(layout, storage, &running_slot),
+                path: running_slot,
+            }];
+            // What the inactive slot still holds; it is being
+            // overwritten, so its chunks are re-hashed when used.
+            let fallback = [LocalSource {
+                path: slot_path.to_owned(),
+                len: usr.size,
+            }];
             let mut slot = storage.open_in_place(slot_path)?;
             let before = self.delta_stats.get();
-            match self.assemble(USR_IMAGE, &sources, slot.as_mut(), &mut report) {
+            match self.assemble(USR_IMAGE, &sources, &fallback, slot.as_mut(), &mut report) {
                 Ok(()) => {
                     self.usr_from_chunks = true;
                     return Ok((slot, usr.sha256.clone()));

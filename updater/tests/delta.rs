@@ -1,109 +1,50 @@
 //! Delta updates over real HTTP on 127.0.0.1: the server's request log
-//! shows that only missing chunks are fetched, a dropped chunk download
-//! resumes, and any failure on the delta path falls back to the full
+//! shows that only missing chunks are fetched (one range per run of
+//! them), a dropped range resumes, and any failure on the delta path falls back to the full
 //! download.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use ballast_updater::chunks::{Catalog, ChunkIndex};
 use ballast_updater::http::HttpFetch;
 use ballast_updater::install::ApplyOptions;
 use ballast_updater::payload::Arch;
 use ballast_updater::storage::Storage;
+use common::server::{Cut, Request, Server};
 use common::*;
 
-/// A static file server that logs every request path and can drop the
-/// connection once, after `cut_at` bytes of the body of `cut_path`.
-struct Server {
-    root: PathBuf,
-    log: Mutex<Vec<String>>,
-    cut: Mutex<Option<(String, u64)>>,
+fn serve(root: std::path::PathBuf) -> (std::sync::Arc<Server>, String) {
+    Server::start(root)
 }
 
-fn handle(server: &Server, stream: TcpStream) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
-        let mut range_start = 0u64;
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h)?;
-            if h.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                range_start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
-            }
-        }
-        let rel = path.trim_start_matches('/').to_owned();
-        server.log.lock().unwrap().push(rel.clone());
-        let Ok(mut f) = std::fs::File::open(server.root.join(&rel)) else {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")?;
+/// The closed byte ranges of the runs of consecutive chunks of `new` that
+/// `old` does not hold: what a node holding `old` must ask for.
+fn missing_runs(old: &ChunkIndex, new: &ChunkIndex) -> Vec<(u64, u64)> {
+    let have: BTreeSet<&str> = old.chunks.iter().map(|c| c.sha256.as_str()).collect();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for c in &new.chunks {
+        if have.contains(c.sha256.as_str()) {
             continue;
-        };
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(range_start))?;
-        let status = if range_start > 0 {
-            "206 Partial Content"
-        } else {
-            "200 OK"
-        };
-        write!(
-            out,
-            "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-range: bytes {range_start}-{}/{len}\r\n\r\n",
-            len - range_start,
-            len.saturating_sub(1)
-        )?;
-        let cut = {
-            let mut c = server.cut.lock().unwrap();
-            match c.as_ref() {
-                Some((p, at)) if *p == rel => {
-                    let at = *at;
-                    *c = None;
-                    Some(at)
-                }
-                _ => None,
-            }
-        };
-        if let Some(at) = cut {
-            std::io::copy(&mut (&mut f).take(at), &mut out)?;
-            out.flush()?;
-            return Ok(());
         }
-        std::io::copy(&mut f, &mut out)?;
+        let end = c.offset + u64::from(c.length) - 1;
+        match runs.last_mut() {
+            Some(r) if r.1 + 1 == c.offset => r.1 = end,
+            _ => runs.push((c.offset, end)),
+        }
     }
+    runs
 }
 
-fn serve(root: PathBuf) -> (Arc<Server>, String) {
-    let server = Arc::new(Server {
-        root,
-        log: Mutex::new(Vec::new()),
-        cut: Mutex::new(None),
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let s = Arc::clone(&server);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let s = Arc::clone(&s);
-            std::thread::spawn(move || {
-                let _ = handle(&s, stream);
-            });
-        }
-    });
-    (server, format!("http://{addr}/"))
+/// The ranges asked of `objects/<sha>`; a whole-file request is `None`.
+fn ranges_of(log: &[Request], sha: &str) -> Vec<Option<(u64, Option<u64>)>> {
+    let path = format!("objects/{sha}");
+    log.iter()
+        .filter(|r| r.path == path)
+        .map(|r| r.range)
+        .collect()
 }
 
 fn index_of(repo: &Repo, artifact_sha: &str) -> ChunkIndex {
@@ -132,41 +73,30 @@ fn only_missing_chunks_are_fetched_and_unchanged_kernel_and_initrd_are_copied() 
     let slot = node.fs.read(&node.layout.slot_b.path).unwrap();
     assert_eq!(&slot[..v2.usr.len()], &v2.usr[..]);
 
-    // Exactly the chunks of v2's usr.img that v1's does not have.
-    let old: BTreeSet<String> = index_of(&repo, &v1.meta.artifact("usr.img").unwrap().sha256)
-        .chunks
-        .into_iter()
-        .map(|c| c.path())
-        .collect();
-    let new = index_of(&repo, &v2.meta.artifact("usr.img").unwrap().sha256);
-    let missing: BTreeSet<String> = new
-        .chunks
-        .iter()
-        .map(|c| c.path())
-        .filter(|p| !old.contains(p))
-        .collect();
-    assert!(!missing.is_empty() && missing.len() <= 3, "{missing:?}");
-    let log = server.log.lock().unwrap().clone();
-    let fetched: BTreeSet<String> = log
-        .iter()
-        .filter(|p| p.starts_with("chunks/"))
-        .cloned()
-        .collect();
-    assert_eq!(fetched, missing, "log: {log:?}");
-    // No whole artifact was downloaded: only the index (an object) was.
+    // Exactly the chunks of v2's usr.img that v1's does not have, one
+    // ranged request per run of them, from the whole object.
+    let usr_sha = &v2.meta.artifact("usr.img").unwrap().sha256;
+    let old = index_of(&repo, &v1.meta.artifact("usr.img").unwrap().sha256);
+    let new = index_of(&repo, usr_sha);
+    let runs = missing_runs(&old, &new);
+    assert!(!runs.is_empty() && runs.len() <= 3, "{runs:?}");
+    let log = server.requests();
+    let asked = ranges_of(&log, usr_sha);
+    let want: Vec<_> = runs.iter().map(|&(a, b)| Some((a, Some(b)))).collect();
+    assert_eq!(asked, want, "log: {log:?}");
+    // No chunk file and no whole artifact was downloaded.
+    assert!(
+        !log.iter().any(|r| r.path.starts_with("chunks/")),
+        "{log:?}"
+    );
     for a in &v2.meta.artifacts {
         assert!(
-            !log.contains(&format!("objects/{}", a.sha256)),
+            !ranges_of(&log, &a.sha256).contains(&None),
             "{} fetched whole: {log:?}",
             a.name
         );
     }
-    let missing_bytes: u64 = new
-        .chunks
-        .iter()
-        .filter(|c| missing.contains(&c.path()))
-        .map(|c| u64::from(c.length))
-        .sum();
+    let missing_bytes: u64 = runs.iter().map(|(a, b)| b + 1 - a).sum();
     assert_eq!(installed.downloaded_bytes, missing_bytes);
     assert_eq!(
         installed.reused_bytes + installed.downloaded_bytes,
@@ -179,19 +109,15 @@ fn a_dropped_chunk_download_resumes_with_range() {
     let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
     let v2 = derived(&v1, "1.1.0", 300_000, 2000, 3, true);
     let repo = Repo::new(&[&v1, &v2]);
-    let old: BTreeSet<String> = index_of(&repo, &v1.meta.artifact("usr.img").unwrap().sha256)
-        .chunks
-        .into_iter()
-        .map(|c| c.path())
-        .collect();
-    let first_missing = index_of(&repo, &v2.meta.artifact("usr.img").unwrap().sha256)
-        .chunks
-        .into_iter()
-        .map(|c| c.path())
-        .find(|p| !old.contains(p))
-        .unwrap();
+    let usr_sha = v2.meta.artifact("usr.img").unwrap().sha256.clone();
+    let old = index_of(&repo, &v1.meta.artifact("usr.img").unwrap().sha256);
+    let first_run = missing_runs(&old, &index_of(&repo, &usr_sha))[0];
     let (server, url) = serve(repo.path());
-    *server.cut.lock().unwrap() = Some((first_missing.clone(), 5000));
+    *server.cut.lock().unwrap() = Some(Cut {
+        path: usr_sha.clone(),
+        at: first_run.0 + 5000,
+        times: 1,
+    });
     let node = TestNode::new(&v1);
     let installed = node
         .apply_with(
@@ -204,17 +130,21 @@ fn a_dropped_chunk_download_resumes_with_range() {
         .unwrap();
     assert!(installed.delta);
     assert!(installed.resumes >= 1, "{installed:?}");
-    let log = server.log.lock().unwrap().clone();
-    assert_eq!(log.iter().filter(|p| **p == first_missing).count(), 2);
+    // The run was asked for, cut, and asked for again from where it broke.
+    let log = server.requests();
+    let asked = ranges_of(&log, &usr_sha);
+    assert_eq!(asked[0], Some((first_run.0, Some(first_run.1))), "{log:?}");
+    assert_eq!(
+        asked[1],
+        Some((first_run.0 + 5000, Some(first_run.1))),
+        "{log:?}"
+    );
     // The new kernel is downloaded whole; the unchanged initrd is not.
-    assert!(log.contains(&format!(
-        "objects/{}",
-        v2.meta.artifact("vmlinuz").unwrap().sha256
-    )));
-    assert!(!log.contains(&format!(
-        "objects/{}",
-        v2.meta.artifact("initrd").unwrap().sha256
-    )));
+    assert_eq!(
+        ranges_of(&log, &v2.meta.artifact("vmlinuz").unwrap().sha256),
+        [None]
+    );
+    assert!(ranges_of(&log, &v2.meta.artifact("initrd").unwrap().sha256).is_empty());
     assert_eq!(
         node.fs
             .read(&node.layout.kernel_path(v2.version()))
@@ -229,10 +159,13 @@ fn any_failure_on_the_delta_path_falls_back_to_the_full_download() {
     let v2 = derived(&v1, "1.1.0", 700_000, 2000, 2, false);
     type Break = fn(&Repo, &Payload);
     let breakages: [(&str, Break); 4] = [
-        ("a corrupt chunk", |repo, v2| {
-            let idx = index_of(repo, &v2.meta.artifact("usr.img").unwrap().sha256);
-            let c = &idx.chunks[0];
-            std::fs::write(repo.path().join(c.path()), vec![0u8; c.length as usize]).unwrap();
+        ("a missing chunk index", |repo, v2| {
+            let catalog =
+                Catalog::parse(&std::fs::read(repo.path().join("delta.json")).unwrap()).unwrap();
+            let r = catalog
+                .find(&v2.meta.artifact("usr.img").unwrap().sha256)
+                .unwrap();
+            std::fs::remove_file(repo.object(&r.index)).unwrap();
         }),
         ("an unsigned catalog", |repo, _| {
             std::fs::remove_file(repo.path().join("delta.json.sig")).unwrap();
@@ -262,8 +195,8 @@ fn any_failure_on_the_delta_path_falls_back_to_the_full_download() {
     for (what, break_it) in breakages {
         let repo = Repo::new(&[&v1, &v2]);
         break_it(&repo, &v2);
-        // The start of slot A is damaged, so the first chunk (the one
-        // broken above) must be downloaded; the rest is reused.
+        // The start of slot A is damaged too, so the first chunk must be
+        // downloaded; the rest could be reused.
         let node = TestNode::new(&v1);
         let mut slot_a = node.fs.read(&node.layout.slot_a.path).unwrap();
         for b in &mut slot_a[..4096] {
@@ -283,12 +216,9 @@ fn any_failure_on_the_delta_path_falls_back_to_the_full_download() {
         assert!(!installed.delta, "{what}: {installed:?}");
         let slot = node.fs.read(&node.layout.slot_b.path).unwrap();
         assert_eq!(&slot[..v2.usr.len()], &v2.usr[..], "{what}");
-        let log = server.log.lock().unwrap().clone();
+        let log = server.requests();
         assert!(
-            log.contains(&format!(
-                "objects/{}",
-                v2.meta.artifact("usr.img").unwrap().sha256
-            )),
+            ranges_of(&log, &v2.meta.artifact("usr.img").unwrap().sha256).contains(&None),
             "{what}: {log:?}"
         );
     }
@@ -315,4 +245,50 @@ fn the_manifest_of_a_chunked_repository_is_what_old_nodes_read() {
             .unwrap();
     assert_eq!(report.indexes_checked, 2);
     assert!(report.chunks_checked > 5, "{report:?}");
+}
+
+#[test]
+fn the_inactive_slot_is_indexed_only_when_the_running_one_holds_too_little() {
+    let v1 = payload("1.0.0", Arch::X86_64, "base", 1);
+    let v2 = derived(&v1, "1.1.0", 700_000, 2000, 2, false);
+    let repo = Repo::new(&[&v1, &v2]);
+    let usr_sha = v2.meta.artifact("usr.img").unwrap().sha256.clone();
+    let apply = |node: &TestNode| {
+        let (server, url) = serve(repo.path());
+        let installed = node
+            .apply_with(
+                &HttpFetch::new(&url).unwrap(),
+                &repo.trust(),
+                &ApplyOptions::default(),
+            )
+            .unwrap()
+            .installed
+            .unwrap();
+        let asked: u64 = ranges_of(&server.requests(), &usr_sha)
+            .into_iter()
+            .map(|r| {
+                let (a, b) = r.unwrap();
+                b.unwrap() + 1 - a
+            })
+            .sum();
+        (installed, asked)
+    };
+
+    // Slot A (running) mostly overwritten, slot B still holding v1: the
+    // node falls back to indexing slot B and downloads only the change.
+    let node = TestNode::new(&v1);
+    let mut slot_a = node.fs.read(&node.layout.slot_a.path).unwrap();
+    for b in &mut slot_a[..v1.usr.len() * 3 / 4] {
+        *b = !*b;
+    }
+    node.fs.put(&node.layout.slot_a.path, &slot_a);
+    let mut slot_b = node.fs.read(&node.layout.slot_b.path).unwrap();
+    slot_b[..v1.usr.len()].copy_from_slice(&v1.usr);
+    node.fs.put(&node.layout.slot_b.path, &slot_b);
+    let (installed, asked) = apply(&node);
+    assert!(installed.delta, "{installed:?}");
+    // Without slot B it would be at least the three damaged quarters.
+    assert!(asked < v2.usr.len() as u64 / 2, "asked for {asked} bytes");
+    let slot = node.fs.read(&node.layout.slot_b.path).unwrap();
+    assert_eq!(&slot[..v2.usr.len()], &v2.usr[..]);
 }

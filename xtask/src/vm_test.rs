@@ -123,6 +123,35 @@ pub fn ensure_hung_release(arch: Arch) -> Result<PathBuf> {
     )
 }
 
+/// The release of the `update-delta` scenario
+/// (`build/<arch>/agent-delta/1.1.0`): 1.1.0 whose only change is the
+/// agent binary, which gets an ELF section naming the release (`objcopy
+/// --add-section`; gcc's binutils), so it differs from 1.0.0's without a
+/// second compile.
+pub fn ensure_agent_release(arch: Arch) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let dir = root
+        .join("build")
+        .join(arch.as_str())
+        .join(qemu_tests::update::delta::AGENT_RELEASE);
+    ensure_built_with(&dir, arch, "1.1.0", Profile::Base, &[], Some(mark_agent))
+}
+
+fn mark_agent(agent: &Path) -> Result<()> {
+    let note = agent.with_extension("release");
+    std::fs::write(&note, "ballast update-delta test release 1.1.0\n")?;
+    let status = std::process::Command::new("objcopy")
+        .arg(format!(
+            "--add-section=.note.ballast-release={}",
+            note.display()
+        ))
+        .arg(agent)
+        .status()
+        .context("running objcopy (binutils)")?;
+    anyhow::ensure!(status.success(), "objcopy failed: {status}");
+    Ok(())
+}
+
 /// `dir` holding an image of `version` trusting the test key, built with
 /// `extra` image arguments when missing.
 fn ensure_built(
@@ -131,6 +160,18 @@ fn ensure_built(
     version: &str,
     profile: Profile,
     extra: &[&str],
+) -> Result<PathBuf> {
+    ensure_built_with(dir, arch, version, profile, extra, None)
+}
+
+/// [`ensure_built`], the agent changed by `patch` first.
+fn ensure_built_with(
+    dir: &Path,
+    arch: Arch,
+    version: &str,
+    profile: Profile,
+    extra: &[&str],
+    patch: Option<fn(&Path) -> Result<()>>,
 ) -> Result<PathBuf> {
     let root = crate::workspace_root();
     let public = fixture::ensure_test_key(&root.join("build").join("test-keys"))?;
@@ -142,6 +183,9 @@ fn ensure_built(
     let scratch = tempfile::tempdir()?;
     let agent = scratch.path().join("ballast");
     std::fs::copy(&built, &agent).with_context(|| format!("copying {}", built.display()))?;
+    if let Some(patch) = patch {
+        patch(&agent)?;
+    }
     let agent_digest = qemu_tests::image::agent_digest(&agent)?;
     if dir.join("disk.raw").exists()
         && fixture::trusts(&dir, &public)
@@ -287,6 +331,9 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     }
     if args.image.is_none() && selected.iter().any(|s| s.name == "update-watchdog") {
         ensure_hung_release(args.arch)?;
+    }
+    if args.image.is_none() && selected.iter().any(|s| s.name == "update-delta") {
+        ensure_agent_release(args.arch)?;
     }
     if args.image.is_none() && selected.iter().any(|s| s.name == "k8s") {
         ensure_profile(args.arch, TEST_VERSION, Profile::K8s)?;

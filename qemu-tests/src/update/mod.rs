@@ -7,6 +7,7 @@
 //! [`scenarios`]. This module owns the list `vm-test` runs and which of
 //! them run by default on each architecture.
 
+pub mod delta;
 pub mod fixture;
 pub mod fleetlock;
 pub mod scenarios;
@@ -38,6 +39,8 @@ pub enum UpdateError {
     Thread,
     #[error("the operator's CA and admin identity: {0}")]
     Operator(String),
+    #[error("the delta scenario's releases or repository: {0}")]
+    Delta(String),
 }
 
 impl From<UpdateError> for ScenarioError {
@@ -109,6 +112,12 @@ pub const UPDATE: &[Scenario] = &[
         about: "1.1.0 (metal flavour: i6300esb by modalias; a fail point) hangs in its trial: the watchdog resets each try, the counter runs out, 1.0.0 reports rolled-back",
         run: scenarios::hung_trial,
         tier: Tier::Core,
+    },
+    Scenario {
+        name: "update-delta",
+        about: "1.0.0 to a 1.1.0 whose only change is the agent, from a chunked repository: the server's log shows only chunks 1.0.0 lacks were fetched (ranges of the objects), 1.1.0 committed",
+        run: delta::delta,
+        tier: Tier::Extended,
     },
 ];
 

@@ -25,7 +25,7 @@ pub const LOCK_GUEST_ADDR: &str = "10.0.2.101:80";
 /// Poll interval the scenarios configure.
 const INTERVAL: Duration = Duration::from_secs(10);
 /// Events that end a happy path at once.
-const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
+pub(super) const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
 /// Longest wait for a download and install (TCG, 2 busy cores).
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -105,14 +105,25 @@ impl Setup {
     }
 
     fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
-        ctx.vm(name)
-            .forward_api()
-            .guestfwd(GuestFwd {
-                guest_addr: REPO_GUEST_ADDR.into(),
-                host_port: self.server.port(),
-            })
-            .user_data(user_data.as_bytes())
+        vm_with_repo(ctx, &self.server, name, user_data)
     }
+}
+
+/// A VM with the API forwarded, `server` at [`REPO_GUEST_ADDR`] and
+/// `user_data`.
+pub(super) fn vm_with_repo(
+    ctx: &Context,
+    server: &RepoServer,
+    name: &str,
+    user_data: &str,
+) -> VmBuilder {
+    ctx.vm(name)
+        .forward_api()
+        .guestfwd(GuestFwd {
+            guest_addr: REPO_GUEST_ADDR.into(),
+            host_port: server.port(),
+        })
+        .user_data(user_data.as_bytes())
 }
 
 /// Waits for `want` (optionally with `version`), failing on any of `bad`.
@@ -147,7 +158,12 @@ fn step(
 }
 
 /// Waits for `ready`, failing on `boot-failed`, and checks version and slot.
-fn ready(vm: &mut Vm, ctx: &Context, version: &str, slot: &str) -> Result<Event, UpdateError> {
+pub(super) fn ready(
+    vm: &mut Vm,
+    ctx: &Context,
+    version: &str,
+    slot: &str,
+) -> Result<Event, UpdateError> {
     let ev = step(vm, "ready", None, &["boot-failed"], ctx.boot_timeout)?;
     check_field(vm, &ev, "version", version)?;
     check_field(vm, &ev, "slot", slot)?;
@@ -187,7 +203,7 @@ fn seen_or_wait(
 }
 
 /// The whole cycle from a running `from` to a committed `to`.
-fn update_cycle(
+pub(super) fn update_cycle(
     vm: &mut Vm,
     ctx: &Context,
     to: &str,

@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 file server on 127.0.0.1 for an update repository
 //! (std `TcpListener` and one thread per connection): GET and HEAD of
-//! files under one directory, `Range: bytes=N-`, 404 for anything else,
+//! files under one directory, `Range: bytes=N-` and `bytes=N-M`, 404 for
+//! anything else,
 //! `/health` answering a status the test sets, and fault injection (one
 //! byte of one file flipped as it is served). It counts and logs requests,
 //! bounds connections and their time, and stops on drop.
@@ -60,15 +61,32 @@ impl Request {
 
     /// `N` of `Range: bytes=N-`; `Err` for any other range form.
     pub fn range_start(&self) -> Result<Option<u64>, String> {
+        Ok(self.range()?.map(|(n, _)| n))
+    }
+
+    /// `(N, None)` of `Range: bytes=N-`, `(N, Some(M))` of `bytes=N-M`
+    /// (M inclusive, at least N); `Err` for any other range form.
+    pub fn range(&self) -> Result<Option<(u64, Option<u64>)>, String> {
         let Some(r) = self.header("range") else {
             return Ok(None);
         };
-        r.trim()
+        let bad = || format!("unsupported range {r:?}");
+        let (a, b) = r
+            .trim()
             .strip_prefix("bytes=")
-            .and_then(|s| s.strip_suffix('-'))
-            .and_then(|n| n.parse().ok())
-            .map(Some)
-            .ok_or_else(|| format!("unsupported range {r:?}"))
+            .and_then(|s| s.split_once('-'))
+            .ok_or_else(bad)?;
+        let start: u64 = a.parse().map_err(|_| bad())?;
+        let end = match b {
+            "" => None,
+            b => Some(
+                b.parse::<u64>()
+                    .ok()
+                    .filter(|&e| e >= start)
+                    .ok_or_else(bad)?,
+            ),
+        };
+        Ok(Some((start, end)))
     }
 }
 
@@ -227,6 +245,8 @@ pub struct Served {
     pub method: String,
     pub path: String,
     pub range_start: Option<u64>,
+    /// The last byte asked for (`bytes=N-M`).
+    pub range_end: Option<u64>,
     pub status: u16,
     /// Body bytes written (may be fewer than sent if the peer went away).
     pub bytes: u64,
@@ -339,6 +359,7 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         method: req.method.clone(),
         path: req.path.clone(),
         range_start: None,
+        range_end: None,
         status: 200,
         bytes: 0,
         tampered: false,
@@ -374,14 +395,16 @@ fn answer(
         served.status = 404;
         return respond(stream, 404, "{\"error\":\"not found\"}\n");
     };
-    let start = match req.range_start() {
+    let range = match req.range() {
         Ok(s) => s,
         Err(e) => {
             served.status = 416;
             return respond(stream, 416, &format!("{{\"error\":{e:?}}}"));
         }
     };
+    let start = range.map(|(n, _)| n);
     served.range_start = start;
+    served.range_end = range.and_then(|(_, m)| m);
     let mut f = std::fs::File::open(&file)?;
     let size = f.metadata()?.len();
     let from = start.unwrap_or(0);
@@ -389,17 +412,21 @@ fn answer(
         served.status = 416;
         return respond(stream, 416, "{\"error\":\"range\"}");
     }
+    // One past the last byte sent.
+    let until = served
+        .range_end
+        .map_or(size, |m| m.saturating_add(1).min(size));
     served.status = if start.is_some() { 206 } else { 200 };
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
         served.status,
         reason(served.status),
-        size - from
+        until.saturating_sub(from)
     );
     if start.is_some() {
         head.push_str(&format!(
             "Content-Range: bytes {from}-{}/{size}\r\n",
-            size.saturating_sub(1)
+            until.saturating_sub(1)
         ));
     }
     head.push_str("\r\n");
@@ -414,6 +441,7 @@ fn answer(
         .and_then(|f| f.clone())
         .filter(|f| f.path == req.path);
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
+    let mut f = f.take(until.saturating_sub(from));
     let mut buf = vec![0u8; 64 * 1024];
     let mut pos = from;
     loop {
@@ -504,6 +532,10 @@ mod tests {
         let r = read_request(&b"GET / HTTP/1.1\r\nRange: bytes=5-\r\n\r\n"[..]).unwrap();
         assert_eq!(r.range_start(), Ok(Some(5)));
         let r = read_request(&b"GET / HTTP/1.1\r\nRange: bytes=5-9\r\n\r\n"[..]).unwrap();
+        assert_eq!(r.range(), Ok(Some((5, Some(9)))));
+        let r = read_request(&b"GET / HTTP/1.1\r\nRange: bytes=9-5\r\n\r\n"[..]).unwrap();
+        assert!(r.range().is_err());
+        let r = read_request(&b"GET / HTTP/1.1\r\nRange: bytes=-9\r\n\r\n"[..]).unwrap();
         assert!(r.range_start().is_err());
     }
 }

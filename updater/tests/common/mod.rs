@@ -2,6 +2,8 @@
 //! repository on disk, and a node (ESP, two slots, state) in a MemStorage.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 

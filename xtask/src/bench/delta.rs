@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
-use super::loopback::{run_cmd, serve};
+use super::loopback::{run_cmd, serve_at};
 use ballast_updater::payload::PayloadMetadata;
 
 #[derive(Debug, clap::Args)]
@@ -41,6 +41,10 @@ pub struct DeltaBenchArgs {
     /// Work directory (default: target/bench-delta).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Limit each connection of the server to this many Mbit/s (a link
+    /// slower than loopback); default: no limit.
+    #[arg(long, value_name = "MBIT")]
+    pub link_mbit: Option<u64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -101,6 +105,7 @@ fn install(
     base: &Path,
     repo: &Path,
     slot_bytes: u64,
+    rate: Option<u64>,
 ) -> Result<(f64, u64, u64)> {
     let meta = PayloadMetadata::load(base)?;
     let node = work.join("node");
@@ -143,7 +148,7 @@ fn install(
     // Drop the page cache so both paths read the node's slot from disk.
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
 
-    let (url, served) = serve(repo.to_owned())?;
+    let (url, served) = serve_at(repo.to_owned(), rate)?;
     let t = Instant::now();
     let log = work.join("apply.log");
     run_cmd(
@@ -202,6 +207,7 @@ pub fn run(args: DeltaBenchArgs) -> Result<()> {
             .stdout(std::process::Stdio::null()),
     )?;
     let base_meta = PayloadMetadata::load(&args.base)?;
+    let rate = args.link_mbit.map(|m| m * 1_000_000 / 8);
     let mut rows = Vec::new();
     for spec in &args.releases {
         let (name, dir) = spec
@@ -230,10 +236,10 @@ pub fn run(args: DeltaBenchArgs) -> Result<()> {
         let (mut full_b, mut delta_b, mut delta_req) = (0, 0, 0);
         for i in 0..args.runs {
             eprintln!("{name}: run {}/{}", i + 1, args.runs);
-            let (t, b, _) = install(&ballast, &work, &args.base, &full_repo, slot_bytes)?;
+            let (t, b, _) = install(&ballast, &work, &args.base, &full_repo, slot_bytes, rate)?;
             full_t.push(t);
             full_b = b;
-            let (t, b, r) = install(&ballast, &work, &args.base, &delta_repo, slot_bytes)?;
+            let (t, b, r) = install(&ballast, &work, &args.base, &delta_repo, slot_bytes, rate)?;
             delta_t.push(t);
             delta_b = b;
             delta_req = r;
@@ -250,8 +256,13 @@ pub fn run(args: DeltaBenchArgs) -> Result<()> {
         ));
     }
     println!(
-        "Delta updates from {} ({}), {} run(s) each, median times; bytes are what the loopback server sent.\n",
-        base_meta.version, base_meta.variant, args.runs
+        "Delta updates from {} ({}), {} run(s) each, median times; bytes are what the loopback server sent{}.\n",
+        base_meta.version,
+        base_meta.variant,
+        args.runs,
+        args.link_mbit
+            .map(|m| format!(", at most {m} Mbit/s per connection"))
+            .unwrap_or_default()
     );
     println!("| release | payload | full: bytes served | full: s | delta: bytes served | requests | delta: s | bytes vs full | time vs full |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -4,6 +4,7 @@
 mod agent;
 mod boot;
 mod delta;
+mod fleet;
 mod install;
 mod loopback;
 mod update;
@@ -28,6 +29,9 @@ pub enum Bench {
     Update(update::UpdateBenchArgs),
     /// Delta update against full download: bytes served and time.
     Delta(delta::DeltaBenchArgs),
+    /// Fleet arithmetic: N nodes polling a static repository, full against
+    /// delta downloads (a simulation; no network).
+    Fleet(fleet::FleetBenchArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -37,6 +41,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Bench::Agent(a) => agent::run(a),
         Bench::Update(a) => update::run(a),
         Bench::Delta(a) => delta::run(a),
+        Bench::Fleet(a) => fleet::run(a),
     }
 }
 
