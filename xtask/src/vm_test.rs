@@ -270,7 +270,8 @@ fn select(names: &[String], arch: Arch) -> Result<Vec<&'static scenarios::Scenar
 
 pub fn run(args: VmTestArgs) -> Result<()> {
     let selected = select(&args.scenarios, args.arch)?;
-    if args.image.is_none() && selected.iter().any(|s| update::find(s.name).is_some()) {
+    let needs_releases = |name: &str| update::find(name).is_some() || name == "update-kubernetes";
+    if args.image.is_none() && selected.iter().any(|s| needs_releases(s.name)) {
         for v in UPDATE_VERSIONS {
             ensure_version(args.arch, v)?;
         }

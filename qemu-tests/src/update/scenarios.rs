@@ -25,9 +25,9 @@ pub const LOCK_GUEST_ADDR: &str = "10.0.2.101:80";
 /// Poll interval the scenarios configure.
 const INTERVAL: Duration = Duration::from_secs(10);
 /// Events that end a happy path at once.
-const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
+pub(crate) const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
 /// Longest wait for a download and install (TCG, 2 busy cores).
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The operator (a CA and an admin identity, made with `ballast pki`)
 /// whose client certificates every update scenario's node trusts: the TCP
@@ -67,7 +67,7 @@ fn user_data_with(api: &str, strategy: &str, health_deadline: &str, extra: &str)
 }
 
 /// A started repository server over a scratch repository.
-struct Setup {
+pub(crate) struct Setup {
     releases: Releases,
     repo: TestRepo,
     server: RepoServer,
@@ -75,7 +75,7 @@ struct Setup {
 
 impl Setup {
     /// Repository with `versions` added and signed once.
-    fn new(ctx: &Context, versions: &[&str]) -> Result<Self, UpdateError> {
+    pub(crate) fn new(ctx: &Context, versions: &[&str]) -> Result<Self, UpdateError> {
         let releases = Releases::beside(&ctx.image.dir)?;
         let repo = TestRepo::new(releases.key()?)?;
         for v in versions {
@@ -104,7 +104,7 @@ impl Setup {
         Ok(())
     }
 
-    fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
+    pub(crate) fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
         ctx.vm(name)
             .forward_api()
             .guestfwd(GuestFwd {
@@ -116,7 +116,7 @@ impl Setup {
 }
 
 /// Waits for `want` (optionally with `version`), failing on any of `bad`.
-fn step(
+pub(crate) fn step(
     vm: &mut Vm,
     want: &str,
     version: Option<&str>,
@@ -147,7 +147,12 @@ fn step(
 }
 
 /// Waits for `ready`, failing on `boot-failed`, and checks version and slot.
-fn ready(vm: &mut Vm, ctx: &Context, version: &str, slot: &str) -> Result<Event, UpdateError> {
+pub(crate) fn ready(
+    vm: &mut Vm,
+    ctx: &Context,
+    version: &str,
+    slot: &str,
+) -> Result<Event, UpdateError> {
     let ev = step(vm, "ready", None, &["boot-failed"], ctx.boot_timeout)?;
     check_field(vm, &ev, "version", version)?;
     check_field(vm, &ev, "slot", slot)?;
@@ -170,7 +175,7 @@ fn check_field(vm: &mut Vm, ev: &Event, key: &str, want: &str) -> Result<(), Upd
 }
 
 /// An event named `name` seen since index `mark`, else the next one.
-fn seen_or_wait(
+pub(crate) fn seen_or_wait(
     vm: &mut Vm,
     mark: usize,
     name: &str,
