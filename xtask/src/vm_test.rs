@@ -36,6 +36,10 @@ pub struct VmTestArgs {
     /// build/<arch>/1.0.0.
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Build the images the selected scenarios need, then stop without
+    /// booting (run it before taking the VM lock).
+    #[arg(long)]
+    pub build_only: bool,
     /// Scenarios to run (default when empty: the core tier on both arches,
     /// the extended tier too on x86_64): boot, reboot, verity, runtime,
     /// remote, k8s (builds build/<arch>/k8s/1.0.0 when missing), update,
@@ -289,6 +293,13 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => ensure_image(args.arch)?,
     };
+    if args.build_only {
+        eprintln!(
+            "images ready in {} (--build-only: no VM booted)",
+            dir.display()
+        );
+        return Ok(());
+    }
     let image = BuiltImage::load(&dir)?;
     anyhow::ensure!(
         image.meta.arch == args.arch,
