@@ -11,22 +11,43 @@
 //! the server's recorded requests and objects, the reboot in the console
 //! events.
 //!
+//! The node runs the k8s-profile image with containerd and, at
+//! /usr/bin/kubelet, a placeholder that only sleeps (built by `cargo xtask
+//! vm-test` into `build/<arch>/k8s-node/<version>`, 1.0.0 and 1.1.0): a
+//! cluster node without a kubelet fails its health gate, so the 1.1.0
+//! trial would never commit. The scenario tests the agent's calls to the
+//! API server, not a kubelet.
+//!
 //! The agent's credential is the kubeconfig the agent itself renders for
 //! the kubelet's bootstrap (`/etc/kubernetes/bootstrap-kubelet.conf`, from
 //! `api_server`, `ca_pem` and `bootstrap_token`): user-data cannot write
 //! files, and this is a real kubeconfig with a real CA path and token, the
 //! same loader a cluster's service-account kubeconfig goes through.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ballast::kubernetes::testserver::{PodSpec, TestServer};
 
+use crate::image::BuiltImage;
 use crate::scenarios::{Context, ScenarioError};
 use crate::update::scenarios::{
     ready, seen_or_wait, step, user_data, Setup, INSTALL_TIMEOUT, UNHAPPY,
 };
 use crate::update::UpdateError;
 use crate::vm::GuestFwd;
+
+/// The directory of the images of this scenario (`build/<arch>/k8s-node/
+/// <version>`), beside the base image `build/<arch>/1.0.0`.
+pub fn image_dir_beside(base: &Path, version: &str) -> PathBuf {
+    base.parent()
+        .unwrap_or(Path::new("."))
+        .join(IMAGE_DIR)
+        .join(version)
+}
+
+/// The images' directory under `build/<arch>/`.
+pub const IMAGE_DIR: &str = "k8s-node";
 
 /// Where the guest reaches the test API server.
 pub const API_GUEST_IP: &str = "10.0.2.102";
@@ -53,9 +74,10 @@ fn kubernetes_user_data(ca_pem: &str) -> String {
     format!(
         "[kubernetes]\napi_server = \"https://{API_GUEST_ADDR}\"\nca_pem = '''\n{ca}'''\n\
          bootstrap_token = \"{TOKEN}\"\nnode_name = \"{NODE}\"\n\
-         [kubernetes.agent]\nkubeconfig = \"/etc/kubernetes/bootstrap-kubelet.conf\"\n\
+         [kubernetes.agent]\nkubeconfig = \"{kubeconfig}\"\n\
          [kubernetes.reboot]\ndrain_timeout = \"120s\"\n",
-        ca = ca_pem
+        ca = ca_pem,
+        kubeconfig = ballast::kubernetes::render::BOOTSTRAP_KUBECONFIG
     )
 }
 
@@ -79,6 +101,17 @@ pub fn update_kubernetes(ctx: &Context) -> Result<(), ScenarioError> {
 }
 
 fn run(ctx: &Context) -> Result<(), UpdateError> {
+    let dir = image_dir_beside(&ctx.image.dir, &ctx.image.meta.version.to_string());
+    let image = BuiltImage::load(&dir).map_err(|e| {
+        setup_err(format!(
+            "the k8s-node image {}: {e} (cargo xtask vm-test builds it)",
+            dir.display()
+        ))
+    })?;
+    let ctx = &Context {
+        image,
+        ..ctx.clone()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -224,4 +257,40 @@ fn run(ctx: &Context) -> Result<(), UpdateError> {
     drop(api);
     drop(rt);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubernetes_table_is_valid_config_with_the_strategy_and_credential() {
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let text = format!(
+            "[update]\nrepository = \"http://10.0.2.100/\"\nstrategy = \"kubernetes\"\n{}",
+            kubernetes_user_data(ca)
+        );
+        let config = ballast::config::Config::parse(&text, Path::new("user-data"))
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        let k = config.kubernetes.expect("[kubernetes]");
+        assert_eq!(k.api_server.as_deref(), Some("https://10.0.2.102:443"));
+        assert_eq!(k.ca_pem.as_deref(), Some(ca));
+        assert_eq!(k.node_name.as_deref(), Some(NODE));
+        assert!(!k.standalone);
+        let agent = k.agent.expect("[kubernetes.agent]");
+        assert_eq!(
+            agent.kubeconfig.as_deref(),
+            Some(Path::new(ballast::kubernetes::render::BOOTSTRAP_KUBECONFIG))
+        );
+        assert_eq!(k.reboot.lease_namespace, LEASE_NAMESPACE);
+        assert_eq!(k.reboot.group, "default");
+    }
+
+    #[test]
+    fn the_images_live_beside_the_base_image() {
+        assert_eq!(
+            image_dir_beside(Path::new("build/x86_64/1.0.0"), "1.1.0"),
+            Path::new("build/x86_64/k8s-node/1.1.0")
+        );
+    }
 }

@@ -142,9 +142,7 @@ pub const ALL: &[Scenario] = &[
         name: "update-kubernetes",
         about: "strategy kubernetes against the test API server via guestfwd: Lease, cordon, eviction, reboot into 1.1.0, uncordon, release",
         run: crate::k8s_strategy::update_kubernetes,
-        // Fails at the trial on the base image: a cluster node without
-        // containerd and a kubelet never passes its health gate.
-        tier: Tier::OnDemand,
+        tier: Tier::Extended,
     },
     Scenario {
         name: "remote",
