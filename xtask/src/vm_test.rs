@@ -44,8 +44,9 @@ pub struct VmTestArgs {
     /// the extended tier too on x86_64): boot, reboot, verity, runtime,
     /// remote, k8s (builds build/<arch>/k8s/1.0.0 when missing), update,
     /// update-unhealthy, update-never-boots, update-power-cut,
-    /// update-tampered, update-fleetlock, update-watchdog; update-all for
-    /// every update one, all for every one.
+    /// update-tampered, update-fleetlock, update-watchdog,
+    /// update-kubernetes (builds build/<arch>/k8s-node/{1.0.0,1.1.0});
+    /// update-all for every update one, all for every one.
     pub scenarios: Vec<String>,
 }
 
