@@ -24,6 +24,7 @@ pub mod hostile;
 pub mod http;
 pub mod image;
 pub mod k8s;
+pub mod k8s_strategy;
 pub mod metal;
 pub mod netlab;
 pub mod operator;

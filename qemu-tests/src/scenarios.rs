@@ -141,6 +141,12 @@ pub const ALL: &[Scenario] = &[
         tier: Tier::Extended,
     },
     Scenario {
+        name: "update-kubernetes",
+        about: "strategy kubernetes against the test API server via guestfwd: Lease, cordon, eviction, reboot into 1.1.0, uncordon, release",
+        run: crate::k8s_strategy::update_kubernetes,
+        tier: Tier::Extended,
+    },
+    Scenario {
         name: "remote",
         about: "ballast pki + ballast --node: pinned status and logs, reader 403 on reboot, foreign CA refused, no plain HTTP, /healthz under 400 idle connections, admin reboot",
         run: crate::remote::remote,

@@ -44,8 +44,9 @@ pub struct VmTestArgs {
     /// the extended tier too on x86_64): boot, reboot, verity, runtime,
     /// remote, k8s (builds build/<arch>/k8s/1.0.0 when missing), update,
     /// update-unhealthy, update-never-boots, update-power-cut,
-    /// update-tampered, update-fleetlock, update-watchdog; update-all for
-    /// every update one, all for every one.
+    /// update-tampered, update-fleetlock, update-watchdog,
+    /// update-kubernetes (builds build/<arch>/k8s-node/{1.0.0,1.1.0});
+    /// update-all for every update one, all for every one.
     pub scenarios: Vec<String>,
 }
 
@@ -97,6 +98,60 @@ pub fn ensure_metal(arch: Arch) -> Result<PathBuf> {
         Profile::Base,
         &["--platform", qemu_tests::metal::PLATFORM],
     )
+}
+
+/// The k8s-profile images of `update-kubernetes`
+/// (`build/<arch>/k8s-node/<version>`): containerd, and a placeholder
+/// at /usr/bin/kubelet ([`kubelet_placeholder`]) so that the node passes
+/// the health gate of a cluster node, which needs a kubelet.
+pub fn ensure_k8s_node(arch: Arch, version: &str) -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    let base = crate::image::default_out(&root, arch, Profile::Base, TEST_VERSION);
+    let dir = qemu_tests::k8s_strategy::image_dir_beside(&base, version);
+    let kubelet = kubelet_placeholder(arch)?;
+    let kubelet = kubelet.to_string_lossy();
+    ensure_built(
+        &dir,
+        arch,
+        version,
+        Profile::K8s,
+        &[
+            "--kubelet",
+            &kubelet,
+            "--kubelet-version",
+            "v0.0.0-placeholder",
+        ],
+    )
+}
+
+/// Source of the kubelet placeholder: takes any arguments, runs until
+/// signalled. Not a kubelet: the scenario tests the agent's calls.
+const KUBELET_PLACEHOLDER_C: &str =
+    "/* ballast update-kubernetes: a placeholder for /usr/bin/kubelet. */\n\
+#include <unistd.h>\n\
+int main(void) { for (;;) pause(); }\n";
+
+/// `build/<arch>/kubelet-placeholder`, compiled static with the host's
+/// (cross) gcc from `xtask deps`.
+fn kubelet_placeholder(arch: Arch) -> Result<PathBuf> {
+    let dir = crate::workspace_root().join("build").join(arch.as_str());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let src = dir.join("kubelet-placeholder.c");
+    let out = dir.join("kubelet-placeholder");
+    std::fs::write(&src, KUBELET_PLACEHOLDER_C)
+        .with_context(|| format!("writing {}", src.display()))?;
+    let cc = match arch {
+        Arch::X86_64 => "gcc",
+        Arch::Aarch64 => "aarch64-linux-gnu-gcc",
+    };
+    let status = std::process::Command::new(cc)
+        .args(["-static", "-Os", "-s", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .with_context(|| format!("running {cc} (cargo xtask deps installs it)"))?;
+    anyhow::ensure!(status.success(), "{cc} failed to build {}", out.display());
+    Ok(out)
 }
 
 /// The hung release of the `update-watchdog` scenario
@@ -337,6 +392,11 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     }
     if args.image.is_none() && selected.iter().any(|s| s.name == "k8s") {
         ensure_profile(args.arch, TEST_VERSION, Profile::K8s)?;
+    }
+    if args.image.is_none() && selected.iter().any(|s| s.name == "update-kubernetes") {
+        for v in [TEST_VERSION, "1.1.0"] {
+            ensure_k8s_node(args.arch, v)?;
+        }
     }
     if args.image.is_none() && selected.iter().any(|s| s.name.starts_with("metal")) {
         ensure_metal(args.arch)?;

@@ -15,5 +15,7 @@ pub mod render;
 #[cfg(test)]
 pub mod schema_check;
 pub mod services;
-#[cfg(test)]
+// Tests, and qemu-tests through the `test-apiserver` feature (never the
+// agent binary: only qemu-tests' dependency turns it on).
+#[cfg(any(test, feature = "test-apiserver"))]
 pub mod testserver;

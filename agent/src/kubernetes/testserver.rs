@@ -112,6 +112,22 @@ impl TestServer {
         server
     }
 
+    /// HTTPS for a client that reaches the server as `host` (an IP address
+    /// or DNS name, e.g. a guest's guestfwd address): a fresh CA and a
+    /// server certificate for `host` are made here, and every request
+    /// needs `Bearer <token>`. Returns the server and the CA's PEM, for the
+    /// client's trust. Listens on 127.0.0.1.
+    pub async fn start_tls_for(host: &str, token: &str) -> (TestServer, String) {
+        let (acceptor, ca_pem) = tls::acceptor_for(host);
+        let server = Self::start_inner(Some(token.to_string()), Some(acceptor)).await;
+        (server, ca_pem)
+    }
+
+    /// Every request, as (method, path without the query), in order.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.lock().requests.clone()
+    }
+
     /// Every JSON body the clients sent, as (method, path, body).
     pub fn bodies(&self) -> Vec<(String, String, Value)> {
         self.lock().bodies.clone()
@@ -180,6 +196,8 @@ impl TestServer {
     }
 
     /// A client with short retry pauses (tests should not sleep long).
+    /// Unit tests only: [`Auth::None`] is not in the agent outside them.
+    #[cfg(test)]
     pub fn client(&self) -> KubeClient {
         self.client_with(Auth::None)
     }
@@ -992,6 +1010,34 @@ pub mod tls {
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 
+    /// TLS with a certificate for `host` signed by a CA made here (no
+    /// client certificates); also the CA's PEM.
+    pub(super) fn acceptor_for(host: &str) -> (tokio_rustls::TlsAcceptor, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ballast-test-cluster-ca");
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let mut params =
+            rcgen::CertificateParams::new(vec![host.to_owned()]).expect("server params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "kube-apiserver");
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("server cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("server config");
+        (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca.pem())
+    }
+
     pub(super) fn acceptor(require_client_cert: bool) -> tokio_rustls::TlsAcceptor {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs: Vec<CertificateDer<'static>> =
@@ -1044,5 +1090,27 @@ mod tests {
         apply_patch(&mut mp, &patch, false);
         assert_eq!(mp["status"]["conditions"].as_array().unwrap().len(), 2);
         assert_eq!(mp["status"]["conditions"][0]["type"], "X");
+    }
+
+    #[tokio::test]
+    async fn a_server_for_an_address_is_trusted_through_its_own_ca_only() {
+        let (server, ca) = TestServer::start_tls_for("127.0.0.1", "tok").await;
+        server.add_node("n1");
+        let client = |ca: &str, token: &str| {
+            KubeClient::new(
+                server.config(Some(ca.as_bytes().to_vec()), Auth::Token(token.to_owned())),
+            )
+            .unwrap()
+        };
+        let node = client(&ca, "tok").get_node("n1").await.unwrap();
+        assert_eq!(node.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(
+            server.requests(),
+            [("GET".to_owned(), "/api/v1/nodes/n1".to_owned())]
+        );
+        // Another CA is refused at the handshake; a wrong token gets 401.
+        assert!(client(tls::CA_PEM, "tok").get_node("n1").await.is_err());
+        assert!(client(&ca, "other").get_node("n1").await.is_err());
+        assert_eq!(server.requests().len(), 2);
     }
 }

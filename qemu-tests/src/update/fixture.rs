@@ -107,7 +107,13 @@ impl Releases {
             .parent()
             .ok_or_else(|| FixtureError::MissingRelease(image_dir.to_owned()))?
             .to_owned();
-        let build = arch_dir.parent().unwrap_or(Path::new("."));
+        // `build/` is the nearest ancestor with the keys: the base image
+        // is `build/<arch>/<version>`, a profile's `build/<arch>/<p>/<v>`.
+        let build = arch_dir
+            .ancestors()
+            .skip(1)
+            .find(|d| d.join("test-keys").is_dir())
+            .unwrap_or(Path::new("."));
         let key = build.join("test-keys").join(TEST_KEY);
         let public = keys::public_path(&key);
         if !key.exists() {

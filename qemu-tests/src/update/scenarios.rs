@@ -25,9 +25,9 @@ pub const LOCK_GUEST_ADDR: &str = "10.0.2.101:80";
 /// Poll interval the scenarios configure.
 const INTERVAL: Duration = Duration::from_secs(10);
 /// Events that end a happy path at once.
-pub(super) const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
+pub(crate) const UNHAPPY: &[&str] = &["update-error", "trial-failed", "boot-failed", "rolled-back"];
 /// Longest wait for a download and install (TCG, 2 busy cores).
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The operator (a CA and an admin identity, made with `ballast pki`)
 /// whose client certificates every update scenario's node trusts: the TCP
@@ -67,7 +67,7 @@ fn user_data_with(api: &str, strategy: &str, health_deadline: &str, extra: &str)
 }
 
 /// A started repository server over a scratch repository.
-struct Setup {
+pub(crate) struct Setup {
     releases: Releases,
     repo: TestRepo,
     server: RepoServer,
@@ -75,7 +75,7 @@ struct Setup {
 
 impl Setup {
     /// Repository with `versions` added and signed once.
-    fn new(ctx: &Context, versions: &[&str]) -> Result<Self, UpdateError> {
+    pub(crate) fn new(ctx: &Context, versions: &[&str]) -> Result<Self, UpdateError> {
         let releases = Releases::beside(&ctx.image.dir)?;
         let repo = TestRepo::new(releases.key()?)?;
         for v in versions {
@@ -104,7 +104,7 @@ impl Setup {
         Ok(())
     }
 
-    fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
+    pub(crate) fn vm(&self, ctx: &Context, name: &str, user_data: &str) -> VmBuilder {
         vm_with_repo(ctx, &self.server, name, user_data)
     }
 }
@@ -127,7 +127,7 @@ pub(super) fn vm_with_repo(
 }
 
 /// Waits for `want` (optionally with `version`), failing on any of `bad`.
-fn step(
+pub(crate) fn step(
     vm: &mut Vm,
     want: &str,
     version: Option<&str>,
@@ -158,7 +158,7 @@ fn step(
 }
 
 /// Waits for `ready`, failing on `boot-failed`, and checks version and slot.
-pub(super) fn ready(
+pub(crate) fn ready(
     vm: &mut Vm,
     ctx: &Context,
     version: &str,
@@ -186,7 +186,7 @@ fn check_field(vm: &mut Vm, ev: &Event, key: &str, want: &str) -> Result<(), Upd
 }
 
 /// An event named `name` seen since index `mark`, else the next one.
-fn seen_or_wait(
+pub(crate) fn seen_or_wait(
     vm: &mut Vm,
     mark: usize,
     name: &str,
