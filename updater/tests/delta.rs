@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use ballast_updater::chunks::{Catalog, ChunkIndex};
 use ballast_updater::http::HttpFetch;
-use ballast_updater::install::ApplyOptions;
+use ballast_updater::install::{ApplyOptions, Installed};
 use ballast_updater::payload::Arch;
 use ballast_updater::storage::Storage;
 use common::server::{Cut, Request, Server};
@@ -22,6 +22,19 @@ fn serve(root: std::path::PathBuf) -> (std::sync::Arc<Server>, String) {
 
 /// The closed byte ranges of the runs of consecutive chunks of `new` that
 /// `old` does not hold: what a node holding `old` must ask for.
+/// Applies `repo`'s newest release to `node` over HTTP from `url`; what
+/// was installed (the test fails if nothing was).
+fn install_from(node: &TestNode, repo: &Repo, url: &str) -> Installed {
+    node.apply_with(
+        &HttpFetch::new(url).unwrap(),
+        &repo.trust(),
+        &ApplyOptions::default(),
+    )
+    .unwrap()
+    .installed
+    .unwrap()
+}
+
 fn missing_runs(old: &ChunkIndex, new: &ChunkIndex) -> Vec<(u64, u64)> {
     let have: BTreeSet<&str> = old.chunks.iter().map(|c| c.sha256.as_str()).collect();
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -60,15 +73,7 @@ fn only_missing_chunks_are_fetched_and_unchanged_kernel_and_initrd_are_copied() 
     let repo = Repo::new(&[&v1, &v2]);
     let (server, url) = serve(repo.path());
     let node = TestNode::new(&v1);
-    let installed = node
-        .apply_with(
-            &HttpFetch::new(&url).unwrap(),
-            &repo.trust(),
-            &ApplyOptions::default(),
-        )
-        .unwrap()
-        .installed
-        .unwrap();
+    let installed = install_from(&node, &repo, &url);
     assert!(installed.delta, "{installed:?}");
     let slot = node.fs.read(&node.layout.slot_b.path).unwrap();
     assert_eq!(&slot[..v2.usr.len()], &v2.usr[..]);
@@ -119,15 +124,7 @@ fn a_dropped_chunk_download_resumes_with_range() {
         times: 1,
     });
     let node = TestNode::new(&v1);
-    let installed = node
-        .apply_with(
-            &HttpFetch::new(&url).unwrap(),
-            &repo.trust(),
-            &ApplyOptions::default(),
-        )
-        .unwrap()
-        .installed
-        .unwrap();
+    let installed = install_from(&node, &repo, &url);
     assert!(installed.delta);
     assert!(installed.resumes >= 1, "{installed:?}");
     // The run was asked for, cut, and asked for again from where it broke.
@@ -255,15 +252,7 @@ fn the_inactive_slot_is_indexed_only_when_the_running_one_holds_too_little() {
     let usr_sha = v2.meta.artifact("usr.img").unwrap().sha256.clone();
     let apply = |node: &TestNode| {
         let (server, url) = serve(repo.path());
-        let installed = node
-            .apply_with(
-                &HttpFetch::new(&url).unwrap(),
-                &repo.trust(),
-                &ApplyOptions::default(),
-            )
-            .unwrap()
-            .installed
-            .unwrap();
+        let installed = install_from(node, &repo, &url);
         let asked: u64 = ranges_of(&server.requests(), &usr_sha)
             .into_iter()
             .map(|r| {
